@@ -1,0 +1,227 @@
+"""The model: shapes, sizes, the official layout and numerical parity with the official code."""
+
+import re
+
+import pytest
+import timm
+import torch
+from timm.models.convnext import checkpoint_filter_fn
+
+import models
+from losses import EmoNeXtLoss
+from models import WeightsError, create_model, load_checkpoint, load_model
+
+# REFERENCE.md section 1: parameters for 7 classes, in millions.
+PAPER_PARAMS = {
+    "emonext_tiny": 30.56,
+    "emonext_small": 52.20,
+    "emonext_base": 91.77,
+    "emonext_large": 204.58,
+    "emonext_xlarge": 362.31,
+    "convnext_tiny": 27.83,
+    "convnext_small": 49.46,
+    "convnext_base": 87.57,
+    "convnext_large": 196.24,
+    "convnext_xlarge": 348.16,
+}
+SMALL_MODELS = [n for n in models.list_models() if n.split("_")[1] in ("atto", "micro", "femto")]
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    return torch.load(golden_dir / "official_emonext_micro.pt", weights_only=True)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Layer scales of 1e-6 make every block nearly the identity; give them real values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_counts_match_the_paper(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == PAPER_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_forward_backward_shapes(name):
+    torch.manual_seed(0)
+    model = create_model(name, img_size=64)
+    x = torch.rand(3, 3, 64, 64)
+    logits, weights = model(x, return_attention=True)
+    assert logits.shape == (3, 7)
+    if name.startswith("emonext"):
+        assert weights.shape == (3, 3)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    else:
+        assert weights is None
+    EmoNeXtLoss()(logits, weights, torch.tensor([0, 1, 2])).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    # As in the official code the attended output is unused: only `value` gets no gradient.
+    assert no_grad == (
+        ["attention.value.weight", "attention.value.bias"] if weights is not None else []
+    )
+    features = model.forward_features(x)
+    assert features.shape == (3, model.num_features)
+    assert model.stn(x).shape == x.shape
+
+
+@pytest.mark.parametrize("size", [48, 64, 100, 224])
+def test_any_input_size(size):
+    model = create_model("emonext_micro", img_size=size).eval()
+    assert model(torch.rand(2, 3, size, size)).shape == (2, 7)
+
+
+def test_stn_starts_at_identity():
+    model = create_model("emonext_atto", img_size=64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(model.stn(x), x, atol=1e-5, rtol=0)
+
+
+def test_ablation_switches_change_the_architecture():
+    counts = {}
+    for kw in ({}, {"stn": False}, {"se": False}, {"stn": False, "se": False}):
+        with torch.device("meta"):
+            model = create_model("emonext_tiny", **kw)
+        counts[tuple(kw)] = sum(p.numel() for p in model.parameters())
+        keys = model.state_dict().keys()
+        assert any(k.startswith("localization.") for k in keys) == kw.get("stn", True)
+        assert any(re.match(r"downsample_layers\.\d\.2\.", k) for k in keys) == kw.get("se", True)
+    stn = 3 * 8 * 49 + 8 + 2 * 8 + 8 * 10 * 25 + 10 + 2 * 10 + (10 * 52 * 52 + 1) * 32 + 33 * 6
+    se = 2 * (192 * 12 + 384 * 24 + 768 * 48)
+    assert counts[()] - counts[("stn",)] == stn
+    assert counts[()] - counts[("se",)] == se
+    assert counts[()] - counts[("stn", "se")] == stn + se
+
+
+def official_layout_keys(depths, dims, num_classes=7):
+    """The state-dict keys of the official EmoNeXt, written out from REFERENCE.md section 2."""
+    keys = []
+    for i in (0, 4):
+        keys += [f"localization.{i}.weight", f"localization.{i}.bias"]
+    for i in (1, 5):
+        keys += [f"localization.{i}.{n}" for n in ("weight", "bias", "running_mean")]
+        keys += [f"localization.{i}.{n}" for n in ("running_var", "num_batches_tracked")]
+    keys += [f"fc_loc.{i}.{n}" for i in (0, 2) for n in ("weight", "bias")]
+    keys += [f"downsample_layers.0.{i}.{n}" for i in (0, 1) for n in ("weight", "bias")]
+    for s in (1, 2, 3):
+        keys += [f"downsample_layers.{s}.{i}.{n}" for i in (0, 1) for n in ("weight", "bias")]
+        keys += [f"downsample_layers.{s}.2.fc.{i}.weight" for i in (0, 2)]
+    for s, depth in enumerate(depths):
+        for j in range(depth):
+            keys.append(f"stages.{s}.{j}.gamma")
+            for m in ("dwconv", "norm", "pwconv1", "pwconv2"):
+                keys += [f"stages.{s}.{j}.{m}.weight", f"stages.{s}.{j}.{m}.bias"]
+    keys += ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    keys += [
+        f"attention.{m}.{n}" for m in ("norm", "query", "key", "value") for n in ("weight", "bias")
+    ]
+    return keys
+
+
+def test_official_layout_loads_strictly():
+    model = create_model("emonext_tiny")
+    expected = official_layout_keys((3, 3, 9, 3), (96, 192, 384, 768))
+    assert sorted(model.state_dict()) == sorted(expected)
+    official = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    result = model.load_state_dict(official, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_golden_parity_with_official_code(golden):
+    model = create_model("emonext_micro", **{"drop_path_rate": 0.0})
+    model.load_state_dict(golden["checkpoint"]["model"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits, weights = model(golden["x"], return_attention=True)
+        features = model.forward_features(golden["x"])
+    torch.testing.assert_close(logits, golden["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(features, golden["features"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(weights, golden["attention_weights"], atol=1e-6, rtol=0)
+    assert (logits - golden["logits"]).abs().max() < 1e-5  # measured: 1.2e-7
+
+
+def test_official_trainer_checkpoint_ema_and_model(golden, tmp_path):
+    path = tmp_path / "official.pt"
+    torch.save(golden["checkpoint"], path)
+    model, ckpt = load_model(path)  # architecture read off the tensors
+    assert model.model_name == "emonext_micro" and model.img_size == 224
+    assert ckpt["weights_used"] == "ema"
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden["x"]), golden["ema_logits"], atol=1e-4, rtol=0)
+    model, ckpt = load_model(path, weights="model")
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden["x"]), golden["logits"], atol=1e-4, rtol=0)
+    # the EMA and online weights differ, so the test above distinguishes them
+    assert (golden["ema_logits"] - golden["logits"]).abs().max() > 1e-3
+
+
+def test_backbone_equals_timm_convnext():
+    torch.manual_seed(0)
+    ours = randomise(create_model("convnext_atto", img_size=64)).eval()
+    theirs = timm.create_model("convnext_atto", pretrained=False, num_classes=7).eval()
+    theirs.load_state_dict(checkpoint_filter_fn(ours.state_dict(), theirs), strict=True)
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ours.forward_features(x),
+            theirs.forward_head(theirs.forward_features(x), True),
+            atol=1e-5,
+            rtol=0,
+        )
+    # and back: timm's layout loads into ours
+    back = create_model("convnext_atto", img_size=64).eval()
+    load_checkpoint(back, theirs.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs(x), atol=1e-5, rtol=0)
+
+
+def test_emonext_without_stn_and_se_equals_timm_backbone():
+    torch.manual_seed(1)
+    ours = randomise(create_model("emonext_atto", img_size=64, stn=False, se=False)).eval()
+    theirs = timm.create_model("convnext_atto", num_classes=7).eval()
+    sd = {k: v for k, v in ours.state_dict().items() if not k.startswith("attention.")}
+    theirs.load_state_dict(checkpoint_filter_fn(sd, theirs), strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path):
+    model = create_model("emonext_atto", img_size=64)
+    with pytest.raises(WeightsError, match="does not fit this model"):
+        load_checkpoint(model, create_model("emonext_femto", img_size=64).state_dict())
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(model, bad)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_checkpoint(model, tmp_path / "missing.pt")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoints_never_run_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_checkpoint(create_model("emonext_atto", img_size=64), path)
+
+
+def test_ddp_and_compile_prefixes_are_stripped():
+    model = create_model("emonext_atto", img_size=64)
+    sd = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    other = create_model("emonext_atto", img_size=64)
+    load_checkpoint(other, {"model": sd})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])

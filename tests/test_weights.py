@@ -1,0 +1,141 @@
+"""Pretrained weights: official ConvNeXt files, URLs through the hub cache, timm layout, errors."""
+
+import functools
+import http.server
+import re
+import threading
+
+import pytest
+import timm
+import torch
+
+from models import WeightsError, create_model
+from models.weights import PRETRAINED_URLS, load_pretrained, resolve_pretrained
+
+
+def convnext_checkpoint(name: str, num_classes: int = 1000, seed: int = 0) -> dict:
+    """An official-ConvNeXt-style file: {"model": plain ConvNeXt weights with a 1000-class head}."""
+    torch.manual_seed(seed)
+    return {"model": create_model(name, num_classes=num_classes).state_dict()}
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_official_tiny_loads_with_exactly_stn_se_attention_missing(tmp_path):
+    path = tmp_path / "convnext_tiny_22k_224.pth"
+    ckpt = convnext_checkpoint("convnext_tiny", num_classes=21841)
+    torch.save(ckpt, path)
+    model = create_model("emonext_tiny", pretrained=str(path), verbose=False)
+    report = model.load_report
+    assert set(report.missing) == {"stn", "se", "attention"}
+    assert sum(len(v) for v in report.missing.values()) == 30  # REFERENCE.md section 4
+    assert len(report.missing["se"]) == 6 and len(report.missing["attention"]) == 8
+    assert report.loaded == len(ckpt["model"]) - 2  # all but the 21841-class head
+    assert report.discarded == ["head.weight (21841, 768)", "head.bias (21841,)"]
+    assert model.head.out_features == 7
+    sd = model.state_dict()
+    for k, v in ckpt["model"].items():
+        if not k.startswith("head."):
+            assert torch.equal(sd[k], v), k
+    assert "loaded 180 tensors" in str(report)
+
+
+def test_num_classes_and_in_chans_adapt(tmp_path):
+    path = tmp_path / "atto.pth"
+    torch.save(convnext_checkpoint("convnext_atto"), path)
+    model = create_model(
+        "emonext_atto", num_classes=5, in_chans=1, img_size=64, pretrained=str(path)
+    )
+    assert model.head.out_features == 5
+    assert model.downsample_layers[0][0].weight.shape[1] == 1
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 5)
+
+
+def test_timm_layout_state_dict_loads(tmp_path):
+    torch.manual_seed(0)
+    timm_model = timm.create_model("convnext_atto", num_classes=1000)
+    path = tmp_path / "timm_atto.pth"
+    torch.save(timm_model.state_dict(), path)
+    model = create_model("emonext_atto", img_size=64, pretrained=str(path), verbose=False)
+    assert set(model.load_report.missing) == {"stn", "se", "attention"}
+    torch.testing.assert_close(
+        model.stages[2][3].dwconv.weight, timm_model.stages[2].blocks[3].conv_dw.weight
+    )
+    torch.testing.assert_close(
+        model.stages[1][0].pwconv1.weight, timm_model.stages[1].blocks[0].mlp.fc1.weight.flatten(1)
+    )
+
+
+def test_wrong_size_is_an_error_naming_the_tensor(tmp_path):
+    path = tmp_path / "atto.pth"
+    torch.save(convnext_checkpoint("convnext_atto"), path)
+    with pytest.raises(WeightsError, match=r"downsample_layers\.0\.0\.weight has shape"):
+        create_model("emonext_femto", pretrained=str(path))
+    sd = convnext_checkpoint("convnext_atto")["model"]
+    del sd["stages.2.5.dwconv.weight"]
+    torch.save({"model": sd}, path)
+    with pytest.raises(WeightsError, match=r"lacks 1 backbone tensors.*stages\.2\.5\.dwconv"):
+        create_model("emonext_atto", pretrained=str(path))
+
+
+def test_named_weights_resolve_to_the_official_urls():
+    assert resolve_pretrained("in1k", "tiny") == (
+        "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth"
+    )
+    assert resolve_pretrained("in22k", "xlarge").endswith("/convnext_xlarge_22k_224.pth")
+    with pytest.raises(WeightsError, match="no official in1k ConvNeXt weights for size 'xlarge'"):
+        resolve_pretrained("in1k", "xlarge")
+    with pytest.raises(WeightsError, match="no official in22k"):
+        create_model("emonext_atto", pretrained="in22k")
+    assert len(PRETRAINED_URLS) == 9
+
+
+def test_url_download_goes_through_the_hub_cache(http_server, tmp_path, monkeypatch):
+    root, base = http_server
+    torch.save(convnext_checkpoint("convnext_atto"), root / "convnext_atto_test.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    model = create_model("emonext_atto", pretrained=f"{base}/convnext_atto_test.pth")
+    assert model.load_report.loaded == 126  # 128 tensors less the 1000-class head
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "convnext_atto_test.pth").is_file()
+
+
+def test_cached_official_file_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    ckpt = convnext_checkpoint("convnext_tiny")
+    torch.save(ckpt, cache / "convnext_tiny_1k_224_ema.pth")
+    model = create_model("emonext_tiny", pretrained="in1k", verbose=False)
+    assert torch.equal(model.norm.weight, ckpt["model"]["norm.weight"])
+
+
+def test_offline_error_says_which_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = "http://127.0.0.1:9/convnext_atto_missing.pth"  # port 9 (discard): nothing listens
+    with pytest.raises(WeightsError) as err:
+        create_model("emonext_atto", pretrained=url)
+    message = str(err.value)
+    assert url in message
+    assert str(tmp_path / "hub" / "checkpoints" / "convnext_atto_missing.pth") in message
+    assert re.search("TORCH_HOME", message)
+
+
+def test_load_pretrained_reports_unexpected_keys(tmp_path):
+    sd = convnext_checkpoint("convnext_atto")["model"]
+    sd["extra.thing"] = torch.zeros(1)
+    path = tmp_path / "x.pth"
+    torch.save(sd, path)
+    report = load_pretrained(create_model("emonext_atto"), str(path))
+    assert report.unexpected == ["extra.thing"]
