@@ -1,0 +1,174 @@
+"""The training and evaluation loops, shared by train.py, evaluate.py and the benchmarks.
+
+Plain functions with explicit inputs, as in the official ConvNeXt/DeiT `engine.py`. Metrics are
+accumulated on the device and read once per epoch: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C) in float32 and targets (N,) of every batch, on the CPU.
+
+    Test-time-augmented batches (B, K, C, H, W), e.g. TenCrop's K = 10 views, are scored as B*K
+    images and their logits averaged over the K views (the official TenCrop protocol).
+    Under torch.distributed each rank returns its own shard; see `gather_predictions`.
+    """
+    was_training = model.training
+    model.eval()
+    all_logits, all_targets = [], []
+    device = torch.device(device)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        views = images.shape[1] if images.ndim == 5 else 1
+        if views > 1:
+            images = images.flatten(0, 1)
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits = model(images)
+        logits = logits.float().view(-1, views, logits.shape[-1]).mean(1)
+        all_logits.append(logits)
+        all_targets.append(targets.to(device))
+    model.train(was_training)
+    if not all_logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
+
+
+def gather_predictions(
+    logits: torch.Tensor, targets: torch.Tensor, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' predictions on every rank (each image once: the loaders shard without padding)."""
+    if not is_distributed():
+        return logits, targets
+    world = dist.get_world_size()
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(targets), device=device))
+    width = logits.shape[1] if logits.ndim == 2 and logits.numel() else 0
+    width = torch.tensor(width, device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    longest = int(max(s.item() for s in sizes))
+    padded_logits = torch.zeros(longest, int(width), device=device)
+    padded_targets = torch.zeros(longest, dtype=torch.long, device=device)
+    padded_logits[: len(targets)] = logits.to(device).reshape(len(targets), -1)
+    padded_targets[: len(targets)] = targets.to(device)
+    out_logits = [torch.zeros_like(padded_logits) for _ in range(world)]
+    out_targets = [torch.zeros_like(padded_targets) for _ in range(world)]
+    dist.all_gather(out_logits, padded_logits)
+    dist.all_gather(out_targets, padded_targets)
+    n = [int(s.item()) for s in sizes]
+    logits = torch.cat([x[:k] for x, k in zip(out_logits, n, strict=True)]).cpu()
+    targets = torch.cat([x[:k] for x, k in zip(out_targets, n, strict=True)]).cpu()
+    return logits, targets
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
+    """Accuracy and macro-F1 in percent, per-class precision/recall/F1/support, confusion matrix."""
+    preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
+    y = targets.numpy()
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, preds, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": 100.0 * float((preds == y).mean()) if len(y) else 0.0,
+        "macro_f1": 100.0 * float(f1.mean()),
+        "per_class": {
+            name: {
+                "precision": 100.0 * float(precision[i]),
+                "recall": 100.0 * float(recall[i]),
+                "f1": 100.0 * float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y, preds, labels=labels).tolist(),
+        "classes": list(classes),
+        "num_images": int(len(y)),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    classes: list[str],
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """`compute_metrics` over a whole split, every image counted once across ranks."""
+    logits, targets = predict(model, loader, device, amp_dtype)
+    logits, targets = gather_predictions(logits, targets, device)
+    return compute_metrics(logits, targets, classes)
+
+
+def format_report(metrics: dict) -> str:
+    """The metrics as a plain-text table (per class, then accuracy and macro-F1)."""
+    width = max(len(c) for c in metrics["classes"]) + 2
+    lines = [f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for name, m in metrics["per_class"].items():
+        lines.append(
+            f"{name:<{width}}{m['precision']:>10.2f}{m['recall']:>10.2f}{m['f1']:>10.2f}"
+            f"{m['support']:>10d}"
+        )
+    lines.append(
+        f"accuracy {metrics['accuracy']:.2f} %   macro-F1 {metrics['macro_f1']:.2f} %   "
+        f"({metrics['num_images']} images)"
+    )
+    return "\n".join(lines)
+
+
+def save_confusion_matrix(metrics: dict, path: str, title: str = "") -> None:
+    """A confusion-matrix PNG (row-normalised colours, counts written in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    classes = metrics["classes"]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 2, 1.1 * len(classes) + 1.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            color = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.2f} %")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
