@@ -385,8 +385,11 @@ def save_stn_grid(model: torch.nn.Module, images: torch.Tensor, path: Path) -> N
     """Validation faces (top row) and what the STN makes of them (bottom row)."""
     from torchvision.utils import save_image
 
+    was_training = model.training
+    model.eval()  # in train mode the STN's BatchNorm would learn from these images
     with torch.no_grad():
         warped = model.stn(images)
+    model.train(was_training)
     grid = torch.cat([images, warped]).float().cpu()
     if grid.shape[1] not in (1, 3):
         grid = grid[:, :1]
@@ -585,7 +588,7 @@ def main(args: argparse.Namespace) -> dict | None:
             "classes": classes,
             "data_config": model.data_config,
             "pretrained": pretrained,
-            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
             "git_commit": git_commit(),
         }
 

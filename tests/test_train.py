@@ -16,9 +16,8 @@ import engine
 import train
 from losses import EmoNeXtLoss
 from models import create_model, load_model
-from scripts.make_synthetic import make_synthetic
 
-# A small run: emonext_micro at 32 pixels on 7 x 16 synthetic faces, 2 epochs.
+# A small run: emonext_micro at 32 pixels on 7 x 16 synthetic faces (add --epochs).
 FAST = [
     "--model",
     "emonext_micro",
@@ -45,9 +44,8 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def tiny_faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces") / "synthetic"
-    return make_synthetic(root, seed=3, splits={"train": 16, "val": 4, "test": 4})
+def tiny_faces(synthetic_root):
+    return synthetic_root
 
 
 def run(argv: list[str]) -> dict:
@@ -147,9 +145,9 @@ def test_run_writes_every_output(tiny_faces, tmp_path):
 
 def test_resume_is_exact(tiny_faces, tmp_path):
     common = FAST + ["--dataset-path", str(tiny_faces), "--output-dir", str(tmp_path)]
-    run(common + ["--run-name", "straight"])
-    run(common[:-1] + ["1", "--run-name", "split"])
-    run(common + ["--resume", str(tmp_path / "split" / "last.pt")])
+    run(common + ["--epochs", "2", "--run-name", "straight"])
+    run(common + ["--epochs", "1", "--run-name", "split"])
+    run(common + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     for part in ("model", "ema"):
@@ -246,7 +244,7 @@ def test_gradient_accumulation_equals_a_big_batch():
 
 def test_clear_message_without_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
-        run(FAST + ["--dataset-path", str(tmp_path / "FER2013")])
+        run(FAST + ["--epochs", "1", "--dataset-path", str(tmp_path / "FER2013")])
     message = str(err.value)
     assert "scripts/download_dataset.py" in message and "--demo" in message
 
@@ -318,8 +316,8 @@ def test_distributed_two_processes_agree(tiny_faces, tmp_path, repo_root):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc_per_node=2",
-            "--master_port=0",
             "train.py",
             *argv,
         ],
