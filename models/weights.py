@@ -145,10 +145,19 @@ def clean_state_dict(state_dict: dict) -> dict:
 
 
 def to_model_layout(state_dict: dict, model: nn.Module) -> dict:
-    """`state_dict` in the key layout of `model`: timm's ConvNeXt layout is converted to the
-    official one when the model is this project's EmoNeXt/ConvNeXt, and left as is otherwise."""
-    if "downsample_layers.0.0.weight" in model.state_dict():
+    """`state_dict` in the key layout of `model`.
+
+    Into this project's EmoNeXt/ConvNeXt, timm's ConvNeXt layout becomes the official one. Into a
+    `timm:` model (a TimmModel, its timm network under `model.`), a plain timm state dict gets the
+    `model.` prefix. Anything else is left as is.
+    """
+    own = model.state_dict()
+    if "downsample_layers.0.0.weight" in own:
         return timm_to_official(state_dict)
+    if all(k.startswith("model.") for k in own) and not any(
+        k.startswith("model.") for k in state_dict
+    ):
+        return {f"model.{k}": v for k, v in state_dict.items()}
     return state_dict
 
 
