@@ -132,3 +132,10 @@ def test_table_only_writes_results_md(tmp_path, capsys):
     text = (tmp_path / "results.md").read_text()
     assert "| convnext_tiny | not published | 72.50 % |" in text
     assert "not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/BASELINES.md"])
+def test_docs_table_lists_every_row(repo_root, doc):
+    text = (repo_root / doc).read_text()
+    for row in reproduce.ROWS:
+        assert f"\n| {row['row']} | " in text, row["row"]
