@@ -53,7 +53,8 @@ def test_forward_backward_at_the_models_input_size(name):
     EmoNeXtLoss()(model(x), None, torch.tensor([0, 1, 2])).backward()
     assert all(p.grad is not None for p in model.parameters())
     # create_model(model_name, **model_kwargs) rebuilds the same architecture
-    again = create_model(model.model_name, **model.model_kwargs)
+    with torch.device("meta"):
+        again = create_model(model.model_name, **model.model_kwargs)
     assert {k: v.shape for k, v in again.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }
@@ -69,7 +70,7 @@ def test_data_configs():
     }
     cnn = create_model("simple_cnn").data_config
     assert (cnn["image_size"], cnn["in_chans"], cnn["mean"], cnn["std"]) == (48, 1, (0.5,), (0.5,))
-    assert create_model("emonext_atto").data_config == {
+    assert create_model("emonext_micro").data_config == {
         "image_size": 224,
         "resize_size": None,
         "in_chans": 3,
@@ -172,8 +173,9 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert ckpt["weights_used"] == "ema"
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), ema.ema_model(x))
-        rebuilt, _ = load_model(path, weights="model")
-        torch.testing.assert_close(rebuilt(x), model(x))
+        if name != "resemotenet":  # 80 M parameters: load it once only
+            rebuilt, _ = load_model(path, weights="model")
+            torch.testing.assert_close(rebuilt(x), model(x))
 
 
 def test_timm_checkpoint_keys_are_not_converted_to_the_convnext_layout():
@@ -192,7 +194,7 @@ def test_timm_checkpoint_keys_are_not_converted_to_the_convnext_layout():
 
 
 def bare_emonext_checkpoint(**flags) -> dict:
-    return create_model("emonext_atto", img_size=64, **flags).state_dict()
+    return create_model("emonext_micro", img_size=64, **flags).state_dict()
 
 
 @pytest.mark.parametrize(
@@ -200,7 +202,7 @@ def bare_emonext_checkpoint(**flags) -> dict:
 )
 def test_ablated_checkpoints_rebuild_without_flags(flags, tmp_path):
     torch.manual_seed(0)
-    model = create_model("emonext_atto", img_size=64, **flags).eval()
+    model = create_model("emonext_micro", img_size=64, **flags).eval()
     ema = EMA(model)
     ema.update()
     x = torch.rand(2, 3, 64, 64)
