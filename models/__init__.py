@@ -97,7 +97,7 @@ def load_model(
     """
     ckpt = read_checkpoint(source)
     kwargs = {}
-    if model_name is None and "model_name" in ckpt:
+    if "model_name" in ckpt and model_name in (None, ckpt["model_name"]):
         model_name = ckpt["model_name"]
         kwargs = dict(ckpt.get("model_kwargs", {}))
     elif model_name is None or model_meta(model_name).get("size"):  # EmoNeXt / ConvNeXt

@@ -282,3 +282,11 @@ def test_baselines_from_scratch_have_no_named_weights():
         create_model("resemotenet", pretrained="in22k")
     with pytest.raises(ValueError, match="unknown model"):
         create_model("resemotenet_tiny")
+
+
+def test_recorded_arguments_are_used_when_the_name_is_given(tmp_path):
+    model = create_model("simple_cnn", img_size=40)
+    path = tmp_path / "best.pt"
+    torch.save(checkpoint_of(model, EMA(model)), path)
+    rebuilt, _ = load_model(path, model_name="simple_cnn", weights="model")
+    assert rebuilt.data_config["image_size"] == 40 and rebuilt.model_kwargs["img_size"] == 40
