@@ -75,7 +75,9 @@ def create_model(
                 )
             load_checkpoint(model, str(pretrained))
             model.load_report = LoadReport(str(pretrained), loaded=len(model.state_dict()))
-    model.model_name = name
+    # "in1k" / "in22k" may pick a timm weights tag (timm:convnext_tiny -> .fb_in22k): record it,
+    # so that a rebuilt model has the data configuration of the weights it was given.
+    model.model_name = f"timm:{model.timm_name}" if isinstance(model, TimmModel) else name
     model.model_kwargs = {"num_classes": num_classes, **overrides}
     if verbose and model.load_report is not None:
         print(model.load_report)

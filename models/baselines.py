@@ -222,7 +222,7 @@ class TimmModel(nn.Module):
     def __init__(self, name: str, num_classes: int = 7, pretrained: bool = False, **kwargs):
         super().__init__()
         net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-        self.model = net
+        self.model, self.timm_name = net, name
         self.num_classes, self.num_features = num_classes, self.model.num_features
         cfg = resolve_data_config(model=self.model)
         # timm's pretrained_cfg keeps the default input size when img_size is overridden.

@@ -290,3 +290,15 @@ def test_recorded_arguments_are_used_when_the_name_is_given(tmp_path):
     torch.save(checkpoint_of(model, EMA(model)), path)
     rebuilt, _ = load_model(path, model_name="simple_cnn", weights="model")
     assert rebuilt.data_config["image_size"] == 40 and rebuilt.model_kwargs["img_size"] == 40
+
+
+def test_the_picked_timm_tag_is_recorded(monkeypatch):
+    """in22k picks the 22k weights' tag; the model name records it (no download: stubbed)."""
+    create = timm.create_model
+    monkeypatch.setattr(
+        timm, "create_model", lambda name, **kw: create(name, **kw | {"pretrained": 0})
+    )
+    model = create_model("timm:convnext_atto", pretrained="in1k", verbose=False)
+    assert model.model_name == "timm:convnext_atto.d2_in1k"
+    assert model.model_kwargs == {"num_classes": 7}
+    assert create_model("timm:test_vit").model_name == "timm:test_vit"
