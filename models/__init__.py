@@ -1,4 +1,10 @@
-"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(path)`."""
+"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(path)`.
+
+Names: `emonext_<size>`, `convnext_<size>` (models/emonext.py), `resemotenet`, `simple_cnn` and
+`timm:<any timm model>` (models/baselines.py). Every model has `model_name`, `model_kwargs`
+(`create_model(model_name, **model_kwargs)` rebuilds it), `data_config`, `num_classes` and
+`forward(x, return_attention=False)`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ import os
 
 from torch import nn
 
-from models import emonext  # noqa: F401  (registers emonext_* and convnext_*)
+from models import baselines, emonext  # noqa: F401  (registers the models by name)
+from models.baselines import TimmModel, create_timm_model
 from models.emonext import SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
 from models.weights import (
@@ -22,6 +29,7 @@ from models.weights import (
 __all__ = [
     "EmoNeXt",
     "LoadReport",
+    "TimmModel",
     "WeightsError",
     "create_model",
     "list_models",
@@ -39,21 +47,40 @@ def create_model(
     verbose: bool = True,
     **overrides,
 ) -> nn.Module:
-    """Build a registered model; `pretrained` is None, "in1k", "in22k", a path or a URL.
+    """Build a model by name; `pretrained` is None, "in1k", "in22k", "timm", a path or a URL.
 
     Overrides go to the constructor, e.g. `stn=False`, `se=False`, `drop_path_rate=0.0`,
     `in_chans=1`, `img_size=64`. With pretrained weights the report of what was loaded is kept on
     `model.load_report` (and printed when `verbose`).
+
+    - EmoNeXt / ConvNeXt: "in1k" / "in22k" are the official ConvNeXt weights (REFERENCE.md 4).
+    - `timm:<name>`: "timm" is timm's default weights for the model, "in1k" / "in22k" a tag
+      trained on that data; a path is a timm state dict (its classifier is replaced).
+    - resemotenet, simple_cnn: trained from scratch; a path is a whole-model checkpoint.
     """
-    model = model_constructor(name)(num_classes=num_classes, **overrides)
-    model.model_name = name
+    has_weights = pretrained not in (None, "", "none")
+    if name.startswith("timm:"):
+        model = create_timm_model(name.removeprefix("timm:"), num_classes, pretrained, **overrides)
+    else:
+        model = model_constructor(name)(num_classes=num_classes, **overrides)
+        model.load_report = None
+        if has_weights and model_meta(name).get("size"):
+            source = resolve_pretrained(str(pretrained), model_meta(name).get("size"))
+            model.load_report = load_pretrained(model, source, num_classes)
+        elif has_weights:
+            if str(pretrained) in ("in1k", "in22k", "timm"):
+                raise WeightsError(
+                    f"{name} has no {pretrained} pretrained weights: it is trained from scratch "
+                    "(pretrained=None), or from a checkpoint of the same model given by its path"
+                )
+            load_checkpoint(model, str(pretrained))
+            model.load_report = LoadReport(str(pretrained), loaded=len(model.state_dict()))
+    # "in1k" / "in22k" may pick a timm weights tag (timm:convnext_tiny -> .fb_in22k): record it,
+    # so that a rebuilt model has the data configuration of the weights it was given.
+    model.model_name = f"timm:{model.timm_name}" if isinstance(model, TimmModel) else name
     model.model_kwargs = {"num_classes": num_classes, **overrides}
-    model.load_report = None
-    if pretrained not in (None, "", "none"):
-        source = resolve_pretrained(str(pretrained), model_meta(name).get("size"))
-        model.load_report = load_pretrained(model, source, num_classes)
-        if verbose:
-            print(model.load_report)
+    if verbose and model.load_report is not None:
+        print(model.load_report)
     return model
 
 
@@ -66,14 +93,16 @@ def load_model(
     """A model rebuilt from a checkpoint, with its weights; returns (model in eval mode, ckpt).
 
     This project's checkpoints record the model name and arguments. For others (the official
-    trainer's checkpoints, bare state dicts) the architecture is read off the tensors' shapes;
-    `model_name` (e.g. "emonext_tiny") may be given to check or override that.
+    trainer's checkpoints, bare state dicts) the EmoNeXt architecture is read off the tensors'
+    shapes; `model_name` (e.g. "emonext_tiny") may be given to check or override that, and must be
+    given for other models (e.g. "resemotenet" for a state dict of the ResEmoteNet code).
     """
     ckpt = read_checkpoint(source)
-    if model_name is None and "model_name" in ckpt:
+    kwargs = {}
+    if "model_name" in ckpt and model_name in (None, ckpt["model_name"]):
         model_name = ckpt["model_name"]
         kwargs = dict(ckpt.get("model_kwargs", {}))
-    else:
+    elif model_name is None or model_meta(model_name).get("size"):  # EmoNeXt / ConvNeXt
         from models.weights import extract_state_dict
 
         arch = infer_architecture(
@@ -90,7 +119,8 @@ def load_model(
                 )
             model_name = f"emonext_{size}"
     kwargs.update(overrides)
-    kwargs.setdefault("drop_path_rate", 0.0)
+    if model_meta(model_name).get("size"):  # no stochastic-depth modules in an inference model
+        kwargs.setdefault("drop_path_rate", 0.0)
     model = create_model(model_name, **kwargs)
     ckpt = load_checkpoint(model, ckpt, weights)
     return model.eval(), ckpt

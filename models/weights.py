@@ -131,13 +131,34 @@ def timm_to_official(state_dict: dict) -> dict:
 
 
 def clean_state_dict(state_dict: dict) -> dict:
-    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes; timm layout -> official."""
+    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes.
+
+    Key layouts are left alone: only a target EmoNeXt/ConvNeXt of this project wants timm's
+    ConvNeXt layout converted (`to_model_layout`); a `timm:` model's keys must stay timm's.
+    """
     out = {}
     for k, v in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             k = k.removeprefix(prefix)
         out[k] = v
-    return timm_to_official(out)
+    return out
+
+
+def to_model_layout(state_dict: dict, model: nn.Module) -> dict:
+    """`state_dict` in the key layout of `model`.
+
+    Into this project's EmoNeXt/ConvNeXt, timm's ConvNeXt layout becomes the official one. Into a
+    `timm:` model (a TimmModel, its timm network under `model.`), a plain timm state dict gets the
+    `model.` prefix. Anything else is left as is.
+    """
+    own = model.state_dict()
+    if "downsample_layers.0.0.weight" in own:
+        return timm_to_official(state_dict)
+    if all(k.startswith("model.") for k in own) and not any(
+        k.startswith("model.") for k in state_dict
+    ):
+        return {f"model.{k}": v for k, v in state_dict.items()}
+    return state_dict
 
 
 def extract_state_dict(ckpt: dict, weights: str = "auto") -> tuple[dict, str]:
@@ -196,6 +217,7 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
     a missing or mis-shaped backbone tensor is an error naming it.
     """
     sd, _ = extract_state_dict(read_checkpoint(source), "model")
+    sd = timm_to_official(sd)
     own = model.state_dict()
     report = LoadReport(source=str(source))
     to_load = {}
@@ -241,6 +263,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, weights:
     """
     ckpt = source if isinstance(source, dict) else read_checkpoint(source)
     sd, which = extract_state_dict(ckpt, weights)
+    sd = to_model_layout(sd, model)
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
@@ -271,7 +294,7 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, weights:
 
 def infer_architecture(state_dict: dict) -> dict:
     """EmoNeXt constructor arguments read off an official-layout state dict."""
-    sd = clean_state_dict(state_dict)
+    sd = timm_to_official(clean_state_dict(state_dict))
     if "downsample_layers.0.0.weight" not in sd:
         raise WeightsError("not an EmoNeXt/ConvNeXt state dict: no downsample_layers.0.0.weight")
     dims = (sd["downsample_layers.0.0.weight"].shape[0],) + tuple(

@@ -24,7 +24,7 @@ PAPER_PARAMS = {
     "convnext_large": 196.24,
     "convnext_xlarge": 348.16,
 }
-SMALL_MODELS = [n for n in models.list_models() if n.split("_")[1] in ("atto", "micro", "femto")]
+SMALL_MODELS = [n for n in models.list_models() if n.split("_")[-1] in ("atto", "micro", "femto")]
 
 
 @pytest.fixture(scope="module")
