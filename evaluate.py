@@ -167,17 +167,20 @@ def main(args: argparse.Namespace) -> dict:
             f"no {args.split} split at {split_dir}. Get FER2013 with "
             "`python scripts/download_dataset.py` (or pass --dataset-path)"
         )
-    loader = datasets.build_loader(
-        args.dataset_path,
-        args.split,
-        mode="test" if args.tta == "tencrop" else "val",
-        pipeline=args.data_pipeline,
-        batch_size=args.batch_size,
-        data_config=datasets.DataConfig.from_dict(data_config),
-        device=str(device),
-        num_workers=args.num_workers,
-        shuffle=False,
-    )
+    try:
+        loader = datasets.build_loader(
+            args.dataset_path,
+            args.split,
+            mode="test" if args.tta == "tencrop" else "val",
+            pipeline=args.data_pipeline,
+            batch_size=args.batch_size,
+            data_config=datasets.DataConfig.from_dict(data_config),
+            device=str(device),
+            num_workers=args.num_workers,
+            shuffle=False,
+        )
+    except datasets.DatasetError as err:
+        raise CLIError(str(err)) from err
     check_classes(classes, list(loader.classes), args.checkpoint)
 
     logits, targets = predict(model, loader, device, amp_dtype_for(device, args.amp))
@@ -208,7 +211,7 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.predictions:
         # Unshuffled val/test loaders keep the folder order that load_split lists.
-        paths = datasets.load_split(args.dataset_path, args.split).paths
+        paths = datasets.load_split(args.dataset_path, args.split).paths  # cached: cheap
         if len(paths) != len(targets):
             raise CLIError(f"{len(paths)} image paths for {len(targets)} predictions")
         probs = torch.softmax(logits, 1)

@@ -1,10 +1,17 @@
+"""Shared test fixtures: the repository, the official code's golden outputs, a tiny synthetic
+FER-like dataset."""
+
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+for p in (REPO_ROOT, REPO_ROOT / "scripts"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +27,16 @@ def golden_dir() -> Path:
             pytest.fail(f"{GOLDEN_DIR} is missing: CI must run with shared/ beside the clone")
         pytest.skip(f"golden outputs of the official code not found at {GOLDEN_DIR}")
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A synthetic dataset in the FER2013 layout: 7 classes x (train 16, val 4, test 4), 48x48.
+
+    Session-scoped and shared: treat it as read-only (copy it to modify; the loaders' cache
+    under <root>/.cache is fine).
+    """
+    from make_synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    return make_synthetic(out, seed=0, splits={"train": 16, "val": 4, "test": 4})

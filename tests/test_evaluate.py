@@ -83,7 +83,7 @@ def test_clear_errors(dataset, tmp_path, repo_root):
         run(["--checkpoint", text, "--dataset-path", dataset])
     with pytest.raises(CLIError, match="scripts/download_dataset.py"):
         run(["--checkpoint", checkpoint, "--dataset-path", tmp_path / "missing"])
-    three = make_dataset(tmp_path / "three", per_class=1, classes=["a", "b", "c"])
+    three = make_dataset(tmp_path / "three", per_class=1, classes=["Angry", "Happy", "Sad"])
     with pytest.raises(CLIError, match="predicts 7 classes"):
         run(["--checkpoint", checkpoint, "--dataset-path", three, "--output", tmp_path])
     with pytest.raises(CLIError, match="disagree"):

@@ -1,0 +1,901 @@
+"""FER2013-style image folders -> tensors -> augmented batches.
+
+Layout: ``root/{train,val,test}/<Class>/<image>`` (what scripts/download_dataset.py and
+scripts/make_synthetic.py write). Two pipelines with the same semantics:
+
+- ``pil``: the official torchvision transforms, image by image, in a DataLoader. The reference.
+- ``fast`` (default): the split decoded once into a uint8 tensor (cached on disk), kept on the
+  training device, and augmented per batch: flips, resize, rotation and crop composed into one
+  affine warp per image and applied by one ``grid_sample`` call for the whole batch.
+
+Both draw their random numbers from generators seeded by (seed, epoch, rank), never from the
+global RNG, so a run resumed at epoch k sees exactly the data an uninterrupted run sees.
+docs/DATA.md explains the design and the small numerical differences between the pipelines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+# Official folder names; sorted, so index i is what torchvision's ImageFolder (and therefore the
+# official trainer's checkpoints) calls class i.
+CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+SPLITS = ("train", "val", "test")
+# fer2013.csv's `emotion` codes, which are NOT alphabetical.
+FER2013_CSV_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+FER2013_SPLIT_SIZES = {"train": 28709, "val": 3589, "test": 3589}
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1
+
+# The official training transforms (REFERENCE.md section 5) for 224 input.
+OFFICIAL_RESIZE = 236
+OFFICIAL_CROP = 224
+DEFAULT_AUGMENT = {"hflip": 0.5, "vflip": 0.5, "rotation": 20.0, "crop": "random"}
+
+_SYNONYMS = {
+    "Angry": ["angry", "anger", "mad", "rage"],
+    "Disgust": ["disgust", "disgusted", "disgusting"],
+    "Fear": ["fear", "fearful", "afraid", "scared"],
+    "Happy": ["happy", "happiness", "joy", "joyful"],
+    "Neutral": ["neutral", "neutrality", "none", "calm"],
+    "Sad": ["sad", "sadness", "unhappy"],
+    "Surprise": ["surprise", "surprised", "suprise", "surprize"],
+}
+_CANONICAL = {syn: name for name, syns in _SYNONYMS.items() for syn in syns}
+
+
+class DatasetError(Exception):
+    """A data problem the user can fix; the message names the path or row and what to do."""
+
+
+def canonical_class_name(name: str) -> str:
+    """'anger', 'ANGRY', 'Angry' -> 'Angry'; 'happiness' -> 'Happy'; unknown -> ValueError."""
+    key = "".join(ch for ch in name.lower() if ch.isalpha())
+    if key not in _CANONICAL:
+        raise ValueError(
+            f"unknown expression class {name!r}; expected one of {CLASSES} or a synonym "
+            f"({', '.join(sorted(_CANONICAL))})"
+        )
+    return _CANONICAL[key]
+
+
+@dataclass
+class DataConfig:
+    """What a model expects as input; models publish one, checkpoints store it."""
+
+    image_size: int = OFFICIAL_CROP
+    resize_size: int | None = None  # None -> round(image_size * 236 / 224), the official ratio
+    in_chans: int = 3  # the grayscale face repeated on this many channels
+    mean: tuple[float, ...] | None = None  # None: no normalisation (EmoNeXt sees [0, 1])
+    std: tuple[float, ...] | None = None
+
+    @property
+    def resize(self) -> int:
+        if self.resize_size is not None:
+            return self.resize_size
+        return round(self.image_size * OFFICIAL_RESIZE / OFFICIAL_CROP)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("mean", "std"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for k in ("mean", "std"):
+            if kwargs.get(k) is not None:
+                kwargs[k] = tuple(float(x) for x in kwargs[k])
+        return cls(**kwargs)
+
+
+@dataclass
+class SplitData:
+    images: torch.Tensor  # uint8 (N, H, W) grayscale, as stored
+    targets: torch.Tensor  # int64 (N,)
+    classes: list[str]  # canonical names, alphabetical
+    paths: list[str]  # one per image
+    skipped: int  # unreadable images skipped (only with skip_bad_images)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout checks and decoding
+# --------------------------------------------------------------------------------------------
+
+_FIX_HINT = (
+    "get FER2013 with scripts/download_dataset.py (--csv fer2013.csv, --gdrive, --kaggle or "
+    "--folder), or make a synthetic set with scripts/make_synthetic.py"
+)
+
+
+def _scan_split(root: Path, split: str) -> dict[str, Path]:
+    """Canonical class name -> class folder, for one split folder."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        if not root.is_dir():
+            raise DatasetError(f"dataset folder {root} does not exist; {_FIX_HINT}")
+        raise DatasetError(
+            f"split folder {split_dir} is missing (expected {root}/{{train,val,test}}/<Class>/); "
+            f"{_FIX_HINT} (--folder carves a validation split from train-only copies)"
+        )
+    found: dict[str, Path] = {}
+    for entry in sorted(split_dir.iterdir()):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue  # like ImageFolder: stray files at this level are not classes
+        try:
+            name = canonical_class_name(entry.name)
+        except ValueError as e:
+            raise DatasetError(f"{entry}: {e}") from None
+        if name in found:
+            raise DatasetError(
+                f"{found[name]} and {entry} are both class {name!r}; merge or remove one"
+            )
+        found[name] = entry
+    if not found:
+        raise DatasetError(f"split folder {split_dir} has no class folders; {_FIX_HINT}")
+    return found
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+    )
+
+
+def check_dataset(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Validate the layout of `splits` under `root`; return the class list (alphabetical).
+
+    Missing split or class folders, a class present in some splits only, or an empty class
+    folder raise DatasetError naming the path.
+    """
+    root = Path(root)
+    scans = {split: _scan_split(root, split) for split in splits}
+    classes = sorted(set().union(*scans.values()))
+    for split, found in scans.items():
+        for name in classes:
+            if name not in found:
+                others = [s for s in splits if name in scans[s]]
+                raise DatasetError(
+                    f"class {name!r} is in {others} but {root / split / name} is missing; every "
+                    f"split needs the same class folders"
+                )
+            if not _image_files(found[name]):
+                raise DatasetError(f"class folder {found[name]} has no images")
+    return classes
+
+
+def _split_listing(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (consistent with the other existing splits) and (relative path, target) pairs."""
+    if not (root / split).is_dir():
+        _scan_split(root, split)  # raises the right error
+    present = tuple(s for s in SPLITS if (root / s).is_dir())
+    if split not in present:
+        present = present + (split,)
+    classes = check_dataset(root, present)
+    found = _scan_split(root, split)
+    items = []
+    for target, name in enumerate(classes):
+        for path in _image_files(found[name]):
+            items.append((str(path.relative_to(root)), target))
+    return classes, items
+
+
+def _cache_key(root: Path, items: list[tuple[str, int]], skip_bad_images: bool) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION} skip={skip_bad_images}\n".encode())
+    for rel, target in items:
+        st = (root / rel).stat()
+        h.update(f"{rel}\t{target}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_dirs(root: Path) -> list[Path]:
+    dirs = [root / ".cache"]
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    dirs.append(Path(xdg) / "emonext" / tag)
+    return dirs
+
+
+def _read_cache(path: Path, n: int) -> dict | None:
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (
+            d["version"] == CACHE_VERSION
+            and d["images"].dtype == torch.uint8
+            and d["images"].shape[0] == d["targets"].shape[0] == len(d["paths"])
+            and len(d["paths"]) + int(d["skipped"]) == n
+        )
+        return d if ok else None
+    except Exception:  # a stale or broken cache is simply rebuilt
+        return None
+
+
+def _write_cache(root: Path, name: str, payload: dict) -> None:
+    for cache_dir in _cache_dirs(root):
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+            os.close(fd)
+            torch.save(payload, tmp)
+            os.replace(tmp, cache_dir / name)  # atomic: readers never see half a file
+            return
+        except OSError:
+            if "tmp" in locals() and os.path.exists(tmp):
+                os.remove(tmp)
+            continue  # read-only dataset folder: try the user cache, else do without
+
+
+def _decode(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+def load_split(
+    root: str | os.PathLike, split: str, skip_bad_images: bool = False, cache: bool = True
+) -> SplitData:
+    """Decode every image of root/split/<Class>/* once into a uint8 (N, H, W) tensor.
+
+    RGB images are converted to grayscale (PIL "L", as torchvision's Grayscale does). All images
+    of a split must share one size: a mismatch is a DatasetError naming an offending file, never
+    a silent resize (FER2013 is 48 x 48 throughout; anything else is a sign of a mixed-up
+    folder). The decoded split is cached under root/.cache/ (or $XDG_CACHE_HOME/emonext/),
+    keyed by the file list, sizes and modification times.
+    """
+    root = Path(root)
+    classes, items = _split_listing(root, split)
+    key = _cache_key(root, items, skip_bad_images)
+    cache_name = f"{split}-{key}.pt"
+    if cache:
+        for cache_dir in _cache_dirs(root):
+            d = _read_cache(cache_dir / cache_name, len(items)) if cache_dir.exists() else None
+            if d is not None and list(d["classes"]) == classes:
+                return SplitData(
+                    images=d["images"],
+                    targets=d["targets"],
+                    classes=classes,
+                    paths=[str(root / p) for p in d["paths"]],
+                    skipped=int(d["skipped"]),
+                )
+
+    arrays, targets, rels, skipped = [], [], [], 0
+    for rel, target in items:
+        try:
+            arr = _decode(root / rel)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            if not skip_bad_images:
+                raise DatasetError(
+                    f"cannot read image {root / rel} ({e}); replace or delete it, or pass "
+                    f"--skip-bad-images to skip unreadable images"
+                ) from None
+            skipped += 1
+            continue
+        arrays.append(arr)
+        targets.append(target)
+        rels.append(rel)
+    present = set(targets)
+    for target, name in enumerate(classes):
+        if target not in present:
+            raise DatasetError(f"class folder {root / split / name} has no readable images")
+    sizes = Counter(a.shape for a in arrays)
+    if len(sizes) > 1:
+        common = sizes.most_common(1)[0][0]
+        odd = next(rel for rel, a in zip(rels, arrays, strict=True) if a.shape != common)
+        raise DatasetError(
+            f"images in {root / split} differ in size: {root / odd} is "
+            f"{arrays[rels.index(odd)].shape[1]}x{arrays[rels.index(odd)].shape[0]}, most are "
+            f"{common[1]}x{common[0]}; resize them all to one size (FER2013 is 48x48)"
+        )
+    images = torch.from_numpy(np.stack(arrays))
+    targets_t = torch.tensor(targets, dtype=torch.int64)
+    if cache:
+        payload = {
+            "version": CACHE_VERSION,
+            "images": images,
+            "targets": targets_t,
+            "classes": classes,
+            "paths": rels,
+            "skipped": skipped,
+        }
+        _write_cache(root, cache_name, payload)
+    return SplitData(images, targets_t, classes, [str(root / r) for r in rels], skipped)
+
+
+def content_hash(root: str | os.PathLike) -> str:
+    """sha256 over (relative path, file bytes) of every image under root/{train,val,test}."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        for path in sorted((root / split).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS:
+                h.update(str(path.relative_to(root)).encode() + b"\0")
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def count_images(root: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{split: {class folder: number of images}} for the splits present under root."""
+    root = Path(root)
+    counts = {}
+    for split in SPLITS:
+        if (root / split).is_dir():
+            counts[split] = {
+                d.name: len(_image_files(d))
+                for d in sorted((root / split).iterdir())
+                if d.is_dir() and not d.name.startswith(".")
+            }
+    return counts
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
+    path = Path(root) / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    try:
+        return json.loads((Path(root) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_augment(augment: dict | None) -> dict:
+    """Defaults (the official ones) + overrides, in one normalised form.
+
+    hflip/vflip: probability (True -> 0.5, False -> 0); rotation: degrees d (uniform in
+    [-d, d]) or a (low, high) pair; crop: "random", "center" or a fixed (top, left).
+    """
+    aug = dict(DEFAULT_AUGMENT)
+    for k, v in (augment or {}).items():
+        if k not in aug:
+            raise ValueError(f"unknown augment option {k!r}; known: {sorted(aug)}")
+        aug[k] = v
+    for k in ("hflip", "vflip"):
+        v = aug[k]
+        aug[k] = 0.5 if v is True else 0.0 if v is False else float(v)
+    rot = aug["rotation"]
+    aug["rotation"] = (-float(rot), float(rot)) if np.isscalar(rot) else tuple(map(float, rot))
+    crop = aug["crop"]
+    if not (crop in ("random", "center") or (len(crop) == 2 and all(int(c) == c for c in crop))):
+        raise ValueError(f"augment crop must be 'random', 'center' or (top, left), got {crop!r}")
+    if not isinstance(crop, str):
+        aug["crop"] = (int(crop[0]), int(crop[1]))
+    return aug
+
+
+def _resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
+    """torchvision Resize(int): the shorter side becomes `size`, the aspect ratio is kept."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def _center_offset(full: int, crop: int) -> int:
+    return int(round((full - crop) / 2.0))  # torchvision's center_crop rounding
+
+
+def _mix_seed(*values: int) -> int:
+    """One 63-bit seed from several ints, stable across platforms and processes."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# The `pil` pipeline: the official torchvision transforms (the reference)
+# --------------------------------------------------------------------------------------------
+
+
+class RepeatChannels(torch.nn.Module):
+    """(1, H, W) -> (n, H, W): the grayscale face on every input channel (official: 3)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(self.n, 1, 1) if self.n != 1 else x
+
+
+class FixedCrop(torch.nn.Module):
+    """RandomCrop with given offsets: lets tests line the pipelines up exactly."""
+
+    def __init__(self, top: int, left: int, size: int):
+        super().__init__()
+        self.top, self.left, self.size = top, left, size
+
+    def forward(self, img):
+        return TF.crop(img, self.top, self.left, self.size, self.size)
+
+
+class StackCrops(torch.nn.Module):
+    """TenCrop's tuple of PIL crops -> (10, C, S, S) tensor."""
+
+    def __init__(self, per_crop: T.Compose):
+        super().__init__()
+        self.per_crop = per_crop
+
+    def forward(self, crops):
+        return torch.stack([self.per_crop(c) for c in crops])
+
+
+def pil_transform(mode: str, data_config: DataConfig, augment: dict | None = None) -> T.Compose:
+    """The official torchvision transforms (REFERENCE.md section 5) for PIL images.
+
+    train: RandomHorizontalFlip, RandomVerticalFlip, Grayscale, Resize, RandomRotation (nearest,
+    fill 0), RandomCrop, ToTensor, repeat channels. val: Grayscale, Resize, CenterCrop (the
+    official random crop in validation is a defect not repeated). test: Grayscale, Resize, TenCrop.
+    """
+    size, resize = data_config.image_size, data_config.resize
+    to_tensor = [T.ToTensor(), RepeatChannels(data_config.in_chans)]
+    if data_config.mean is not None:
+        to_tensor.append(T.Normalize(data_config.mean, data_config.std))
+    if mode == "train":
+        aug = _resolve_augment(augment)
+        if aug["crop"] == "random":
+            crop = T.RandomCrop(size)
+        elif aug["crop"] == "center":
+            crop = T.CenterCrop(size)
+        else:
+            crop = FixedCrop(*aug["crop"], size)
+        return T.Compose(
+            [
+                T.RandomHorizontalFlip(aug["hflip"]),
+                T.RandomVerticalFlip(aug["vflip"]),
+                T.Grayscale(),
+                T.Resize(resize),
+                T.RandomRotation(aug["rotation"], interpolation=T.InterpolationMode.NEAREST),
+                crop,
+                *to_tensor,
+            ]
+        )
+    if mode == "val":
+        return T.Compose([T.Grayscale(), T.Resize(resize), T.CenterCrop(size), *to_tensor])
+    if mode == "test":
+        return T.Compose(
+            [T.Grayscale(), T.Resize(resize), T.TenCrop(size), StackCrops(T.Compose(to_tensor))]
+        )
+    raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
+
+
+class _PilDataset(torch.utils.data.Dataset):
+    """Reads the files like ImageFolder (RGB) and applies the torchvision transforms.
+
+    Items are (index, sample_seed) pairs: each sample's transform runs on a CPU RNG seeded from
+    sample_seed, inside fork_rng so the caller's global RNG is left untouched. The result is
+    independent of num_workers and of anything else drawn from the global RNG.
+    """
+
+    def __init__(self, paths: list[str], targets: torch.Tensor, transform: T.Compose):
+        self.paths, self.targets, self.transform = paths, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, sample_seed = item
+        with Image.open(self.paths[index]) as im:
+            img = im.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(sample_seed)
+            x = self.transform(img)
+        return x, self.targets[index]
+
+
+# --------------------------------------------------------------------------------------------
+# The `fast` pipeline: one affine warp per image, one grid_sample per batch
+# --------------------------------------------------------------------------------------------
+
+
+def make_theta(
+    src_hw: tuple[int, int],
+    resize_hw: tuple[int, int],
+    out_size: int,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    angle: torch.Tensor | None = None,
+    hflip: torch.Tensor | None = None,
+    vflip: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, 2, 3) affine_grid thetas reproducing flip -> resize -> rotate -> crop.
+
+    Works backwards from an output pixel (align_corners=False, pixel centres at k + 0.5):
+    crop offset -> inverse rotation about the resized image's centre (torchvision/PIL: angle in
+    degrees, counter-clockwise) -> inverse resize -> inverse flip -> grid_sample's [-1, 1].
+    Composed in float64 on the CPU, so every device gets the same numbers.
+    """
+    h, w = src_hw
+    hr, wr = resize_hw
+    b = top.shape[0]
+    dt = torch.float64
+    top, left = top.to(dt), left.to(dt)
+    angle = torch.zeros(b, dtype=dt) if angle is None else angle.to(dt)
+    rad = torch.deg2rad(angle)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    # Output normalised x -> resized/rotated pixel X = (x + 1) * S / 2 + left, then rotation
+    # about c = (wr / 2, hr / 2): P = c + [[cos, -sin], [sin, cos]] (X - c).
+    half = out_size / 2.0
+    cx, cy = wr / 2.0, hr / 2.0
+    tx = half + left - cx  # X - c at x = 0
+    ty = half + top - cy
+    # P (resized pixels) as an affine function of normalised output (x, y).
+    px = torch.stack([cos * half, -sin * half, cx + cos * tx - sin * ty], dim=1)
+    py = torch.stack([sin * half, cos * half, cy + sin * tx + cos * ty], dim=1)
+    # Resized pixel -> source pixel (scale w / wr) -> normalised source 2 * s / w - 1.
+    theta = torch.stack([px * (2.0 / wr), py * (2.0 / hr)], dim=1)
+    theta[:, 0, 2] -= 1.0
+    theta[:, 1, 2] -= 1.0
+    # A flip of the source is a sign change in normalised source coordinates.
+    if hflip is not None:
+        theta[:, 0] *= torch.where(hflip, -1.0, 1.0).to(dt)[:, None]
+    if vflip is not None:
+        theta[:, 1] *= torch.where(vflip, -1.0, 1.0).to(dt)[:, None]
+    return theta.float()
+
+
+def _affine_grid(theta: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """F.affine_grid(theta, (B, 1, out_h, out_w), align_corners=False), as one broadcast add.
+
+    The grid is separable (x part depends on the column, y part on the row); building it with a
+    single add is several times faster on CPU than affine_grid's batched matmul.
+    """
+    dev = theta.device
+    xs = (torch.arange(out_w, device=dev, dtype=theta.dtype) + 0.5) * (2.0 / out_w) - 1.0
+    ys = (torch.arange(out_h, device=dev, dtype=theta.dtype) + 0.5) * (2.0 / out_h) - 1.0
+    col = theta[:, None, :, 0] * xs[None, :, None]  # (B, W, 2)
+    row = theta[:, None, :, 1] * ys[None, :, None] + theta[:, None, :, 2]  # (B, H, 2)
+    return row[:, :, None, :] + col[:, None, :, :]  # (B, H, W, 2)
+
+
+def fast_warp(
+    images: torch.Tensor, theta: torch.Tensor, out_size: int, mask_outside: bool = True
+) -> torch.Tensor:
+    """Warp grayscale images (B, H, W) (uint8 or float) by thetas (B, 2, 3) -> (B, 1, S, S).
+
+    Bilinear sampling with border clamping reproduces PIL's resize at the image edges; points
+    that fall outside the source after rotation are set to 0 (RandomRotation's fill) with a
+    validity mask from a nearest-neighbour sample of ones (cheap: no interpolation weights).
+    """
+    x = images.unsqueeze(1)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    grid = _affine_grid(theta.to(x.device), out_size, out_size)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if mask_outside:
+        ones = torch.ones((1, 1, 1, 1), device=x.device).expand_as(x)
+        valid = F.grid_sample(ones, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        out.mul_(valid)
+    return out
+
+
+def _fixed_views_grid(
+    src_hw: tuple[int, int], resize_hw: tuple[int, int], size: int, views: list[tuple]
+) -> torch.Tensor:
+    """One (1, K*S, S, 2) grid holding K fixed views (top, left, hflip) stacked vertically.
+
+    Val/test views are the same for every image, so the batch goes in grid_sample's channel
+    dimension and one small grid serves the whole batch.
+    """
+    top = torch.tensor([v[0] for v in views])
+    left = torch.tensor([v[1] for v in views])
+    hflip = torch.tensor([v[2] for v in views])
+    theta = make_theta(src_hw, resize_hw, size, top, left, hflip=hflip)
+    return _affine_grid(theta, size, size).reshape(1, len(views) * size, size, 2)
+
+
+def ten_crop_views(resize_hw: tuple[int, int], size: int) -> list[tuple[int, int, bool]]:
+    """(top, left, hflip) of torchvision's TenCrop: tl, tr, bl, br, centre of the image, then
+    the same five of the mirrored image (a mirrored source resized = the resized image mirrored).
+    """
+    hr, wr = resize_hw
+    ct, cl = _center_offset(hr, size), _center_offset(wr, size)
+    five = [(0, 0), (0, wr - size), (hr - size, 0), (hr - size, wr - size), (ct, cl)]
+    return [(t, l, False) for t, l in five] + [(t, l, True) for t, l in five]
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+class Loader:
+    """Batches of one split for one rank. Iterate for an epoch; call set_epoch(e) before each.
+
+    The epoch's order and augmentation depend only on (seed, epoch, rank).
+    """
+
+    def __init__(
+        self,
+        split: SplitData,
+        mode: str,
+        batch_size: int,
+        data_config: DataConfig,
+        device: torch.device,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        augment: dict | None,
+    ):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.split, self.mode, self.batch_size = split, mode, batch_size
+        self.data_config, self.device = data_config, torch.device(device)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
+        self.augment = _resolve_augment(augment)
+        self.epoch = 0
+        self.classes = list(split.classes)
+        self.dataset_size = len(split.targets)
+        if mode == "train":  # DistributedSampler: pad so every rank gets the same count
+            self.num_samples = math.ceil(self.dataset_size / world_size)
+        else:  # evaluation: rank r gets r::world_size, every image counted exactly once
+            self.num_samples = len(range(rank, self.dataset_size, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's image indices for the current epoch, in order."""
+        n = self.dataset_size
+        if self.shuffle:  # same permutation on every rank (seed, epoch), like DistributedSampler
+            g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.mode == "train":
+            total = self.num_samples * self.world_size
+            if total > n:
+                order = torch.cat([order, order.repeat(math.ceil(total / n))[: total - n]])
+            return order[self.rank : total : self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def _aug_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        idx = self.indices()
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, len(idx)), self.batch_size):
+            yield idx[start : start + self.batch_size]
+
+
+class FastLoader(Loader):
+    """The split as uint8 on `device`; each batch warped by one grid_sample call."""
+
+    def __init__(self, split: SplitData, *args, contiguous: bool = False, **kwargs):
+        super().__init__(split, *args, **kwargs)
+        self.contiguous = contiguous
+        self.images = split.images.to(self.device)
+        self.targets = split.targets.to(self.device)
+        h, w = self.images.shape[1:]
+        size = self.data_config.image_size
+        self.src_hw = (h, w)
+        self.resize_hw = _resized_hw(h, w, self.data_config.resize)
+        hr, wr = self.resize_hw
+        if self.mode in ("val", "test"):
+            if self.mode == "val":
+                views = [(_center_offset(hr, size), _center_offset(wr, size), False)]
+            else:
+                views = ten_crop_views(self.resize_hw, size)
+            self.views = len(views)
+            grid = _fixed_views_grid(self.src_hw, self.resize_hw, size, views)
+            self.view_grid = grid.to(self.device)
+            # Only a crop larger than the resized image reaches outside it (CenterCrop pads 0).
+            self.view_mask = None
+            if hr < size or wr < size:
+                ones = torch.ones(1, 1, h, w, device=self.device)
+                self.view_mask = F.grid_sample(
+                    ones, self.view_grid, "nearest", "zeros", align_corners=False
+                )
+        cfg = self.data_config
+        if cfg.mean is not None:
+            self.mean = torch.tensor(cfg.mean, device=self.device)
+            self.std = torch.tensor(cfg.std, device=self.device)
+
+    def random_params(self, b: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Augmentation parameters of `b` training images, drawn from `g` (on the CPU).
+
+        Same distributions as the torchvision transforms: Bernoulli flips, a uniform angle,
+        integer crop offsets uniform in [0, resized - size].
+        """
+        aug, size = self.augment, self.data_config.image_size
+        hr, wr = self.resize_hw
+        hflip = torch.rand(b, generator=g) < aug["hflip"]
+        vflip = torch.rand(b, generator=g) < aug["vflip"]
+        lo, hi = aug["rotation"]
+        angle = torch.empty(b, dtype=torch.float64).uniform_(lo, hi, generator=g)
+        if aug["crop"] == "random":
+            top = torch.randint(0, max(hr - size, 0) + 1, (b,), generator=g)
+            left = torch.randint(0, max(wr - size, 0) + 1, (b,), generator=g)
+        else:
+            if aug["crop"] == "center":
+                t, l = _center_offset(hr, size), _center_offset(wr, size)
+            else:
+                t, l = aug["crop"]
+            top, left = torch.full((b,), t), torch.full((b,), l)
+        return {"hflip": hflip, "vflip": vflip, "angle": angle, "top": top, "left": left}
+
+    def _random_theta(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, bool]:
+        p = self.random_params(b, g)
+        size = self.data_config.image_size
+        hr, wr = self.resize_hw
+        theta = make_theta(
+            self.src_hw,
+            self.resize_hw,
+            size,
+            p["top"],
+            p["left"],
+            p["angle"],
+            p["hflip"],
+            p["vflip"],
+        )
+        # The validity mask is only needed when a view can leave the image.
+        top, left = p["top"], p["left"]
+        inside = self.augment["rotation"] == (0.0, 0.0) and bool(
+            (top >= 0).all()
+            and (left >= 0).all()
+            and (top <= hr - size).all()
+            and (left <= wr - size).all()
+        )
+        return theta, not inside
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 1, S, S) in [0, 1] -> repeated to in_chans, then normalised."""
+        cfg = self.data_config
+        shape = list(x.shape)
+        shape[-3] = cfg.in_chans
+        # The channel repeat is a broadcast view: materialising 3 identical planes costs more
+        # than the warp itself on a CPU, and the first convolution reads the view as it is.
+        x = x.expand(shape)
+        if cfg.mean is not None:
+            view = [-1, 1, 1]
+            x = (x - self.mean.view(view)) / self.std.view(view)
+        elif self.contiguous:
+            x = x.contiguous()
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = self._aug_generator()
+        size = self.data_config.image_size
+        for idx in self._batches():
+            idx = idx.to(self.device)
+            imgs, targets = self.images[idx], self.targets[idx]
+            b = imgs.shape[0]
+            if self.mode == "train":
+                theta, outside = self._random_theta(b, g)
+                x = fast_warp(imgs, theta.to(self.device), size, mask_outside=outside)
+            else:
+                # The views are the same for every image: batch in the channel dimension, all
+                # views stacked in one grid, one grid_sample call: (1, B, K*S, S).
+                src = imgs.unsqueeze(0).float().div_(255.0)
+                x = F.grid_sample(src, self.view_grid, "bilinear", "border", align_corners=False)
+                if self.view_mask is not None:
+                    x = x * self.view_mask
+                x = x.view(b, self.views, 1, size, size)
+                if self.mode == "val":
+                    x = x[:, 0]
+            yield self._finish(x), targets
+
+
+class PilLoader(Loader):
+    """The reference: torchvision transforms per image in a DataLoader."""
+
+    def __init__(self, split: SplitData, *args, num_workers: int = 0, **kwargs):
+        super().__init__(split, *args, **kwargs)
+        self.num_workers = num_workers
+        transform = pil_transform(self.mode, self.data_config, self.augment)
+        self.dataset = _PilDataset(split.paths, split.targets, transform)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.indices()
+        g = self._aug_generator()
+        sample_seeds = torch.randint(0, 2**62, (len(idx),), generator=g).tolist()
+        items = list(zip(idx.tolist(), sample_seeds, strict=True))
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=items,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            pin_memory=self.device.type == "cuda",
+            # Worker seeds are irrelevant (each sample is seeded), but keep them reproducible.
+            generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank)),
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def build_loader(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    mode: str,
+    pipeline: str = "fast",
+    batch_size: int = 64,
+    data_config: DataConfig | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_bad_images: bool = False,
+    augment: dict | None = None,
+    contiguous: bool = False,
+    cache: bool = True,
+) -> Loader:
+    """Batches (images float32 on `device`, targets int64 on `device`) of root/split.
+
+    mode "train": official augmentation, (B, C, S, S); "val": resize + centre crop,
+    (B, C, S, S); "test": TenCrop, (B, 10, C, S, S). Values in [0, 1], then normalised if
+    data_config has mean/std. In the fast pipeline the C channels are a broadcast view of one
+    plane unless `contiguous` (or normalisation) materialises them. num_workers applies to the
+    pil pipeline only. rank/world_size shard the split (train: padded like DistributedSampler;
+    val/test: rank r gets r::world_size, so every image is counted once).
+    """
+    data_config = data_config or DataConfig()
+    if shuffle is None:
+        shuffle = mode == "train"
+    data = load_split(root, split, skip_bad_images=skip_bad_images, cache=cache)
+    common = dict(
+        mode=mode,
+        batch_size=batch_size,
+        data_config=data_config,
+        device=torch.device(device),
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        augment=augment,
+    )
+    if pipeline == "fast":
+        return FastLoader(data, contiguous=contiguous, **common)
+    if pipeline == "pil":
+        return PilLoader(data, num_workers=num_workers, **common)
+    raise ValueError(f"pipeline must be 'fast' or 'pil', got {pipeline!r}")
+
+
+def denormalize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
+    """Undo the mean/std normalisation (for visualisation); identity when there is none."""
+    if data_config.mean is None:
+        return images
+    shape = [1] * (images.dim() - 3) + [-1, 1, 1]
+    mean = torch.tensor(data_config.mean, device=images.device).view(shape)
+    std = torch.tensor(data_config.std, device=images.device).view(shape)
+    return images * std + mean
