@@ -1,10 +1,8 @@
-"""Checkpoints and a tiny dataset for the tests of evaluate.py, predict.py and scripts/export.py."""
+"""Checkpoints and helpers for the tests of evaluate.py, predict.py and scripts/export.py."""
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ema import EMA
 from models import create_model
@@ -41,19 +39,6 @@ def make_official_checkpoint(golden_dir: Path, path: Path) -> Path:
     golden = torch.load(golden_dir / "official_emonext_micro.pt", weights_only=True)
     torch.save(golden["checkpoint"], path)
     return path
-
-
-def make_dataset(root: Path, per_class: int = 2, classes: list[str] = CLASSES) -> Path:
-    """DIR/{train,val,test}/<Class>/<n>.png: random 48 x 48 grayscale PNGs."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (48, 48), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def run_script(path: Path, argv: list) -> None:
