@@ -107,12 +107,14 @@ def predictions_csv(paths: list[str], targets, probs, classes: list[str]) -> str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("EmoNeXt evaluation", add_help=True)
+    parser = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint on FER2013")
     parser.add_argument("--checkpoint", required=True, help="this project's or the official .pt")
     parser.add_argument(
         "--dataset-path", default="FER2013", help="folder with train/val/test/<Class>/ images"
     )
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which folder to score"
+    )
     parser.add_argument(
         "--weights",
         default="auto",

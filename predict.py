@@ -340,7 +340,9 @@ def chunks(frames, size: int) -> Iterator[list]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("EmoNeXt prediction on images, videos and a webcam")
+    parser = argparse.ArgumentParser(
+        description="Facial expressions in images, videos and a webcam"
+    )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder or video files")
     parser.add_argument("--checkpoint", required=True, help=".pt checkpoint or exported .onnx")
     parser.add_argument("--model-size", default=None, help="tiny, small, ...: emonext_SIZE")

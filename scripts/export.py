@@ -118,9 +118,13 @@ def max_difference(model: nn.Module, run, inputs: list[torch.Tensor]) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Export an EmoNeXt checkpoint to ONNX or TorchScript")
+    parser = argparse.ArgumentParser(
+        description="Export an EmoNeXt checkpoint to ONNX or TorchScript"
+    )
     parser.add_argument("--checkpoint", required=True, help="this project's or the official .pt")
-    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    parser.add_argument(
+        "--format", required=True, choices=["onnx", "torchscript"], help="file format to write"
+    )
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt / .ts)")
     parser.add_argument("--model-size", default=None, help="tiny, small, ...: emonext_SIZE")
     parser.add_argument("--model", default=None, help="full model name, e.g. convnext_tiny")
