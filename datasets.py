@@ -703,9 +703,22 @@ class FastLoader(Loader):
         self.targets = split.targets.to(self.device)
         h, w = self.images.shape[1:]
         size = self.data_config.image_size
-        self.src_hw = (h, w)
         self.resize_hw = _resized_hw(h, w, self.data_config.resize)
         hr, wr = self.resize_hw
+        if hr < h or wr < w:
+            # Shrinking needs PIL's antialiasing, which a bilinear warp lacks: resize the whole
+            # split once (antialiased, rounded to uint8 as PIL does); the warp then only crops,
+            # flips and rotates at scale 1.
+            small = F.interpolate(
+                self.images.unsqueeze(1).float(),
+                size=(hr, wr),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            self.images = small.round_().clamp_(0, 255).to(torch.uint8).squeeze(1)
+            h, w = hr, wr
+        self.src_hw = (h, w)
         if self.mode in ("val", "test"):
             if self.mode == "val":
                 views = [(_center_offset(hr, size), _center_offset(wr, size), False)]

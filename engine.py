@@ -7,7 +7,9 @@ accumulated on the device and read once per epoch: no host sync per step.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,10 +22,152 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def sync_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm statistics drift apart under DDP)."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    ema=None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    accumulation_steps: int = 1,
+    clip_grad: float | None = 1.0,
+    clip_scaled: bool = False,
+    channels_last: bool = False,
+    max_nonfinite: int = 10,
+    progress: bool = False,
+    desc: str = "",
+    stop=None,
+) -> dict:
+    """One pass over `loader`; returns averaged loss parts, accuracy, images/s and step counts.
+
+    Per optimiser step: unscale (fp16), clip to `clip_grad`, step, scheduler step, EMA update.
+    `clip_scaled=True` is the official trainer's bug (clipping fp16-scaled gradients), kept for
+    exact reproduction studies. A non-finite loss skips the step (counted); `max_nonfinite` in a
+    row end the epoch with `stopped="nonfinite"`. `stop` (truthy when set) ends it early.
+    Running sums stay on the device; the host reads them every 25 steps for the progress bar
+    and once at the end, plus one finiteness check per optimiser step.
+    """
+    model.train()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, ce*n, sa*n, correct
+    images, steps, nonfinite, streak, stopped = 0, 0, 0, 0, ""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
+    started = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
+    batches = len(loader)
+    for i, (x, y) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last_micro = (i + 1) % accumulation_steps == 0 or i + 1 == batches
+        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                logits, weights = model(x, return_attention=True)
+                loss = criterion(logits, weights, y)
+            scaled = loss / accumulation_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        n = len(y)
+        parts = criterion.parts
+        sums += torch.stack(
+            [loss.detach() * n, parts["ce"] * n, parts["sa"] * n, (logits.argmax(1) == y).sum()]
+        ).double()
+        step_loss = step_loss + loss.detach()
+        images += n
+        if not last_micro:
+            continue
+        finite = torch.isfinite(step_loss).to(torch.int32)
+        if is_distributed():  # every rank must take the same decision, or the weights diverge
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():  # the one host sync per optimiser step
+            nonfinite += 1
+            streak += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            streak = 0
+            if scaler is not None and not clip_scaled:
+                scaler.unscale_(optimizer)
+            if clip_grad:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # The schedule and the EMA follow optimiser steps, skipped ones included, as officially.
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        steps += 1
+        step_loss = torch.zeros((), device=device)
+        if bar is not None:
+            bar.update(accumulation_steps if i + 1 < batches else bar.total - bar.n)
+            if steps % 25 == 0:
+                s = sums.tolist()
+                bar.set_postfix(
+                    loss=f"{s[0] / images:.3f}",
+                    acc=f"{100 * s[3] / images:.1f}",
+                    img_s=f"{images / (time.time() - started):.0f}",
+                )
+        if streak >= max_nonfinite:
+            stopped = "nonfinite"
+            break
+        if stop:
+            stopped = "interrupted"
+            break
+    if bar is not None:
+        bar.close()
+    if is_distributed():
+        counts = torch.tensor([images, nonfinite], device=device, dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+        total_images = int(counts[0].item())
+    else:
+        total_images = images
+    seconds = time.time() - started
+    s = sums.tolist()
+    denom = max(total_images, 1)
+    return {
+        "loss": s[0] / denom,
+        "ce": s[1] / denom,
+        "sa": s[2] / denom,
+        "accuracy": 100.0 * s[3] / denom,
+        "images": total_images,
+        "steps": steps,
+        "nonfinite": nonfinite,
+        "seconds": seconds,
+        "images_per_s": total_images / max(seconds, 1e-9),
+        "lr": optimizer.param_groups[0]["lr"],
+        "stopped": stopped,
+    }
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -103,10 +103,15 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
     parser.add_argument("--image-size", type=int, default=224, help="output crop size")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
 
 
 def run_data(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     mode = args.mode or ("train" if args.split == "train" else "val")
     tmp = None

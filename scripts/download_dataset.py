@@ -382,23 +382,21 @@ def carve_val(
     return new_train, val
 
 
-def build_from_folder(
-    found: dict[str, dict[str, list[Path]]], dest: Path, fmt: str, skip_bad_images: bool
-) -> tuple[dict[str, dict[str, int]], int]:
-    expected: dict[str, dict[str, int]] = {}
+def drop_unreadable(
+    found: dict[str, dict[str, list[Path]]], skip_bad_images: bool
+) -> tuple[dict[str, dict[str, list[Path]]], int]:
+    """Check every image decodes (before any split is carved); skip and count, or fail."""
+    kept: dict[str, dict[str, list[Path]]] = {}
     skipped = 0
     for split, classes in found.items():
+        kept[split] = {}
         for name, files in classes.items():
-            folder = dest / split / name
-            folder.mkdir(parents=True)
-            n = 0
+            good = []
             for src in files:
-                target = folder / f"{src.stem}.{fmt}"
-                if target.exists():
-                    raise DatasetError(f"{src}: another image in {src.parent} has the same name")
                 try:
                     with Image.open(src) as im:
-                        arr = np.asarray(im.convert("L"))
+                        im.load()
+                    good.append(src)
                 except (OSError, UnidentifiedImageError, ValueError) as e:
                     if not skip_bad_images:
                         raise DatasetError(
@@ -406,16 +404,31 @@ def build_from_folder(
                             f"--skip-bad-images"
                         ) from None
                     skipped += 1
-                    continue
+            if not good:
+                raise DatasetError(f"class folder {files[0].parent} has no readable images")
+            kept[split][name] = good
+    return kept, skipped
+
+
+def build_from_folder(
+    found: dict[str, dict[str, list[Path]]], dest: Path, fmt: str
+) -> dict[str, dict[str, int]]:
+    expected: dict[str, dict[str, int]] = {}
+    for split, classes in found.items():
+        for name, files in classes.items():
+            folder = dest / split / name
+            folder.mkdir(parents=True)
+            for src in files:
+                target = folder / f"{src.stem}.{fmt}"
+                if target.exists():
+                    raise DatasetError(f"{src}: another image in {src.parent} has the same name")
                 if fmt == "jpg" and src.suffix.lower() in (".jpg", ".jpeg"):
                     shutil.copyfile(src, target)  # already JPEG: do not lose quality twice
                 else:
-                    _save(arr, target, fmt)
-                n += 1
-            if n == 0:
-                raise DatasetError(f"class folder {files[0].parent} has no readable images")
-            expected.setdefault(split, {})[name] = n
-    return expected, skipped
+                    with Image.open(src) as im:
+                        _save(np.asarray(im.convert("L")), target, fmt)
+            expected.setdefault(split, {})[name] = len(files)
+    return expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,7 +554,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
             skipped, val_split = 0, None
         else:
             print(f"reading image folders under {path}")
-            found = scan_folder(path)
+            found, skipped = drop_unreadable(scan_folder(path), args.skip_bad_images)
             val_split = None
             if "val" not in found:
                 found["train"], found["val"] = carve_val(
@@ -558,7 +571,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
                     f"no validation folder: carved {sum(val_split['per_class'].values())} "
                     f"images ({args.val_fraction:.0%} of each class, seed {args.seed}) from train"
                 )
-            expected, skipped = build_from_folder(found, dest, args.format, args.skip_bad_images)
+            expected = build_from_folder(found, dest, args.format)
         counts = verify(dest, expected)
         print_table(counts)
         manifest = {

@@ -1,5 +1,4 @@
-"""Shared test fixtures: the repository, the official code's golden outputs, a tiny synthetic
-FER-like dataset."""
+"""Shared test fixtures: the repository root, the official golden outputs, synthetic faces."""
 
 import os
 import sys
@@ -9,7 +8,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
-for p in (REPO_ROOT, REPO_ROOT / "scripts"):
+for p in (REPO_ROOT, REPO_ROOT / "scripts"):  # the scripts are imported by their tests
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmark import get_args_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {"pil_images_per_s", "fast_images_per_s", "ratio", "batch_size", "device"}
+
+
+def test_parser_has_data_subcommand():
+    args = get_args_parser().parse_args(["data"])
+    assert (args.batch_size, args.device, args.num_workers, args.image_size) == (64, "cpu", 0, 224)
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args([])  # a subcommand is required
+
+
+def test_data_json_in_process(synthetic_root, capsys):
+    argv = [
+        "data",
+        "--dataset-path",
+        str(synthetic_root),
+        "--batch-size",
+        "8",
+        "--batches",
+        "3",
+        "--image-size",
+        "64",
+        "--json",
+    ]
+    result = main(argv)
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and json.loads(line[0]) == result and set(result) == KEYS
+    assert result["batch_size"] == 8 and result["device"] == "cpu"
+    assert result["ratio"] == pytest.approx(
+        result["fast_images_per_s"] / result["pil_images_per_s"], rel=0.02, abs=0.011
+    )
+    # No speed assertion: timings on a shared CI machine are noise; docs/DATA.md has numbers.
+
+
+def test_data_subprocess_human_output(synthetic_root):
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "data",
+            "--dataset-path",
+            str(synthetic_root),
+            "--split",
+            "val",
+            "--batch-size",
+            "8",
+            "--batches",
+            "2",
+            "--image-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "pil" in r.stdout and "fast" in r.stdout and "ratio fast/pil" in r.stdout

@@ -1,0 +1,302 @@
+import shutil
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+import datasets
+from datasets import CLASSES, DataConfig, DatasetError, build_loader, load_split
+
+TOL = 1.5 / 255  # PIL rounds its resized image to uint8; fast stays in float
+
+
+@pytest.fixture
+def copy_root(synthetic_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns(".cache"))
+    return root
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def test_class_names():
+    assert CLASSES == sorted(CLASSES)
+    for name, want in [
+        ("anger", "Angry"),
+        ("ANGRY", "Angry"),
+        ("Angry", "Angry"),
+        ("happiness", "Happy"),
+        ("surprised", "Surprise"),
+        ("sadness", "Sad"),
+        ("fearful", "Fear"),
+        ("disgusted", "Disgust"),
+        ("neutral", "Neutral"),
+    ]:
+        assert datasets.canonical_class_name(name) == want
+    with pytest.raises(ValueError, match="contempt"):
+        datasets.canonical_class_name("contempt")
+
+
+def test_imagefolder_order(synthetic_root):
+    assert torchvision.datasets.ImageFolder(synthetic_root / "train").classes == CLASSES
+    assert datasets.check_dataset(synthetic_root) == CLASSES
+
+
+def test_data_config():
+    cfg = DataConfig()
+    assert (cfg.image_size, cfg.resize, cfg.in_chans, cfg.mean) == (224, 236, 3, None)
+    assert DataConfig(image_size=64).resize == round(64 * 236 / 224)
+    cfg = DataConfig(image_size=96, in_chans=1, mean=(0.5,), std=(0.25,))
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_load_split_and_cache(synthetic_root, monkeypatch):
+    split = load_split(synthetic_root, "val")
+    assert split.images.shape == (28, 48, 48) and split.images.dtype == torch.uint8
+    assert split.targets.tolist() == sorted(split.targets.tolist())
+    assert split.classes == CLASSES and len(split.paths) == 28 and split.skipped == 0
+    assert any((synthetic_root / ".cache").glob("val-*.pt"))
+    # The second load comes from the cache: no image is decoded.
+    monkeypatch.setattr(datasets, "_decode", lambda p: 1 / 0)
+    again = load_split(synthetic_root, "val")
+    assert torch.equal(again.images, split.images) and again.paths == split.paths
+
+
+def test_broken_cache_is_rebuilt(copy_root):
+    first = load_split(copy_root, "test")
+    for f in (copy_root / ".cache").glob("test-*.pt"):
+        f.write_bytes(b"garbage")
+    assert torch.equal(load_split(copy_root, "test").images, first.images)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda r: shutil.rmtree(r / "val"), "val"),
+        (lambda r: shutil.rmtree(r / "test" / "Fear"), "Fear"),
+        (lambda r: [p.unlink() for p in (r / "train" / "Sad").iterdir()], "Sad.*no images"),
+        (lambda r: (r / "val" / "Happy").rename(r / "val" / "contempt"), "contempt"),
+        (lambda r: shutil.copytree(r / "train" / "Happy", r / "train" / "happiness"), "Happy"),
+    ],
+    ids=["missing-split", "class-in-some-splits", "empty-class", "unknown-class", "duplicate"],
+)
+def test_layout_errors(copy_root, damage, match):
+    damage(copy_root)
+    with pytest.raises(DatasetError, match=match):
+        datasets.check_dataset(copy_root)
+
+
+def test_synonym_folders_load(copy_root):
+    for split in datasets.SPLITS:
+        (copy_root / split / "Happy").rename(copy_root / split / "happiness")
+    assert load_split(copy_root, "train", cache=False).classes == CLASSES
+
+
+def test_bad_image(copy_root):
+    bad = copy_root / "train" / "Angry" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="broken.png.*--skip-bad-images"):
+        load_split(copy_root, "train")
+    split = load_split(copy_root, "train", skip_bad_images=True)
+    assert split.skipped == 1 and len(split.paths) == 7 * 16
+    loader = build_loader(
+        copy_root,
+        "train",
+        mode="train",
+        skip_bad_images=True,
+        data_config=DataConfig(image_size=32),
+        batch_size=200,
+    )
+    assert loader.dataset_size == 7 * 16
+
+
+def test_mixed_sizes(copy_root):
+    Image.new("L", (40, 40)).save(copy_root / "val" / "Angry" / "odd.png")
+    with pytest.raises(DatasetError, match="odd.png.*40x40"):
+        load_split(copy_root, "val")
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DatasetError, match="download_dataset.py"):
+        load_split(tmp_path / "nope", "train")
+
+
+@pytest.mark.parametrize("image_size", [224, 64])
+@pytest.mark.parametrize(
+    "mode, augment",
+    [
+        ("val", None),
+        ("test", None),
+        ("train", {"rotation": 0, "hflip": 0.0, "vflip": 0.0, "crop": (0, 0)}),
+        ("train", {"rotation": 0, "hflip": 1.0, "vflip": 0.0, "crop": (3, 1)}),
+        ("train", {"rotation": 0, "hflip": 1.0, "vflip": 1.0, "crop": "center"}),
+        ("train", {"rotation": (90, 90), "hflip": 0.0, "vflip": 1.0, "crop": "center"}),
+    ],
+)
+def test_fast_equals_pil(synthetic_root, mode, augment, image_size):
+    cfg = DataConfig(image_size=image_size)
+    kw = dict(mode=mode, batch_size=6, data_config=cfg, shuffle=False, augment=augment)
+    xp, yp = first_batch(build_loader(synthetic_root, "val", pipeline="pil", **kw))
+    xf, yf = first_batch(build_loader(synthetic_root, "val", pipeline="fast", **kw))
+    assert xf.shape == xp.shape and xf.dtype == xp.dtype == torch.float32
+    assert torch.equal(yp, yf)
+    if mode == "train" and augment["rotation"] == (90, 90) and image_size % 2:
+        return  # an odd-sized rotation centre falls between pixels: nearest != bilinear
+    assert (xf - xp).abs().max() <= TOL
+
+
+def test_rotation_direction(synthetic_root):
+    cfg = DataConfig(image_size=96)
+    err = {}
+    for angle in (15, -15):
+        aug = {"rotation": (15, 15), "hflip": 0.0, "vflip": 0.0, "crop": "center"}
+        kw = dict(mode="train", batch_size=8, data_config=cfg, shuffle=False)
+        xp, _ = first_batch(build_loader(synthetic_root, "val", pipeline="pil", augment=aug, **kw))
+        aug["rotation"] = (angle, angle)
+        xf, _ = first_batch(build_loader(synthetic_root, "val", pipeline="fast", augment=aug, **kw))
+        err[angle] = (xf - xp).abs().mean().item()
+    # Nearest (PIL) vs bilinear (fast) rotation differ a little; the wrong direction a lot.
+    assert err[15] < 4 / 255 and err[-15] > 4 * err[15]
+
+
+def test_official_transforms():
+    tr = datasets.pil_transform("train", DataConfig()).transforms
+    kinds = [type(t) for t in tr]
+    assert kinds[:6] == [
+        T.RandomHorizontalFlip,
+        T.RandomVerticalFlip,
+        T.Grayscale,
+        T.Resize,
+        T.RandomRotation,
+        T.RandomCrop,
+    ]
+    assert tr[0].p == tr[1].p == 0.5 and tr[3].size == 236 and tr[5].size == (224, 224)
+    assert tr[4].degrees == [-20.0, 20.0] and tr[4].interpolation == T.InterpolationMode.NEAREST
+    assert tr[4].fill == 0
+    val = [type(t) for t in datasets.pil_transform("val", DataConfig()).transforms]
+    assert val[:3] == [T.Grayscale, T.Resize, T.CenterCrop]
+    test = datasets.pil_transform("test", DataConfig()).transforms
+    assert isinstance(test[2], T.TenCrop) and test[2].size == (224, 224)
+
+
+def test_fast_random_parameters_have_official_ranges(synthetic_root):
+    loader = build_loader(synthetic_root, "train", mode="train")
+    p = loader.random_params(20000, torch.Generator().manual_seed(0))
+    for k in ("hflip", "vflip"):
+        assert abs(p[k].float().mean() - 0.5) < 0.02
+    assert -20 <= p["angle"].min() < -19.9 and 19.9 < p["angle"].max() <= 20
+    assert abs(p["angle"].mean()) < 0.5
+    for k in ("top", "left"):
+        assert sorted(p[k].unique().tolist()) == list(range(13))  # 236 - 224 + 1 offsets
+
+
+def test_output_shapes_ranges_and_normalisation(synthetic_root):
+    cfg = DataConfig(image_size=32)
+    for pipeline in ("fast", "pil"):
+        kw = dict(pipeline=pipeline, batch_size=5, data_config=cfg)
+        x, y = first_batch(build_loader(synthetic_root, "train", mode="train", **kw))
+        assert x.shape == (5, 3, 32, 32) and y.dtype == torch.int64
+        assert 0 <= x.min() and x.max() <= 1
+        x, _ = first_batch(build_loader(synthetic_root, "test", mode="test", **kw))
+        assert x.shape == (5, 10, 3, 32, 32)
+    norm = DataConfig(image_size=32, in_chans=1, mean=(0.5,), std=(0.25,))
+    kw = dict(mode="val", batch_size=4, data_config=norm, shuffle=False)
+    xf, _ = first_batch(build_loader(synthetic_root, "val", pipeline="fast", **kw))
+    xp, _ = first_batch(build_loader(synthetic_root, "val", pipeline="pil", **kw))
+    assert xf.shape == (4, 1, 32, 32) and (xf - xp).abs().max() < 4 * TOL
+    assert datasets.denormalize(xf, norm).min() >= -1e-6
+    plain = build_loader(synthetic_root, "val", mode="val", data_config=cfg, contiguous=True)
+    assert first_batch(plain)[0].is_contiguous()
+
+
+def test_len_and_drop_last(synthetic_root):
+    ld = build_loader(
+        synthetic_root, "train", mode="train", batch_size=10, data_config=DataConfig(image_size=16)
+    )
+    assert (ld.dataset_size, ld.num_samples, len(ld)) == (112, 112, 12)
+    assert sum(len(y) for _, y in ld) == 112
+    ld = build_loader(
+        synthetic_root,
+        "train",
+        mode="train",
+        batch_size=10,
+        drop_last=True,
+        data_config=DataConfig(image_size=16),
+    )
+    assert len(ld) == 11 and [len(y) for _, y in ld] == [10] * 11
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "pil"])
+def test_determinism_and_resume(synthetic_root, pipeline):
+    kw = dict(
+        mode="train",
+        pipeline=pipeline,
+        batch_size=16,
+        seed=7,
+        data_config=DataConfig(image_size=24),
+    )
+
+    def epoch(loader, e):
+        loader.set_epoch(e)
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    a = build_loader(synthetic_root, "train", **kw)
+    runs = [epoch(a, e) for e in range(3)]
+    torch.manual_seed(123)  # global RNG state must not matter ...
+    state = torch.get_rng_state()
+    b = build_loader(synthetic_root, "train", **kw)
+    resumed = epoch(b, 2)
+    assert torch.equal(torch.get_rng_state(), state)  # ... and must not be touched
+    for (x1, y1), (x2, y2) in zip(runs[2], resumed, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(runs[0][0][1], runs[1][0][1])  # epochs differ
+    other = build_loader(synthetic_root, "train", **{**kw, "seed": 8})
+    assert not torch.equal(epoch(other, 2)[0][0], runs[2][0][0])
+
+
+def test_pil_workers_do_not_change_results(synthetic_root):
+    kw = dict(mode="train", pipeline="pil", batch_size=16, data_config=DataConfig(image_size=24))
+    x0, y0 = first_batch(build_loader(synthetic_root, "train", num_workers=0, **kw))
+    x1, y1 = first_batch(build_loader(synthetic_root, "train", num_workers=1, **kw))
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_sharding(synthetic_root, world_size):
+    cfg = DataConfig(image_size=16)
+    train = [
+        build_loader(
+            synthetic_root,
+            "train",
+            mode="train",
+            data_config=cfg,
+            rank=r,
+            world_size=world_size,
+            batch_size=8,
+        )
+        for r in range(world_size)
+    ]
+    idx = [ld.indices() for ld in train]
+    assert len({len(i) for i in idx}) == 1 and len(idx[0]) == train[0].num_samples
+    assert set(torch.cat(idx).tolist()) == set(range(112))  # padded, all covered
+    for split in ("val", "test"):
+        ev = [
+            build_loader(
+                synthetic_root,
+                split,
+                mode=split,
+                data_config=cfg,
+                rank=r,
+                world_size=world_size,
+                batch_size=5,
+            )
+            for r in range(world_size)
+        ]
+        got = torch.cat([ld.indices() for ld in ev]).tolist()
+        assert sorted(got) == list(range(28))  # each image exactly once
+        assert sum(ld.num_samples for ld in ev) == 28
+        assert sum(len(y) for ld in ev for _, y in ld) == 28

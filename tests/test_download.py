@@ -1,0 +1,246 @@
+import csv
+import functools
+import http.server
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from download_dataset import main
+from PIL import Image
+
+import datasets
+from datasets import FER2013_CSV_CLASSES, DatasetError
+
+ROOT = Path(__file__).resolve().parent.parent
+USAGES = ["Training", "PublicTest", "PrivateTest"]
+
+
+def write_csv(path: Path, rows_per_class_split: int = 2, mutate=None) -> list[list[str]]:
+    """A small fer2013.csv: every class in every split; returns the data rows."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for usage in USAGES:
+        for emotion in range(7):
+            for _ in range(rows_per_class_split):
+                pixels = " ".join(map(str, rng.integers(0, 256, 48 * 48)))
+                rows.append([str(emotion), pixels, usage])
+    header = ["emotion", "pixels", "Usage"]
+    if mutate:
+        header, rows = mutate(header, rows)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return rows
+
+
+def assert_nothing_left(parent: Path, keep: set[str]):
+    assert {p.name for p in parent.iterdir()} == keep
+
+
+def test_csv_end_to_end(tmp_path, capsys):
+    rows = write_csv(tmp_path / "fer2013.csv")
+    out = tmp_path / "FER2013"
+    main(["--csv", str(tmp_path / "fer2013.csv"), "--out", str(out)])
+    printed = capsys.readouterr()
+    assert "Surprise" in printed.out and "differ from the standard" in printed.err
+    assert datasets.check_dataset(out) == datasets.CLASSES
+    split_of = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+    for i, (emotion, pixels, usage) in enumerate(rows):  # one lossless PNG per row, named by it
+        path = out / split_of[usage] / FER2013_CSV_CLASSES[int(emotion)] / f"{i}.png"
+        want = np.array(pixels.split(), dtype=np.uint8).reshape(48, 48)
+        assert np.array_equal(np.asarray(Image.open(path)), want)
+    manifest = datasets.read_manifest(out)
+    assert manifest["total"] == len(rows) and manifest["format"] == "png"
+    assert manifest["counts"]["val"]["Sad"] == 2
+    assert manifest["content_hash"] == datasets.content_hash(out)
+    assert_nothing_left(tmp_path, {"fer2013.csv", "FER2013"})
+
+    # Idempotent: same source -> nothing rewritten.
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    main(["--csv", str(tmp_path / "fer2013.csv"), "--out", str(out)])
+    assert "already there" in capsys.readouterr().out
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+
+    # A different source does not clobber without --force.
+    write_csv(tmp_path / "other.csv", rows_per_class_split=1)
+    with pytest.raises(DatasetError, match="--force"):
+        main(["--csv", str(tmp_path / "other.csv"), "--out", str(out)])
+    assert datasets.read_manifest(out)["total"] == len(rows)
+    main(["--csv", str(tmp_path / "other.csv"), "--out", str(out), "--force", "--format", "jpg"])
+    assert datasets.read_manifest(out)["total"] == 21
+    assert len(list(out.rglob("*.jpg"))) == 21 and not list(out.rglob("*.png"))
+    assert_nothing_left(tmp_path, {"fer2013.csv", "other.csv", "FER2013"})
+
+
+def make_targz(tmp_path: Path) -> Path:
+    (tmp_path / "fer2013").mkdir()
+    write_csv(tmp_path / "fer2013" / "fer2013.csv")
+    archive = tmp_path / "fer2013.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:  # the Kaggle file's layout
+        t.add(tmp_path / "fer2013", arcname="fer2013")
+    return archive
+
+
+def test_targz(tmp_path):
+    archive = make_targz(tmp_path)
+    main(["--csv", str(archive), "--out", str(tmp_path / "out")])
+    assert datasets.read_manifest(tmp_path / "out")["total"] == 42
+
+
+def test_gdrive_from_local_http_server(tmp_path):
+    archive = make_targz(tmp_path)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        out = tmp_path / "out"
+        main(["--gdrive", url, "--out", str(out)])
+        manifest = datasets.read_manifest(out)
+        assert manifest["total"] == 42 and manifest["source"]["type"] == "gdrive"
+        with pytest.raises(DatasetError, match="could not download"):
+            main(["--gdrive", url + ".missing", "--out", str(tmp_path / "out2")])
+        assert not (tmp_path / "out2").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_folder_copy(root: Path, per_class: int = 10):
+    """The common train/test-only copy: lowercase and synonym class names, JPEG files."""
+    rng = np.random.default_rng(0)
+    names = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    names[3] = "happiness"
+    for split in ("train", "test"):
+        for name in names:
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class if split == "train" else 3):
+                arr = rng.integers(0, 256, (48, 48)).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"im{i}.jpg")
+
+
+def test_folder_carves_stratified_val(tmp_path):
+    make_folder_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    main(["--folder", str(tmp_path / "src"), "--out", str(out), "--val-fraction", "0.2"])
+    counts = datasets.count_images(out)
+    assert counts["val"] == {c: 2 for c in datasets.CLASSES}
+    assert counts["train"] == {c: 8 for c in datasets.CLASSES}
+    assert counts["test"] == {c: 3 for c in datasets.CLASSES}
+    manifest = datasets.read_manifest(out)
+    assert manifest["val_split"]["seed"] == 0 and manifest["val_split"]["fraction"] == 0.2
+    # Deterministic by seed.
+    main(
+        [
+            "--folder",
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "again"),
+            "--val-fraction",
+            "0.2",
+        ]
+    )
+    assert datasets.content_hash(out) == datasets.content_hash(tmp_path / "again")
+    assert datasets.load_split(out, "val").classes == datasets.CLASSES
+
+
+def test_folder_bad_image(tmp_path):
+    make_folder_copy(tmp_path / "src", per_class=4)
+    (tmp_path / "src" / "train" / "sad" / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(DatasetError, match="bad.jpg"):
+        main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert_nothing_left(tmp_path, {"src"})
+    main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--skip-bad-images"])
+    assert datasets.read_manifest(tmp_path / "out")["skipped_bad_images"] == 1
+
+
+def _set(row, col, value):
+    row[col] = value
+    return row
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda h, r: (["emotion", "pixel", "Usage"], r), "lacks column"),
+        (
+            lambda h, r: (h, r[:5] + [_set(r[5], 1, r[5][1].rsplit(" ", 1)[0])] + r[6:]),
+            "row 5 .*2304 integers",
+        ),
+        (lambda h, r: (h, r[:3] + [_set(r[3], 1, "256 " * 2304)] + r[4:]), "row 3 .*0..255"),
+        (lambda h, r: (h, r[:3] + [_set(r[3], 1, "x " * 2304)] + r[4:]), "row 3 .*integers"),
+        (lambda h, r: (h, r[:7] + [_set(r[7], 2, "Validation")] + r[8:]), "row 7 .*Usage"),
+        (lambda h, r: (h, r[:1] + [_set(r[1], 0, "9")] + r[2:]), "row 1 .*emotion"),
+    ],
+    ids=["columns", "short-row", "out-of-range", "not-int", "usage", "emotion"],
+)
+def test_malformed_csv(tmp_path, mutate, match):
+    write_csv(tmp_path / "fer2013.csv", mutate=mutate)
+    with pytest.raises(DatasetError, match=match):
+        main(["--csv", str(tmp_path / "fer2013.csv"), "--out", str(tmp_path / "out")])
+    assert_nothing_left(tmp_path, {"fer2013.csv"})
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    import download_dataset
+
+    write_csv(tmp_path / "fer2013.csv")
+    real_save = download_dataset._save
+    calls = []
+
+    def save_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real_save(*args)
+
+    monkeypatch.setattr(download_dataset, "_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--csv", str(tmp_path / "fer2013.csv"), "--out", str(tmp_path / "out")])
+    assert_nothing_left(tmp_path, {"fer2013.csv"})
+
+
+def test_kaggle_without_credentials(tmp_path, monkeypatch):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DatasetError, match="kaggle.json"):
+        main(["--kaggle", "--out", str(tmp_path / "out")])
+    assert_nothing_left(tmp_path, set())
+
+
+def test_subprocess_cli(tmp_path):
+    write_csv(tmp_path / "fer2013.csv")
+    script = str(ROOT / "scripts" / "download_dataset.py")
+    r = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--csv",
+            str(tmp_path / "fer2013.csv"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert datasets.read_manifest(tmp_path / "out")["total"] == 42
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, script, "--kaggle", "--out", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert not (tmp_path / "k").exists()

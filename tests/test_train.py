@@ -1,0 +1,348 @@
+"""train.py: the official schedule, outputs, exact resume, interruption, DDP, non-finite losses."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+import train
+from losses import EmoNeXtLoss
+from models import create_model, load_model
+
+# A small run: emonext_micro at 32 pixels on 7 x 16 synthetic faces (add --epochs).
+FAST = [
+    "--model",
+    "emonext_micro",
+    "--input-size",
+    "32",
+    "--pretrained",
+    "none",
+    "--batch-size",
+    "16",
+    "--val-batch-size",
+    "64",
+    "--device",
+    "cpu",
+    "--wandb",
+    "disabled",
+    "--no-progress",
+    "--warmup-steps",
+    "4",
+    "--cycle-steps",
+    "64",
+    "--epochs",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_faces(synthetic_root):
+    return synthetic_root
+
+
+def run(argv: list[str]) -> dict:
+    parser = train.get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        train.apply_demo_defaults(args, parser)
+    return train.main(args)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for r in records:  # timings differ between runs
+        r.pop("seconds"), r.pop("images_per_s")
+    return records
+
+
+def test_schedule_is_the_official_one(golden_dir):
+    official = json.loads((golden_dir / "official_schedule_and_ema.json").read_text())
+    official = official["schedule_lr_per_optimizer_step"]
+    assert len(official) == 3000
+    formula = [train.warm_restart_lr(s, 1e-3) for s in range(1, 3001)]
+    assert max(abs(a - b) for a, b in zip(formula, official, strict=True)) < 1e-12
+    # and what the optimiser really sees, step after step
+    args = train.get_args_parser().parse_args([])
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = train.build_scheduler(opt, args)
+    seen = []
+    for _ in range(3000):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert max(abs(a - b) for a, b in zip(seen, official, strict=True)) < 1e-12
+    assert official[0] == pytest.approx(1e-3 / 128) and official[1023] == 0.0
+
+
+def test_run_writes_every_output(tiny_faces, tmp_path):
+    results = run(
+        FAST + ["--dataset-path", str(tiny_faces), "--output-dir", str(tmp_path), "--run-name", "r"]
+    )
+    run_dir = tmp_path / "r"
+    for name in (
+        "best.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "results.json",
+        "confusion_matrix.png",
+        "stn_epoch_000.png",
+        "stn_epoch_001.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp*"))
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "rng",
+        "best_accuracy",
+        "bad_epochs",
+        "args",
+        "classes",
+        "versions",
+        "model_name",
+    ):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 14  # 2 epochs of ceil(112 / 16) steps
+    assert ckpt["classes"] == ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in (
+        "test_accuracy",
+        "test_accuracy_best",
+        "macro_f1",
+        "per_class",
+        "confusion_matrix",
+        "classes",
+        "best_val_accuracy",
+        "epochs_run",
+    ):
+        assert key in on_disk, key
+    assert on_disk["epochs_run"] == 2
+    assert sum(map(sum, on_disk["confusion_matrix"])) == 28  # every test image once
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[-1]["step"] == 14
+    assert records[-1]["lr"] == pytest.approx(train.warm_restart_lr(15, 1e-3, 4, 64))
+    # the final test uses the EMA weights: reload them and evaluate the same way
+    model, used = load_model(run_dir / "last.pt")
+    assert used["weights_used"] == "ema"
+
+
+def test_resume_is_exact(tiny_faces, tmp_path):
+    common = FAST + ["--dataset-path", str(tiny_faces), "--output-dir", str(tmp_path)]
+    run(common + ["--epochs", "2", "--run-name", "straight"])
+    run(common + ["--epochs", "1", "--run-name", "split"])
+    run(common + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "split")
+    ra = json.loads((tmp_path / "straight" / "results.json").read_text())
+    rb = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert ra["test_accuracy"] == rb["test_accuracy"]
+    assert ra["confusion_matrix"] == rb["confusion_matrix"]
+
+
+def test_sigterm_keeps_last_epoch_and_resumes(tiny_faces, tmp_path, repo_root):
+    argv = FAST[:-1] + [
+        "50",
+        "--dataset-path",
+        str(tiny_faces),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "preempted",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *argv],
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "--resume" in out
+    last = tmp_path / "preempted" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    done = ckpt["epoch"]
+    assert done >= 0 and len(read_metrics(tmp_path / "preempted")) == done + 1
+    results = run(
+        FAST[:-1] + [str(done + 2), "--dataset-path", str(tiny_faces), "--resume", str(last)]
+    )
+    assert results["epochs_run"] == done + 2
+
+
+def test_nonfinite_losses_skip_steps_then_stop():
+    class NaNAfter(nn.Module):
+        parts = {"ce": torch.tensor(0.0), "sa": torch.tensor(0.0)}
+
+        def forward(self, logits, weights, y):
+            return logits.sum() * float("nan")
+
+    model = create_model("emonext_micro", img_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    loader = [(torch.rand(4, 3, 32, 32), torch.arange(4))] * 6
+    stats = engine.train_one_epoch(
+        model, NaNAfter(), loader, opt, sched, torch.device("cpu"), max_nonfinite=3
+    )
+    assert stats["stopped"] == "nonfinite" and stats["nonfinite"] == 3 and stats["steps"] == 3
+    for k, v in model.state_dict().items():  # no step was taken
+        if v.is_floating_point() and "running" not in k:
+            assert torch.equal(v, before[k]), k
+
+
+def test_gradient_accumulation_equals_a_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 7, (16,))
+    results = []
+    for accumulation, batches in ((1, [(x, y)]), (2, [(x[:8], y[:8]), (x[8:], y[8:])])):
+        torch.manual_seed(1)
+        model = create_model("convnext_micro", img_size=32, drop_path_rate=0.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+        stats = engine.train_one_epoch(
+            model,
+            EmoNeXtLoss(),
+            batches,
+            opt,
+            sched,
+            torch.device("cpu"),
+            accumulation_steps=accumulation,
+        )
+        assert stats["steps"] == 1
+        results.append(model.state_dict())
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_clear_message_without_data(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        run(FAST + ["--epochs", "1", "--dataset-path", str(tmp_path / "FER2013")])
+    message = str(err.value)
+    assert "scripts/download_dataset.py" in message and "--demo" in message
+
+
+def test_help_documents_every_flag(repo_root):
+    out = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--dataset-path",
+        "--output-dir",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--amp",
+        "--in_22k",
+        "--gradient-accumulation-steps",
+        "--num-workers",
+        "--checkpoint",
+        "--model-size",
+        "--model",
+        "--pretrained",
+        "--sa-weight",
+        "--label-smoothing",
+        "--drop-path",
+        "--warmup-steps",
+        "--cycle-steps",
+        "--min-lr",
+        "--weight-decay",
+        "--ema-beta",
+        "--ema-update-every",
+        "--patience",
+        "--seed",
+        "--data-pipeline",
+        "--val-batch-size",
+        "--no-stn",
+        "--no-se",
+        "--official-quirks",
+        "--resume",
+        "--wandb",
+        "--device",
+        "--compile",
+        "--channels-last",
+        "--run-name",
+        "--demo",
+    ):
+        assert flag in out, flag
+    parser = train.get_args_parser()
+    assert all(a.help for a in parser._actions), "every flag has help text"
+    assert parser.get_default("lr") == 1e-3 and parser.get_default("seed") == 2001
+
+
+def test_distributed_two_processes_agree(tiny_faces, tmp_path, repo_root):
+    argv = FAST + [
+        "--dataset-path",
+        str(tiny_faces),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "ddp",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            *argv,
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    checksums = results["weights_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert sum(map(sum, results["confusion_matrix"])) == 28  # each test image exactly once
+    # the reported validation accuracy equals a single-process evaluation of the same weights
+    import datasets
+
+    model, _ = load_model(tmp_path / "ddp" / "last.pt", weights="model")
+    loader = datasets.build_loader(
+        tiny_faces,
+        "val",
+        mode="val",
+        batch_size=64,
+        data_config=datasets.DataConfig.from_dict(model.data_config),
+    )
+    val = engine.evaluate(model, loader, "cpu", loader.classes)
+    assert read_metrics(tmp_path / "ddp")[-1]["val_accuracy"] == pytest.approx(val["accuracy"])
+    assert not math.isnan(results["test_accuracy"])
