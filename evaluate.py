@@ -1,0 +1,232 @@
+"""Measure a trained checkpoint on a split of FER2013: accuracy, macro-F1, per-class scores.
+
+    python evaluate.py --checkpoint out/checkpoint.pt --dataset-path FER2013
+    python evaluate.py --checkpoint official.pt --model-size tiny --weights ema --tta tencrop
+
+Accepts this project's checkpoints and the official trainer's (`{"model", "ema", "best_acc"}`,
+whose architecture is read off the tensors; `--model-size` checks or overrides it). The default
+protocol is the official one: EMA weights where the file has them, TenCrop, logits averaged over
+the ten crops. Writes `eval.json` and `confusion_matrix_<split>.png` beside the checkpoint (or to
+`--output`) and, with `--predictions`, one CSV row per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+import datasets
+from engine import compute_metrics, format_report, predict, save_confusion_matrix
+from models import WeightsError, load_model
+
+
+class CLIError(RuntimeError):
+    """A mistake in the command's input; the command prints the message, without a traceback."""
+
+
+def model_name_from_args(model: str | None, model_size: str | None) -> str | None:
+    """`--model NAME` or `--model-size S` (= "emonext_S"); None lets the checkpoint decide."""
+    if model and model_size and model != f"emonext_{model_size}":
+        raise CLIError(f"--model {model} and --model-size {model_size} disagree; give one")
+    return model or (f"emonext_{model_size}" if model_size else None)
+
+
+def load_trained_model(
+    checkpoint: str, weights: str = "auto", model_name: str | None = None
+) -> tuple[nn.Module, list[str], dict, dict]:
+    """(model in eval mode on the CPU, class names, data config, checkpoint) from a file.
+
+    Class names and data config come from the checkpoint when it records them (this project's
+    checkpoints do); official-trainer checkpoints get `datasets.CLASSES` and the model's default
+    config (224 input, resize 236, no normalisation), which is how the official code trained.
+    """
+    if not os.path.exists(checkpoint):
+        raise CLIError(f"checkpoint {checkpoint} does not exist")
+    try:
+        model, ckpt = load_model(checkpoint, weights, model_name)
+    except (WeightsError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    classes = list(ckpt.get("classes") or datasets.CLASSES)
+    if len(classes) != model.num_classes:
+        raise CLIError(
+            f"{checkpoint}: the model has {model.num_classes} outputs but the checkpoint names "
+            f"{len(classes)} classes"
+        )
+    data_config = dict(model.data_config)
+    data_config.update(ckpt.get("data_config") or {})
+    model.data_config = data_config
+    return model, classes, data_config, ckpt
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def check_classes(model_classes: list[str], data_classes: list[str], checkpoint: str) -> None:
+    """The dataset's folder order must be the model's output order (case aside: some FER2013
+    copies use lowercase folder names)."""
+    if len(model_classes) != len(data_classes):
+        raise CLIError(
+            f"{checkpoint} predicts {len(model_classes)} classes ({', '.join(model_classes)}) "
+            f"but the dataset has {len(data_classes)} ({', '.join(data_classes)})"
+        )
+    if [c.lower() for c in model_classes] != [c.lower() for c in data_classes]:
+        raise CLIError(
+            f"the checkpoint's classes {model_classes} are not the dataset's {data_classes}"
+        )
+
+
+def predictions_csv(paths: list[str], targets, probs, classes: list[str]) -> str:
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "true", "predicted", *classes])
+    for path, t, p in zip(paths, targets.tolist(), probs.tolist(), strict=True):
+        pred = max(range(len(p)), key=p.__getitem__)
+        writer.writerow([path, classes[t], classes[pred], *(f"{x:.6f}" for x in p)])
+    return out.getvalue()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint on FER2013")
+    parser.add_argument("--checkpoint", required=True, help="this project's or the official .pt")
+    parser.add_argument(
+        "--dataset-path", default="FER2013", help="folder with train/val/test/<Class>/ images"
+    )
+    parser.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which folder to score"
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "ema", "model"],
+        help="which weights of the checkpoint; auto = EMA where there are some (official test)",
+    )
+    parser.add_argument(
+        "--tta",
+        default="tencrop",
+        choices=["tencrop", "none"],
+        help="tencrop: logits averaged over 10 crops (official protocol); none: one centre crop",
+    )
+    parser.add_argument("--batch-size", default=64, type=int, help="images per batch")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (fp16 on old GPUs)")
+    parser.add_argument(
+        "--model-size",
+        default=None,
+        help="tiny, small, ...: model emonext_SIZE, when the "
+        "checkpoint does not say (the official trainer's) or to check it",
+    )
+    parser.add_argument("--model", default=None, help="full model name, e.g. convnext_tiny")
+    parser.add_argument("--predictions", default=None, help="CSV path: one row per image")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for eval.json and the confusion matrix (default: the checkpoint's folder)",
+    )
+    parser.add_argument("--num-workers", default=0, type=int, help="data loader workers")
+    parser.add_argument(
+        "--data-pipeline",
+        default="fast",
+        choices=["fast", "pil"],
+        help="fast: tensor transforms; pil: the torchvision reference transforms",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    model, classes, data_config, ckpt = load_trained_model(
+        args.checkpoint, args.weights, model_name_from_args(args.model, args.model_size)
+    )
+    model.to(device)
+    split_dir = os.path.join(args.dataset_path, args.split)
+    if not os.path.isdir(split_dir):
+        raise CLIError(
+            f"no {args.split} split at {split_dir}. Get FER2013 with "
+            "`python scripts/download_dataset.py` (or pass --dataset-path)"
+        )
+    try:
+        loader = datasets.build_loader(
+            args.dataset_path,
+            args.split,
+            mode="test" if args.tta == "tencrop" else "val",
+            pipeline=args.data_pipeline,
+            batch_size=args.batch_size,
+            data_config=datasets.DataConfig.from_dict(data_config),
+            device=str(device),
+            num_workers=args.num_workers,
+            shuffle=False,
+        )
+    except datasets.DatasetError as err:
+        raise CLIError(str(err)) from err
+    check_classes(classes, list(loader.classes), args.checkpoint)
+
+    logits, targets = predict(model, loader, device, amp_dtype_for(device, args.amp))
+    metrics = compute_metrics(logits, targets, classes)
+    print(f"{args.checkpoint} ({ckpt['weights_used']} weights), {args.split}, tta {args.tta}")
+    print(format_report(metrics))
+
+    output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(output, exist_ok=True)
+    record = {
+        **metrics,
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "model_name": model.model_name,
+        "weights": ckpt["weights_used"],
+        "dataset_path": os.path.abspath(args.dataset_path),
+        "split": args.split,
+        "tta": args.tta,
+        "data_config": data_config,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    write_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
+    save_confusion_matrix(
+        metrics,
+        os.path.join(output, f"confusion_matrix_{args.split}.png"),
+        title=f"{model.model_name} {args.split}: accuracy {metrics['accuracy']:.2f} %",
+    )
+    print(f"wrote {output}/eval.json and confusion_matrix_{args.split}.png")
+
+    if args.predictions:
+        # Unshuffled val/test loaders keep the folder order that load_split lists.
+        paths = datasets.load_split(args.dataset_path, args.split).paths  # cached: cheap
+        if len(paths) != len(targets):
+            raise CLIError(f"{len(paths)} image paths for {len(targets)} predictions")
+        probs = torch.softmax(logits, 1)
+        directory = os.path.dirname(os.path.abspath(args.predictions))
+        os.makedirs(directory, exist_ok=True)
+        write_atomic(args.predictions, predictions_csv(paths, targets, probs, classes))
+        print(f"wrote {args.predictions} ({len(paths)} rows)")
+    return record
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except CLIError as err:
+        sys.exit(f"evaluate.py: error: {err}")

@@ -1,0 +1,54 @@
+"""Checkpoints and helpers for the tests of evaluate.py, predict.py and scripts/export.py."""
+
+from pathlib import Path
+
+import torch
+
+from ema import EMA
+from models import create_model
+
+CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+DATA_DIR = Path(__file__).resolve().parent / "data"
+ASTRONAUT = DATA_DIR / "astronaut.png"
+
+
+def make_project_checkpoint(path: Path, classes: list[str] = CLASSES) -> Path:
+    """A checkpoint as train.py writes one, of a small random EmoNeXt at 64 x 64 input."""
+    torch.manual_seed(0)
+    model = create_model("emonext_micro", num_classes=len(classes), img_size=64)
+    ema = EMA(model)
+    ema.update()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "model_name": model.model_name,
+            "model_kwargs": model.model_kwargs,
+            "classes": list(classes),
+            "data_config": model.data_config,
+            "args": {},
+            "epoch": 0,
+        },
+        path,
+    )
+    return path
+
+
+def make_official_checkpoint(golden_dir: Path, path: Path) -> Path:
+    """The official trainer's checkpoint {"model", "ema", "best_acc"} (emonext_micro at 224)."""
+    golden = torch.load(golden_dir / "official_emonext_micro.pt", weights_only=True)
+    torch.save(golden["checkpoint"], path)
+    return path
+
+
+def run_script(path: Path, argv: list) -> None:
+    """Run a command's `__main__` block in this process, as `python path argv...` would."""
+    import runpy
+    import sys
+
+    saved = sys.argv
+    sys.argv = [str(path), *(str(a) for a in argv)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = saved

@@ -1,0 +1,101 @@
+"""evaluate.py on a tiny dataset, with this project's and the official trainer's checkpoints."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from inference_utils import (
+    CLASSES,
+    make_official_checkpoint,
+    make_project_checkpoint,
+    run_script,
+)
+
+import evaluate
+from evaluate import CLIError
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_root):
+    return synthetic_root  # 7 classes x 4 images in val and test
+
+
+def three_class_copy(root, out):
+    for name in ("Angry", "Happy", "Sad"):
+        shutil.copytree(root / "test" / name, out / "test" / name)
+    return out
+
+
+def run(argv: list) -> dict:
+    return evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def read_predictions(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_outputs(record: dict, out, predictions, n_images: int) -> None:
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["accuracy"] == pytest.approx(record["accuracy"])
+    assert saved["num_images"] == n_images and saved["classes"] == CLASSES
+    assert (out / f"confusion_matrix_{saved['split']}.png").read_bytes()[:4] == b"\x89PNG"
+    rows = read_predictions(predictions)
+    assert len(rows) == n_images
+    for row in rows:
+        probs = [float(row[c]) for c in CLASSES]
+        assert sum(probs) == pytest.approx(1, abs=1e-4)
+        assert row["predicted"] == CLASSES[probs.index(max(probs))]
+    correct = sum(row["true"] == row["predicted"] for row in rows)
+    assert record["accuracy"] == pytest.approx(100 * correct / n_images)
+    assert sum(map(sum, saved["confusion_matrix"])) == n_images
+
+
+def test_project_checkpoint_tencrop(dataset, tmp_path, capsys):
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    predictions = tmp_path / "preds" / "test.csv"
+    record = run(
+        ["--checkpoint", checkpoint, "--dataset-path", dataset, "--predictions", predictions]
+    )
+    assert record["tta"] == "tencrop" and record["weights"] == "ema"
+    assert record["model_name"] == "emonext_micro"
+    check_outputs(record, tmp_path, predictions, 28)  # default output: beside the checkpoint
+    rows = read_predictions(predictions)
+    assert "/test/Angry/" in rows[0]["path"] and rows[0]["true"] == "Angry"
+    assert all(Path(r["path"]).parent.name == r["true"] for r in rows)  # rows match images
+    assert "macro-F1" in capsys.readouterr().out
+
+
+def test_official_checkpoint(dataset, golden_dir, tmp_path):
+    checkpoint = make_official_checkpoint(golden_dir, tmp_path / "official.pt")
+    out, predictions = tmp_path / "out", tmp_path / "val.csv"
+    record = run(
+        ["--checkpoint", checkpoint, "--dataset-path", dataset, "--split", "val"]
+        + ["--tta", "none", "--weights", "model", "--model-size", "micro"]
+        + ["--output", out, "--predictions", predictions, "--batch-size", "5"]
+    )
+    assert record["weights"] == "model" and record["split"] == "val"
+    assert record["data_config"]["image_size"] == 224
+    check_outputs(record, out, predictions, 28)
+
+
+def test_clear_errors(dataset, tmp_path, repo_root):
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(CLIError, match="does not exist"):
+        run(["--checkpoint", tmp_path / "nope.pt", "--dataset-path", dataset])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CLIError, match="not a readable PyTorch checkpoint"):
+        run(["--checkpoint", text, "--dataset-path", dataset])
+    with pytest.raises(CLIError, match="scripts/download_dataset.py"):
+        run(["--checkpoint", checkpoint, "--dataset-path", tmp_path / "missing"])
+    three = three_class_copy(dataset, tmp_path / "three")
+    with pytest.raises(CLIError, match="predicts 7 classes"):
+        run(["--checkpoint", checkpoint, "--dataset-path", three, "--output", tmp_path])
+    with pytest.raises(CLIError, match="disagree"):
+        run(["--checkpoint", checkpoint, "--model", "emonext_tiny", "--model-size", "micro"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(repo_root / "evaluate.py", ["--checkpoint", text, "--dataset-path", dataset])
+    assert str(exit_info.value.code).startswith("evaluate.py: error:")

@@ -1,0 +1,97 @@
+"""scripts/export.py: ONNX and TorchScript exports agree with PyTorch and carry their metadata."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from inference_utils import (
+    ASTRONAUT,
+    CLASSES,
+    make_official_checkpoint,
+    make_project_checkpoint,
+    run_script,
+)
+
+import predict
+from evaluate import CLIError, load_trained_model
+
+
+def export(argv: list) -> float:
+    from scripts import export as export_script
+
+    args = export_script.get_args_parser().parse_args([str(a) for a in argv])
+    return export_script.main(args)
+
+
+def real_and_random(data_config: dict) -> torch.Tensor:
+    rgb = predict.read_image(str(ASTRONAUT))
+    x, y, w, h = predict.FaceDetector()(rgb)[0]
+    face = predict.face_tensor([rgb[y : y + h, x : x + w]], data_config)
+    size = data_config["image_size"]
+    return torch.cat([face, torch.rand(3, 3, size, size, generator=torch.Generator())])
+
+
+def test_onnx_matches_pytorch_and_runs_in_predict(tmp_path):
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    path = tmp_path / "model.onnx"
+    assert export(["--checkpoint", checkpoint, "--format", "onnx", "--output", path]) <= 1e-4
+
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == CLASSES
+    assert meta["image_size"] == "64" and meta["mean"] == "none" and meta["std"] == "none"
+    assert "no normalisation" in meta["input"] and meta["weights"] == "ema"
+
+    model, _, data_config, _ = load_trained_model(str(checkpoint))
+    x = real_and_random(data_config)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch_logits = model(x).numpy()
+    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
+
+    from_onnx = predict.main(
+        predict.get_args_parser().parse_args([str(ASTRONAUT), "--checkpoint", str(path)])
+    )
+    from_torch = predict.main(
+        predict.get_args_parser().parse_args([str(ASTRONAUT), "--checkpoint", str(checkpoint)])
+    )
+    assert len(from_onnx) == 1 and from_onnx[0]["box"] == from_torch[0]["box"]
+    for c in CLASSES:
+        assert from_onnx[0]["probabilities"][c] == pytest.approx(
+            from_torch[0]["probabilities"][c], abs=1e-5
+        )
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_of_official_checkpoint(golden_dir, tmp_path):
+    checkpoint = make_official_checkpoint(golden_dir, tmp_path / "official.pt")
+    path = tmp_path / "model.ts"
+    export(["--checkpoint", checkpoint, "--format", "torchscript", "--output", path])
+    extra = {"metadata.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert json.loads(meta["classes"]) == CLASSES and meta["model_name"] == "emonext_micro"
+    model, _, data_config, _ = load_trained_model(str(checkpoint))
+    x = real_and_random(data_config)
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_failed_check_leaves_no_file(tmp_path, repo_root):
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    path = tmp_path / "model.ts"
+    with pytest.raises(CLIError, match="differs from PyTorch"):
+        export(
+            ["--checkpoint", checkpoint, "--format", "torchscript", "--output", path]
+            + ["--tolerance", "-1"]
+        )
+    assert list(tmp_path.iterdir()) == [checkpoint]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(
+            repo_root / "scripts" / "export.py",
+            ["--checkpoint", ASTRONAUT, "--format", "onnx", "--output", path],
+        )
+    assert "not a readable PyTorch checkpoint" in str(exit_info.value.code)

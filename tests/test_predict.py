@@ -1,0 +1,150 @@
+"""predict.py on a real photograph, a video made from it, a blank frame and bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from inference_utils import (
+    ASTRONAUT,
+    CLASSES,
+    make_official_checkpoint,
+    make_project_checkpoint,
+    run_script,
+)
+
+import predict
+from evaluate import CLIError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_project_checkpoint(tmp_path_factory.mktemp("predict") / "checkpoint.pt")
+
+
+def run(argv: list[str]) -> list[dict]:
+    return predict.main(predict.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def check_face(record: dict) -> None:
+    assert record["box"] is not None and len(record["box"]) == 4
+    assert list(record["probabilities"]) == CLASSES
+    assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
+    assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
+
+
+def test_command_finds_the_astronauts_face(checkpoint, tmp_path, repo_root):
+    result = subprocess.run(
+        [sys.executable, "predict.py", str(ASTRONAUT), "--checkpoint", str(checkpoint)]
+        + ["--json", "--output", str(tmp_path)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 1
+    check_face(records[0])
+    assert records[0]["source"] == str(ASTRONAUT) and records[0]["frame"] == 0
+    annotated = cv2.imread(str(tmp_path / "astronaut_pred.png"))
+    assert annotated is not None and annotated.shape[:2] == (384, 384)
+
+
+def test_official_checkpoint_in_process(golden_dir, tmp_path):
+    official = make_official_checkpoint(golden_dir, tmp_path / "official.pt")
+    records = run([ASTRONAUT, "--checkpoint", official, "--model-size", "micro"])
+    assert len(records) == 1
+    check_face(records[0])
+    x, y, w, h = records[0]["box"]
+    assert 100 < x + w / 2 < 220 and 40 < y + h / 2 < 140  # Eileen Collins' face, top centre
+
+
+def test_video_gives_one_record_per_frame(checkpoint, tmp_path):
+    frame = cv2.imread(str(ASTRONAUT))
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, frame.shape[1::-1])
+    for shift in range(5):
+        writer.write(np.roll(frame, 2 * shift, axis=1))
+    writer.release()
+    out = tmp_path / "out"
+    records = run([path, "--checkpoint", checkpoint, "--output", out, "--smooth", "3"])
+    assert [r["frame"] for r in records] == list(range(5))
+    for r in records:
+        check_face(r)
+    capture = cv2.VideoCapture(str(out / "clip_pred.mp4"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert count == 5
+
+
+def test_frame_without_face_is_reported(checkpoint, tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 160, 3), 128, np.uint8))
+    records = run([blank, "--checkpoint", checkpoint, "--json"])
+    assert records == [
+        {
+            "source": str(blank),
+            "frame": 0,
+            "box": None,
+            "label": None,
+            "probabilities": None,
+            "note": "no face found",
+        }
+    ]
+    assert json.loads(capsys.readouterr().out) == records[0]
+
+
+def test_no_detect_and_folders(checkpoint, tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(faces / f"{i}.png"), np.full((48, 48), 40 * i, np.uint8))
+    (faces / "notes.txt").write_text("not an image")
+    records = run([faces, "--checkpoint", checkpoint, "--no-detect", "--batch-size", "2"])
+    assert [r["source"] for r in records] == [str(faces / f"{i}.png") for i in range(3)]
+    assert all(r["box"] == [0, 0, 48, 48] for r in records)
+    for r in records:
+        check_face(r)
+
+
+def test_smoother_averages_per_face():
+    smoother = predict.Smoother(2)
+
+    def frame(p_left, p_right, shift=0):
+        return [
+            {"box": [10 + shift, 10, 20, 20], "probabilities": {"A": p_left, "B": 1 - p_left}},
+            {"box": [100 + shift, 10, 20, 20], "probabilities": {"A": p_right, "B": 1 - p_right}},
+        ]
+
+    smoother(frame(1.0, 0.0))
+    left, right = smoother(frame(0.0, 0.0, shift=3))
+    assert left["probabilities"]["A"] == pytest.approx(0.5) and right["probabilities"]["A"] == 0
+    left, _ = smoother(frame(0.0, 0.0, shift=6))  # the window holds 2 frames
+    assert left["probabilities"]["A"] == 0 and left["label"] == "B"
+
+
+def test_widen_box_is_clamped():
+    assert predict.widen_box((10, 10, 20, 20), 1.5, 100, 100) == (5, 5, 30, 30)
+    assert predict.widen_box((0, 0, 20, 20), 2.0, 25, 25) == (0, 0, 25, 25)
+
+
+def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, repo_root):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(CLIError, match="neither an image nor a video"):
+        run([text, "--checkpoint", checkpoint])
+    with pytest.raises(CLIError, match="does not exist"):
+        run([tmp_path / "missing.png", "--checkpoint", checkpoint])
+    with pytest.raises(CLIError, match="not a readable PyTorch checkpoint"):
+        run([ASTRONAUT, "--checkpoint", text])
+    with pytest.raises(CLIError, match="not a readable ONNX"):
+        (tmp_path / "bad.onnx").write_text("nope")
+        run([ASTRONAUT, "--checkpoint", tmp_path / "bad.onnx"])
+    # The command itself (its __main__ block, in this process: no second interpreter start).
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(repo_root / "predict.py", [text, "--checkpoint", checkpoint])
+    assert "neither an image nor a video" in str(exit_info.value.code)
