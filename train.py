@@ -64,6 +64,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip unreadable images (counted) instead of stopping",
     )
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal-flip probability")
+    g.add_argument(
+        "--vflip",
+        type=float,
+        default=0.5,
+        help="vertical-flip probability (the official recipe turns faces upside down)",
+    )
+    g.add_argument("--rotation", type=float, default=20.0, help="random rotation range, degrees")
     g.add_argument(
         "--input-size",
         type=int,
@@ -354,8 +362,11 @@ def amp_settings(args: argparse.Namespace, device: torch.device):
 
 
 def resolve_pretrained(args: argparse.Namespace, model_name: str) -> str | None:
+    """--pretrained auto: ImageNet weights where they exist (timm models: timm's), else none."""
     if args.pretrained != "auto":
         return None if args.pretrained == "none" else args.pretrained
+    if model_name.startswith("timm:"):
+        return "in22k" if args.in_22k else "timm"
     size = models.model_meta(model_name).get("size")
     tag = "in22k" if args.in_22k or size == "xlarge" else "in1k"  # xlarge exists only as 22k
     if (size, tag) in models.weights.PRETRAINED_URLS:
@@ -501,6 +512,8 @@ def main(args: argparse.Namespace) -> dict | None:
         model.to(memory_format=torch.channels_last)
     data_config = datasets.DataConfig.from_dict(model.data_config)
 
+    augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
+
     def loader(split: str, mode: str, batch_size: int):
         return datasets.build_loader(
             args.dataset_path,
@@ -515,6 +528,7 @@ def main(args: argparse.Namespace) -> dict | None:
             rank=rank,
             world_size=world_size,
             skip_bad_images=args.skip_bad_images,
+            augment=augment if mode == "train" else None,
         )
 
     try:

@@ -121,6 +121,8 @@ def load_model(
     kwargs.update(overrides)
     if model_meta(model_name).get("size"):  # no stochastic-depth modules in an inference model
         kwargs.setdefault("drop_path_rate", 0.0)
-    model = create_model(model_name, **kwargs)
+    model = create_model(model_name, verbose=False, **kwargs)
     ckpt = load_checkpoint(model, ckpt, weights)
+    if isinstance(ckpt.get("data_config"), dict):  # what the model was trained with
+        model.data_config = dict(ckpt["data_config"])
     return model.eval(), ckpt

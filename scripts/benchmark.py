@@ -156,12 +156,275 @@ def run_data(args: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+# FER2013's split sizes: what one epoch (training, then validation) processes.
+FER_TRAIN_IMAGES, FER_VAL_IMAGES = 28_709, 3_589
+# Dense bf16/fp16 tensor-core peaks (FLOP/s), for the utilisation figure.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="emonext_tiny", help="EmoNeXt/ConvNeXt model name")
+    parser.add_argument(
+        "--dataset-path",
+        default=None,
+        help="dataset root; default: synthetic faces in a temporary folder",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    parser.add_argument(
+        "--input-size", type=int, default=None, help="input side (default: the model's, 224)"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per setup")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=512,
+        help="validation images timed per setup (official: at batch size 1)",
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision (official: fp16 + GradScaler; ours: bf16)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile in `ours`")
+    parser.add_argument(
+        "--official-workers", type=int, default=1, help="DataLoader workers of the official setup"
+    )
+    parser.add_argument(
+        "--setups",
+        default="official,ours,timm",
+        help="comma-separated subset of official,ours,timm",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for the utilisation figure (default: by device name)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data and init seed")
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+
+
+class Window:
+    """The next `steps` batches of a stream (`_batches_forever`), as one 'epoch' for the engine.
+
+    Consecutive windows share the stream, so DataLoader workers start once, not per window.
+    """
+
+    def __init__(self, stream: Iterator, steps: int):
+        self.stream, self.steps = stream, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield next(self.stream)
+
+
+def training_flops_per_image(model: torch.nn.Module, size: int, in_chans: int) -> float:
+    """3x the forward FLOPs of one image (forward + backward), counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    x = torch.zeros(2, in_chans, size, size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train()
+    return 3 * counter.get_total_flops() / 2
+
+
+def build_setup(kind: str, args: argparse.Namespace, device: torch.device, root) -> dict:
+    """Model, optimiser, precision and loaders of one benchmarked configuration.
+
+    official: the official trainer (pil pipeline with its worker count, eager, NCHW, fp16 +
+      GradScaler under --amp with clipping of the scaled gradients, validation batch 1);
+    ours: this project's defaults (fast pipeline, bf16 under --amp, channels-last on GPUs, fused
+      AdamW, large validation batches, optional torch.compile);
+    timm: timm's plain ConvNeXt of the same shape on the same batches, the ceiling.
+    """
+    import timm
+
+    import models
+    from train import warm_restart_lr
+
+    torch.manual_seed(args.seed)
+    cuda = device.type == "cuda"
+    overrides = {"img_size": args.input_size} if args.input_size else {}
+    reference = models.create_model(args.model, verbose=False, **overrides)
+    cfg = datasets.DataConfig.from_dict(reference.data_config)
+    if kind == "timm":
+        model = timm.models.convnext.ConvNeXt(
+            depths=reference.depths, dims=reference.dims, num_classes=7, drop_path_rate=0.1
+        )
+    else:
+        model = reference
+    official = kind == "official"
+    channels_last = cuda and not official
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if getattr(model, "has_attention", False):
+        model.attention.value.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=cuda and not official)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: warm_restart_lr(i + 1, 1.0))
+    amp_dtype, scaler = None, None
+    if args.amp:
+        amp_dtype = torch.float16 if official else torch.bfloat16
+        scaler = torch.amp.GradScaler(device.type) if official else None
+    pipeline = "pil" if official else "fast"
+    workers = args.official_workers if official else 0
+    common = dict(data_config=cfg, device=device, seed=args.seed, pipeline=pipeline,
+                  num_workers=workers)  # fmt: skip
+    train_loader = datasets.build_loader(root, "train", mode="train", batch_size=args.batch_size,
+                                         **common)  # fmt: skip
+    val_loader = datasets.build_loader(root, "val", mode="val",
+                                       batch_size=1 if official else 256, **common)  # fmt: skip
+    forward = LogitsOnly(model) if kind == "timm" else model
+    if args.compile and not official:
+        forward = torch.compile(forward)
+    return dict(model=model, forward=forward, optimizer=optimizer, scheduler=scheduler,
+                amp_dtype=amp_dtype, scaler=scaler, clip_scaled=official,
+                channels_last=channels_last, train_loader=train_loader, val_loader=val_loader,
+                cfg=cfg)  # fmt: skip
+
+
+class LogitsOnly(torch.nn.Module):
+    """timm's model with EmoNeXt's call signature: (logits, None) when attention is asked for."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        logits = self.model(x)
+        return (logits, None) if return_attention else logits
+
+
+def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root) -> dict:
+    import engine
+    from losses import EmoNeXtLoss
+
+    s = build_setup(kind, args, device, root)
+    model = s["forward"]
+    criterion = EmoNeXtLoss()
+    stream = _batches_forever(epoch_iter(s["train_loader"]))
+
+    def train(steps: int) -> dict:
+        return engine.train_one_epoch(
+            model, criterion, Window(stream, steps), s["optimizer"], s["scheduler"], device,
+            scaler=s["scaler"], amp_dtype=s["amp_dtype"], clip_scaled=s["clip_scaled"],
+            channels_last=s["channels_last"],
+        )  # fmt: skip
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train(args.warmup)
+    synchronize(device)
+    stats = train(args.steps)
+    synchronize(device)
+    train_ips = stats["images"] / stats["seconds"]
+
+    val_batches = max(1, args.val_images // s["val_loader"].batch_size)
+    val_stream = _batches_forever(epoch_iter(s["val_loader"]))
+    engine.predict(model, Window(val_stream, 2), device, s["amp_dtype"])  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    logits, _ = engine.predict(model, Window(val_stream, val_batches), device, s["amp_dtype"])
+    synchronize(device)
+    val_ips = len(logits) / (time.perf_counter() - start)
+    epoch_seconds = FER_TRAIN_IMAGES / train_ips + FER_VAL_IMAGES / val_ips
+    result = {
+        "train_images_per_s": train_ips,
+        "val_images_per_s": val_ips,
+        "images_per_s": (FER_TRAIN_IMAGES + FER_VAL_IMAGES) / epoch_seconds,
+        "epoch_seconds": epoch_seconds,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda" else None,
+        "flops_per_image": training_flops_per_image(s["model"], s["cfg"].image_size,
+                                                    s["cfg"].in_chans),
+    }  # fmt: skip
+    s.clear()  # free the model and optimiser before the next setup is built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    kinds = [k for k in args.setups.split(",") if k]
+    unknown = set(kinds) - {"official", "ours", "timm"}
+    if unknown:
+        raise SystemExit(f"error: unknown setups {sorted(unknown)}")
+    tmp = None
+    root = args.dataset_path
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="emonext-bench-")
+        from make_synthetic import make_synthetic
+
+        per = max(2, (args.steps + args.warmup) * args.batch_size // 7 + 1)
+        splits = {"train": per, "val": max(2, args.val_images // 7 + 1), "test": 1}
+        root = make_synthetic(Path(tmp.name) / "synthetic", seed=args.seed, splits=splits)
+    try:
+        per_setup = {k: time_setup(k, args, device, root) for k in kinds}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops
+        else next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    )
+    result = {f"{k}_images_per_s": round(v["images_per_s"], 1) for k, v in per_setup.items()}
+    if "ours" in per_setup:
+        ours = per_setup["ours"]
+        for other in ("official", "timm"):
+            if other in per_setup:
+                ratio = ours["images_per_s"] / per_setup[other]["images_per_s"]
+                result[f"ours_vs_{other}"] = round(ratio, 2)
+        result["epoch_seconds"] = round(ours["epoch_seconds"], 1)
+        if peak:
+            used = ours["train_images_per_s"] * ours["flops_per_image"] / peak
+            result["ours_flop_utilisation"] = round(used, 3)
+    result.update({"device": name, "model": args.model, "batch_size": args.batch_size,
+                   "amp": args.amp, "setups": per_setup})  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}, batch {args.batch_size}, amp {args.amp}, device {name}")
+        print(f"{'setup':<10}{'train img/s':>13}{'val img/s':>12}{'epoch img/s':>13}"
+              f"{'epoch s':>10}{'peak GB':>9}")  # fmt: skip
+        for k, v in per_setup.items():
+            mem = f"{v['peak_memory_gb']:.1f}" if v["peak_memory_gb"] is not None else "-"
+            print(f"{k:<10}{v['train_images_per_s']:>13.1f}{v['val_images_per_s']:>12.1f}"
+                  f"{v['images_per_s']:>13.1f}{v['epoch_seconds']:>10.1f}{mem:>9}")  # fmt: skip
+        for key in ("ours_vs_official", "ours_vs_timm", "ours_flop_utilisation"):
+            if key in result:
+                print(f"{key}: {result[key]}")
+        print("epoch_seconds is projected for FER2013: 28,709 training + 3,589 validation images")
+    return result
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="EmoNeXt throughput benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="pil vs fast data pipeline, images per second")
     add_data_args(data)
     data.set_defaults(func=run_data)
+    train = sub.add_parser("train", help="official vs ours vs timm training, images per second")
+    add_train_args(train)
+    train.set_defaults(func=run_train)
     return parser
 
 

@@ -18,29 +18,9 @@ from losses import EmoNeXtLoss
 from models import create_model, load_model
 
 # A small run: emonext_micro at 32 pixels on 7 x 16 synthetic faces (add --epochs).
-FAST = [
-    "--model",
-    "emonext_micro",
-    "--input-size",
-    "32",
-    "--pretrained",
-    "none",
-    "--batch-size",
-    "16",
-    "--val-batch-size",
-    "64",
-    "--device",
-    "cpu",
-    "--wandb",
-    "disabled",
-    "--no-progress",
-    "--warmup-steps",
-    "4",
-    "--cycle-steps",
-    "64",
-    "--epochs",
-    "2",
-]
+FAST = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",
+        "--batch-size", "16", "--val-batch-size", "64", "--device", "cpu", "--wandb", "disabled",
+        "--no-progress", "--warmup-steps", "4", "--cycle-steps", "64"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +65,17 @@ def test_schedule_is_the_official_one(golden_dir):
 
 def test_run_writes_every_output(tiny_faces, tmp_path):
     results = run(
-        FAST + ["--dataset-path", str(tiny_faces), "--output-dir", str(tmp_path), "--run-name", "r"]
+        FAST
+        + [
+            "--epochs",
+            "2",
+            "--dataset-path",
+            str(tiny_faces),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "r",
+        ]  # fmt: skip
     )
     run_dir = tmp_path / "r"
     for name in (
@@ -161,15 +151,8 @@ def test_resume_is_exact(tiny_faces, tmp_path):
 
 
 def test_sigterm_keeps_last_epoch_and_resumes(tiny_faces, tmp_path, repo_root):
-    argv = FAST[:-1] + [
-        "50",
-        "--dataset-path",
-        str(tiny_faces),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "preempted",
-    ]
+    argv = FAST + ["--epochs", "50", "--dataset-path", str(tiny_faces),
+                   "--output-dir", str(tmp_path), "--run-name", "preempted"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "train.py", *argv],
         cwd=repo_root,
@@ -192,7 +175,7 @@ def test_sigterm_keeps_last_epoch_and_resumes(tiny_faces, tmp_path, repo_root):
     done = ckpt["epoch"]
     assert done >= 0 and len(read_metrics(tmp_path / "preempted")) == done + 1
     results = run(
-        FAST[:-1] + [str(done + 2), "--dataset-path", str(tiny_faces), "--resume", str(last)]
+        FAST + ["--epochs", str(done + 2), "--dataset-path", str(tiny_faces), "--resume", str(last)]
     )
     assert results["epochs_run"] == done + 2
 
@@ -302,32 +285,20 @@ def test_help_documents_every_flag(repo_root):
 
 
 def test_distributed_two_processes_agree(tiny_faces, tmp_path, repo_root):
-    argv = FAST + [
-        "--dataset-path",
-        str(tiny_faces),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "ddp",
-    ]
+    argv = FAST + ["--epochs", "2", "--dataset-path", str(tiny_faces),
+                   "--output-dir", str(tmp_path), "--run-name", "ddp"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            *argv,
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "train.py", *argv]  # fmt: skip
+    # A session of its own, so that a hang is killed with every worker, not just torchrun.
+    proc = subprocess.Popen(command, cwd=repo_root, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     checksums = results["weights_checksum_per_rank"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
@@ -346,3 +317,43 @@ def test_distributed_two_processes_agree(tiny_faces, tmp_path, repo_root):
     val = engine.evaluate(model, loader, "cpu", loader.classes)
     assert read_metrics(tmp_path / "ddp")[-1]["val_accuracy"] == pytest.approx(val["accuracy"])
     assert not math.isnan(results["test_accuracy"])
+
+
+@pytest.mark.parametrize(
+    "model, extra",
+    [
+        ("emonext_atto", ["--input-size", "32"]),
+        ("convnext_atto", ["--input-size", "32"]),
+        ("resemotenet", []),
+        ("simple_cnn", []),
+        ("timm:test_convnext", []),
+        ("timm:test_vit", []),
+    ],
+)
+def test_every_model_trains_one_epoch(model, extra, tiny_faces, tmp_path):
+    argv = FAST + ["--model", model, "--epochs", "1", "--dataset-path", str(tiny_faces),
+                   "--output-dir", str(tmp_path), "--run-name", "m", *extra]  # fmt: skip
+    results = run(argv)
+    assert results["epochs_run"] == 1 and results["model"] == model
+    assert sum(map(sum, results["confusion_matrix"])) == 28
+    rebuilt, ckpt = load_model(tmp_path / "m" / "last.pt")
+    assert rebuilt.model_name == model
+    assert rebuilt.data_config == ckpt["data_config"]
+
+
+def test_ablation_flags_are_recorded_and_restored(tiny_faces, tmp_path):
+    argv = FAST + ["--epochs", "1", "--dataset-path", str(tiny_faces), "--output-dir",
+                   str(tmp_path), "--run-name", "ablation", "--no-stn", "--no-se",
+                   "--sa-weight", "0"]  # fmt: skip
+    run(argv)
+    model, ckpt = load_model(tmp_path / "ablation" / "best.pt")  # no flags needed
+    assert not model.has_stn and not model.has_se
+    assert ckpt["args"]["sa_weight"] == 0
+    full = create_model("emonext_micro", img_size=32)
+    stn = sum(
+        p.numel() for n, p in full.named_parameters() if n.startswith(("localization", "fc_loc"))
+    )
+    se = sum(p.numel() for n, p in full.named_parameters() if ".2.fc." in n)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in full.parameters()) - stn - se
+    assert stn == 3 * 8 * 49 + 8 + 16 + 8 * 10 * 25 + 10 + 20 + 10 * 1 * 1 * 32 + 32 + 32 * 6 + 6
