@@ -357,3 +357,17 @@ def test_ablation_flags_are_recorded_and_restored(tiny_faces, tmp_path):
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in full.parameters()) - stn - se
     assert stn == 3 * 8 * 49 + 8 + 16 + 8 * 10 * 25 + 10 + 20 + 10 * 1 * 1 * 32 + 32 + 32 * 6 + 6
+
+
+def test_demo_reaches_its_accuracy(tmp_path, repo_root):
+    """The README's main command, as a newcomer runs it (but writing into tmp_path)."""
+    data = tmp_path / "synthetic"
+    command = [sys.executable, "train.py", "--demo", "--no-progress",
+               "--dataset-path", str(data), "--output-dir", str(tmp_path)]  # fmt: skip
+    started = time.time()
+    proc = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("emonext_atto_")]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test_accuracy"] >= 60.0, results["test_accuracy"]
+    print(f"demo: {results['test_accuracy']:.2f} % in {time.time() - started:.0f} s")
