@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
+from models.emonext import SqueezeExcite
 from models.registry import register_model
 from models.weights import (
     LoadReport,
@@ -41,22 +42,6 @@ def _forward_with_attention(logits: torch.Tensor, return_attention: bool):
 # (github.com/ArnabKumarRoy02/ResEmoteNet, approach/ResEmoteNet.py). Module names follow that
 # code, so that its released state dicts load as they are. Every number below is from that code
 # unless a comment says otherwise. The paper reports 79.79 % on FER2013; see docs/BASELINES.md.
-
-
-class SEBlock(nn.Module):
-    """Squeeze-and-Excitation: avg pool -> Linear(C, C/16, no bias) -> ReLU -> Linear -> Sigmoid."""
-
-    def __init__(self, channels: int, reduction: int = 16):  # reduction 16: their SEBlock default
-        super().__init__()
-        self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(channels // reduction, channels, bias=False),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
 
 
 class ResidualBlock(nn.Module):
@@ -108,7 +93,8 @@ class ResEmoteNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(128)
         self.conv3 = nn.Conv2d(128, 256, kernel_size=3, padding=1)
         self.bn3 = nn.BatchNorm2d(256)
-        self.se = SEBlock(256)
+        # Their SEBlock is EmoNeXt's: Linear(C, C/16) -> ReLU -> Linear -> Sigmoid, no biases.
+        self.se = SqueezeExcite(256)
         self.res_block1 = ResidualBlock(256, 512, stride=2)
         self.res_block2 = ResidualBlock(512, 1024, stride=2)
         self.res_block3 = ResidualBlock(1024, 2048, stride=2)
