@@ -356,7 +356,8 @@ def test_ablation_flags_are_recorded_and_restored(tiny_faces, tmp_path):
     se = sum(p.numel() for n, p in full.named_parameters() if ".2.fc." in n)
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in full.parameters()) - stn - se
-    assert stn == 3 * 8 * 49 + 8 + 16 + 8 * 10 * 25 + 10 + 20 + 10 * 1 * 1 * 32 + 32 + 32 * 6 + 6
+    # at 32 pixels the localisation net ends at 10 x 4 x 4: ((32 - 6) // 2 - 4) // 2 = 4
+    assert stn == 3 * 8 * 49 + 8 + 16 + 8 * 10 * 25 + 10 + 20 + 10 * 4 * 4 * 32 + 32 + 32 * 6 + 6
 
 
 def test_demo_reaches_its_accuracy(tmp_path, repo_root):
