@@ -193,6 +193,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile in `ours`")
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format in `ours` and `timm` (as train.py's flag)",
+    )
+    parser.add_argument(
         "--official-workers", type=int, default=1, help="DataLoader workers of the official setup"
     )
     parser.add_argument(
@@ -244,8 +249,8 @@ def build_setup(kind: str, args: argparse.Namespace, device: torch.device, root)
 
     official: the official trainer (pil pipeline with its worker count, eager, NCHW, fp16 +
       GradScaler under --amp with clipping of the scaled gradients, validation batch 1);
-    ours: this project's defaults (fast pipeline, bf16 under --amp, channels-last on GPUs, fused
-      AdamW, large validation batches, optional torch.compile);
+    ours: this project's defaults (fast pipeline, bf16 under --amp, fused AdamW on GPUs, large
+      validation batches; --channels-last and --compile as in train.py);
     timm: timm's plain ConvNeXt of the same shape on the same batches, the ceiling.
     """
     import timm
@@ -265,7 +270,7 @@ def build_setup(kind: str, args: argparse.Namespace, device: torch.device, root)
     else:
         model = reference
     official = kind == "official"
-    channels_last = cuda and not official
+    channels_last = args.channels_last and not official
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
