@@ -372,3 +372,12 @@ def test_demo_reaches_its_accuracy(tmp_path, repo_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test_accuracy"] >= 60.0, results["test_accuracy"]
     print(f"demo: {results['test_accuracy']:.2f} % in {time.time() - started:.0f} s")
+
+
+def test_wandb_offline_logs_the_run(tiny_faces, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = FAST + ["--epochs", "1", "--dataset-path", str(tiny_faces), "--output-dir",
+                   str(tmp_path), "--run-name", "w", "--wandb", "offline"]  # fmt: skip
+    run(argv)
+    (offline,) = (tmp_path / "w" / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb")), "the offline run file holds the logged metrics"
