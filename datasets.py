@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -352,6 +353,17 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def publish_dataset(tmp_dataset: Path, out: Path) -> None:
+    """Move a finished dataset folder into place; an old one goes only once the new one is in."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+        os.replace(tmp_dataset, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dataset, out)
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:

@@ -43,6 +43,7 @@ from datasets import (  # noqa: E402
     check_dataset,
     content_hash,
     count_images,
+    publish_dataset,
     read_manifest,
     write_manifest,
 )
@@ -498,17 +499,6 @@ def settings(args: argparse.Namespace) -> dict:
     }
 
 
-def publish(tmp_dataset: Path, out: Path) -> None:
-    """Move the finished dataset into place; an existing one goes only after the new one is in."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "previous")
-        os.replace(tmp_dataset, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dataset, out)
-
-
 def main(args: argparse.Namespace | list[str] | None = None) -> Path:
     if not isinstance(args, argparse.Namespace):
         args = get_args_parser().parse_args(args)
@@ -589,7 +579,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
             "tool": "scripts/download_dataset.py",
         }
         write_manifest(dest, manifest)
-        publish(dest, out)
+        publish_dataset(dest, out)
         print(f"wrote {manifest['total']} images to {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

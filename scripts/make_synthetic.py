@@ -26,7 +26,14 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets import CLASSES, DatasetError, content_hash, read_manifest, write_manifest  # noqa: E402
+from datasets import (  # noqa: E402
+    CLASSES,
+    DatasetError,
+    content_hash,
+    publish_dataset,
+    read_manifest,
+    write_manifest,
+)
 
 SIZE = 48
 SUPERSAMPLE = 2  # draw at 96 x 96 and average down: smooth strokes at FER2013's resolution
@@ -168,13 +175,7 @@ def make_synthetic(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_manifest(tmp, manifest)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dataset(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
