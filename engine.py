@@ -290,6 +290,14 @@ def format_report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:  # newline="": CSV text keeps its own line ends
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_confusion_matrix(metrics: dict, path: str, title: str = "") -> None:
     """A confusion-matrix PNG (row-normalised colours, counts written in the cells)."""
     import matplotlib

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 import datasets
-from engine import compute_metrics, format_report, predict, save_confusion_matrix
+from engine import (
+    compute_metrics,
+    format_report,
+    predict,
+    save_confusion_matrix,
+    write_text_atomic,
+)
 from models import WeightsError, load_model
 
 
@@ -71,13 +77,6 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def check_classes(model_classes: list[str], data_classes: list[str], checkpoint: str) -> None:
@@ -203,7 +202,7 @@ def main(args: argparse.Namespace) -> dict:
         "data_config": data_config,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    write_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
+    write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,
         os.path.join(output, f"confusion_matrix_{args.split}.png"),
@@ -219,7 +218,7 @@ def main(args: argparse.Namespace) -> dict:
         probs = torch.softmax(logits, 1)
         directory = os.path.dirname(os.path.abspath(args.predictions))
         os.makedirs(directory, exist_ok=True)
-        write_atomic(args.predictions, predictions_csv(paths, targets, probs, classes))
+        write_text_atomic(args.predictions, predictions_csv(paths, targets, probs, classes))
         print(f"wrote {args.predictions} ({len(paths)} rows)")
     return record
 

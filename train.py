@@ -334,12 +334,6 @@ def atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -752,7 +746,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             }
         )
-        atomic_write_text(json.dumps(results, indent=2), run_dir / "results.json")
+        engine.write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         engine.save_confusion_matrix(
             test,
             str(run_dir / "confusion_matrix.png"),
