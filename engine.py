@@ -38,6 +38,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- training
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser should hold.
+
+    EmoNeXt's attended output is unused (as in the official code), so `attention.value` never
+    gets a gradient and AdamW never changes it; freezing it says so and lets DDP run without
+    find_unused_parameters.
+    """
+    if getattr(model, "has_attention", False):
+        model.attention.value.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,

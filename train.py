@@ -503,11 +503,6 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.checkpoint:
         models.load_checkpoint(model, args.checkpoint, weights="auto")
         log(f"initialised from {args.checkpoint}")
-    if getattr(model, "has_attention", False):
-        # The attended output is unused (as in the official code), so `value` never gets a
-        # gradient and AdamW never changes it; freezing it says so and lets DDP run without
-        # find_unused_parameters.
-        model.attention.value.requires_grad_(False)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -540,7 +535,7 @@ def main(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"error: {err}") from None
 
     ema = EMA(model, beta=args.ema_beta, update_every=args.ema_update_every)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = engine.trainable_parameters(model)
     optimizer = torch.optim.AdamW(
         params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )

@@ -255,6 +255,7 @@ def build_setup(kind: str, args: argparse.Namespace, device: torch.device, root)
     """
     import timm
 
+    import engine
     import models
     from train import warm_restart_lr
 
@@ -274,9 +275,7 @@ def build_setup(kind: str, args: argparse.Namespace, device: torch.device, root)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if getattr(model, "has_attention", False):
-        model.attention.value.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = engine.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=cuda and not official)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: warm_restart_lr(i + 1, 1.0))
     amp_dtype, scaler = None, None
