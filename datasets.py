@@ -813,16 +813,40 @@ class FastLoader(Loader):
             x = x.contiguous()
         return x
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_plan(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        """The epoch's index batches and warps, on the device, made before its first batch.
+
+        The random numbers are drawn on the CPU in batch order, as batch-by-batch drawing would;
+        the whole epoch then crosses to the device in two copies. Copying each batch's indices
+        and warp from pageable memory would wait for the GPU twice a step, so the host could
+        never queue the next step while the GPU works on this one.
+        """
+        batches = list(self._batches())
+        sizes = [len(idx) for idx in batches]
+        if not batches:
+            return [], [], []
+        all_idx = torch.cat(batches).to(self.device, non_blocking=True)
+        if self.mode != "train":
+            return list(all_idx.split(sizes)), [None] * len(sizes), [False] * len(sizes)
         g = self._aug_generator()
+        thetas, outside = [], []
+        for b in sizes:
+            theta, out = self._random_theta(b, g)
+            thetas.append(theta)
+            outside.append(out)
+        all_theta = torch.cat(thetas)
+        if self.device.type == "cuda":
+            all_theta = all_theta.pin_memory()
+        all_theta = all_theta.to(self.device, non_blocking=True)
+        return list(all_idx.split(sizes)), list(all_theta.split(sizes)), outside
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.data_config.image_size
-        for idx in self._batches():
-            idx = idx.to(self.device)
+        for idx, theta, outside in zip(*self._epoch_plan(), strict=True):
             imgs, targets = self.images[idx], self.targets[idx]
             b = imgs.shape[0]
             if self.mode == "train":
-                theta, outside = self._random_theta(b, g)
-                x = fast_warp(imgs, theta.to(self.device), size, mask_outside=outside)
+                x = fast_warp(imgs, theta, size, mask_outside=outside)
             else:
                 # The views are the same for every image: batch in the channel dimension, all
                 # views stacked in one grid, one grid_sample call: (1, B, K*S, S).

@@ -7,6 +7,7 @@ accumulated on the device and read once per epoch: no host sync per step.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -33,6 +34,67 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+class DeviceError(ValueError):
+    """A --device value this machine cannot honour; the message names the flag."""
+
+
+def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
+    """The torch.device for `--device NAME`: None (a GPU if there is one), cpu, cuda or cuda:N.
+
+    CUDA devices always come back with an index (torch.cuda.set_device rejects a bare "cuda"):
+    cuda:LOCAL_RANK under torchrun, else cuda:0. An explicit cuda:N under a multi-process
+    torchrun would put every rank on one GPU, so it is refused there.
+    """
+    text = "auto" if name is None else str(name).strip().lower()
+    if text in ("auto", ""):
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise DeviceError(f"--device {name!r}: expected cpu, cuda or cuda:N (N a GPU index)")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {name}: no CUDA GPU is visible to PyTorch {torch.__version__} on this "
+            "machine; use --device cpu (or install a CUDA build of torch)"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None:
+        index = int(match.group(1))
+        if local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise DeviceError(
+                f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; "
+                "pass --device cuda (or leave it out)"
+            )
+    else:
+        index = local_rank or 0
+    if index >= count:
+        raise DeviceError(
+            f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            + ("" if match.group(1) is not None else f" (LOCAL_RANK {index})")
+        )
+    return torch.device("cuda", index)
+
+
+def amp_settings(
+    amp: bool, device: torch.device, official_quirks: bool = False
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype or None, GradScaler or None) for `--amp` on `device`.
+
+    bf16 where the device has it (no scaler needed: bf16 has fp32's range); fp16 with a
+    GradScaler on GPUs without bf16 (before Ampere) and under --official-quirks, which
+    reproduces the official fp16 trainer.
+    """
+    if not amp:
+        return None, None
+    if official_quirks or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float16, torch.amp.GradScaler(device.type)
+    return torch.bfloat16, None
 
 
 # --------------------------------------------------------------------------- training
@@ -68,6 +130,7 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "",
     stop=None,
+    defer_checks: bool | None = None,
 ) -> dict:
     """One pass over `loader`; returns averaged loss parts, accuracy, images/s and step counts.
 
@@ -76,8 +139,19 @@ def train_one_epoch(
     exact reproduction studies. A non-finite loss skips the step (counted); `max_nonfinite` in a
     row end the epoch with `stopped="nonfinite"`. `stop` (truthy when set) ends it early.
     Running sums stay on the device; the host reads them every 25 steps for the progress bar
-    and once at the end, plus one finiteness check per optimiser step.
+    and once at the end.
+
+    The finiteness of each step's loss is read by the host every step, except with
+    `defer_checks` (default: on a GPU with a fused optimiser and no GradScaler): a host read per
+    step would make the CPU wait for the GPU each step, so it could never queue the next step
+    while the GPU computes this one. Then the fused optimiser skips a non-finite step itself
+    (its `found_inf` input, the mechanism GradScaler uses; the same weights as a skipped
+    step), the counters stay on the device, and the `max_nonfinite` stop is checked whenever
+    the host reads them: every 25 steps and at the end.
     """
+    if defer_checks is None:
+        fused = bool(optimizer.defaults.get("fused"))
+        defer_checks = torch.device(device).type == "cuda" and fused and scaler is None
     model.train()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, ce*n, sa*n, correct
     images, steps, nonfinite, streak, stopped = 0, 0, 0, 0, ""
@@ -89,6 +163,8 @@ def train_one_epoch(
     started = time.time()
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
+    # deferred checks: non-finite steps, current streak, longest streak (on the device)
+    bad_steps = torch.zeros(3, device=device)
     batches = len(loader)
     for i, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
@@ -117,7 +193,20 @@ def train_one_epoch(
         finite = torch.isfinite(step_loss).to(torch.int32)
         if is_distributed():  # every rank must take the same decision, or the weights diverge
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():  # the one host sync per optimiser step
+        if defer_checks:
+            skip = (1 - finite).float()
+            streak_now = (bad_steps[1] + 1) * skip
+            bad_steps = torch.stack(
+                [bad_steps[0] + skip, streak_now, torch.maximum(bad_steps[2], streak_now)]
+            )
+            if clip_grad:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            optimizer.found_inf, optimizer.grad_scale = skip, None
+            optimizer.step()
+            del optimizer.found_inf, optimizer.grad_scale
+            optimizer.zero_grad(set_to_none=True)
+        elif not finite.item():  # a host sync per optimiser step
             nonfinite += 1
             streak += 1
             optimizer.zero_grad(set_to_none=True)
@@ -140,6 +229,11 @@ def train_one_epoch(
             ema.update()
         steps += 1
         step_loss = torch.zeros((), device=device)
+        if defer_checks and (steps % 25 == 0 or i + 1 == batches):
+            nonfinite, streak, longest = (int(v) for v in bad_steps.tolist())
+            if longest >= max_nonfinite:
+                stopped = "nonfinite"
+                break
         if bar is not None:
             bar.update(accumulation_steps if i + 1 < batches else bar.total - bar.n)
             if steps % 25 == 0:
@@ -157,6 +251,8 @@ def train_one_epoch(
             break
     if bar is not None:
         bar.close()
+    if defer_checks:
+        nonfinite = int(bad_steps[0].item())
     if is_distributed():
         counts = torch.tensor([images, nonfinite], device=device, dtype=torch.float64)
         dist.all_reduce(sums)

@@ -24,9 +24,12 @@ from torch import nn
 
 import datasets
 from engine import (
+    DeviceError,
+    amp_settings,
     compute_metrics,
     format_report,
     predict,
+    resolve_device,
     save_confusion_matrix,
     write_text_atomic,
 )
@@ -69,14 +72,6 @@ def load_trained_model(
     data_config.update(ckpt.get("data_config") or {})
     model.data_config = data_config
     return model, classes, data_config, ckpt
-
-
-def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def check_classes(model_classes: list[str], data_classes: list[str], checkpoint: str) -> None:
@@ -129,8 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", default=64, type=int, help="images per batch")
     parser.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available, else cpu)",
+        default=None,
+        help="cpu, cuda or cuda:N (default: a GPU if there is one, else cpu)",
     )
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (fp16 on old GPUs)")
     parser.add_argument(
@@ -157,7 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     model, classes, data_config, ckpt = load_trained_model(
         args.checkpoint, args.weights, model_name_from_args(args.model, args.model_size)
     )
@@ -184,7 +179,7 @@ def main(args: argparse.Namespace) -> dict:
         raise CLIError(str(err)) from err
     check_classes(classes, list(loader.classes), args.checkpoint)
 
-    logits, targets = predict(model, loader, device, amp_dtype_for(device, args.amp))
+    logits, targets = predict(model, loader, device, amp_settings(args.amp, device)[0])
     metrics = compute_metrics(logits, targets, classes)
     print(f"{args.checkpoint} ({ckpt['weights_used']} weights), {args.split}, tta {args.tta}")
     print(format_report(metrics))
@@ -229,3 +224,6 @@ if __name__ == "__main__":
         main(args)
     except CLIError as err:
         sys.exit(f"evaluate.py: error: {err}")
+    except DeviceError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

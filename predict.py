@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import datasets
+from engine import DeviceError, resolve_device
 from evaluate import CLIError, load_trained_model, model_name_from_args
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm"}
@@ -375,7 +376,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", default=32, type=int, help="frames per model batch")
     parser.add_argument("--max-frames", default=None, type=int, help="stop videos after N frames")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: a GPU if there is one, else cpu)",
+    )
     return parser
 
 
@@ -447,12 +452,13 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
 def main(args: argparse.Namespace) -> list[dict]:
     if not args.inputs and args.webcam is None:
         raise CLIError("give at least one INPUT (image, folder, video) or --webcam")
+    device = resolve_device(args.device)
     items = expand_inputs(args.inputs)
     classifier = load_classifier(
         args.checkpoint,
         args.weights,
         model_name_from_args(args.model, args.model_size),
-        args.device,
+        str(device),
     )
     detector = None if args.no_detect else FaceDetector(args.box_scale, args.min_face)
     if args.output:
@@ -485,3 +491,6 @@ if __name__ == "__main__":
         main(args)
     except CLIError as err:
         sys.exit(f"predict.py: error: {err}")
+    except DeviceError as err:
+        print(f"predict.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,8 +213,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="deterministic cuDNN kernels (slower); otherwise cudnn.benchmark",
     )
     g.add_argument("--device", default=None, help="cuda, cuda:N, cpu, ... (default: cuda if any)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (opt-in: docs/PERFORMANCE.md says what it costs)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format (default: on for CUDA, where it is faster; off on "
+        "the CPU)",
+    )
+    g.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: same results, much less GPU "
+        "memory, about a third more compute (fine-tuning the large sizes on smaller GPUs)",
+    )
     g.add_argument(
         "--wandb",
         choices=["auto", "online", "offline", "disabled"],
@@ -286,17 +303,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
 
 
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """Rank, world size and device, from torchrun's environment (one process when absent)."""
+    """Rank, world size and device, from torchrun's environment (one process when absent).
+
+    Each process uses cuda:LOCAL_RANK on a GPU machine (engine.resolve_device); a --device the
+    machine cannot honour is a one-line error.
+    """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_name)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = engine.resolve_device(args.device, local_rank)
+    except engine.DeviceError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: DDP, even for one process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 
@@ -307,24 +329,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
     state = {
         "python": list(random.getstate()[1]),
         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's GPU only: under DDP each rank saves its own
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((3, tuple(state["python"]), None))
     np_state = np.random.get_state()
     np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda_state, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -332,6 +355,18 @@ def atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def same_file(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src: a hard link where the file system allows (no second write of
+    hundreds of MB; replacing src later leaves dst as it is), else a copy; atomic either way."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def git_commit() -> str:
@@ -346,15 +381,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def amp_settings(args: argparse.Namespace, device: torch.device):
-    """(autocast dtype or None, GradScaler or None)."""
-    if not args.amp:
-        return None, None
-    if args.official_quirks or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        return torch.float16, torch.amp.GradScaler(device.type)
-    return torch.bfloat16, None
 
 
 def resolve_pretrained(args: argparse.Namespace, model_name: str) -> str | None:
@@ -451,6 +477,7 @@ class Interrupted:
 
 def main(args: argparse.Namespace) -> dict | None:
     rank, world_size, device = setup_distributed(args)
+    distributed = engine.is_distributed()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
 
@@ -479,7 +506,7 @@ def main(args: argparse.Namespace) -> dict | None:
 
             log(f"making synthetic faces in {args.dataset_path}")
             make_synthetic(args.dataset_path, seed=0)
-        if world_size > 1:
+        if distributed:
             dist.barrier()
     if not Path(args.dataset_path).is_dir():
         raise SystemExit(
@@ -504,8 +531,14 @@ def main(args: argparse.Namespace) -> dict | None:
         models.load_checkpoint(model, args.checkpoint, weights="auto")
         log(f"initialised from {args.checkpoint}")
     model.to(device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise SystemExit(f"error: {model.model_name} has no --grad-checkpointing support")
+        model.set_grad_checkpointing(True)
     data_config = datasets.DataConfig.from_dict(model.data_config)
 
     augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
@@ -540,11 +573,11 @@ def main(args: argparse.Namespace) -> dict | None:
         params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
     scheduler = build_scheduler(optimizer, args)
-    amp_dtype, scaler = amp_settings(args, device)
+    amp_dtype, scaler = engine.amp_settings(args.amp, device, args.official_quirks)
     criterion = EmoNeXtLoss(args.label_smoothing, args.sa_weight)
 
     train_model = model
-    if world_size > 1:
+    if distributed:
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -563,7 +596,7 @@ def main(args: argparse.Namespace) -> dict | None:
         start_epoch = resume_ckpt["epoch"] + 1
         step, best_acc = resume_ckpt["step"], resume_ckpt["best_accuracy"]
         bad_epochs, train_seconds = resume_ckpt["bad_epochs"], resume_ckpt["train_seconds"]
-        set_rng_state(resume_ckpt["rng"][min(rank, len(resume_ckpt["rng"]) - 1)])
+        set_rng_state(resume_ckpt["rng"][min(rank, len(resume_ckpt["rng"]) - 1)], device)
         log(f"resumed from {args.resume} at epoch {start_epoch}")
 
     if master:
@@ -576,10 +609,10 @@ def main(args: argparse.Namespace) -> dict | None:
     wandb_run = init_wandb(args, run_dir, run_dir.name) if master else None
 
     def checkpoint(epoch: int) -> dict:
-        rngs = [rng_state()]
-        if world_size > 1:
+        rngs = [rng_state(device)]
+        if distributed:
             rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(device))
         return {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
@@ -670,7 +703,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 f.write(json.dumps(record) + "\n")
             atomic_save(ckpt, run_dir / "last.pt")
             if improved:
-                atomic_save(ckpt, run_dir / "best.pt")
+                same_file(run_dir / "last.pt", run_dir / "best.pt")
             if stn_images is not None:
                 save_stn_grid(model, stn_images, run_dir / f"stn_epoch_{epoch:03d}.png")
             log(
@@ -699,7 +732,7 @@ def main(args: argparse.Namespace) -> dict | None:
             f"interrupted: {run_dir / 'last.pt'} holds the last finished epoch; continue with "
             f"--resume {run_dir / 'last.pt'}"
         )
-        if world_size > 1:
+        if distributed:
             dist.destroy_process_group()
         raise SystemExit(128 + interrupted.signum)
 
@@ -707,7 +740,7 @@ def main(args: argparse.Namespace) -> dict | None:
     results = {"stop_reason": stop_reason}
     test = engine.evaluate(ema.ema_model, test_loader, device, classes, amp_dtype)
     best_path = run_dir / "best.pt"
-    if world_size > 1:
+    if distributed:
         dist.barrier()
     test_best = None
     if best_path.is_file():
@@ -716,7 +749,7 @@ def main(args: argparse.Namespace) -> dict | None:
         test_best = engine.evaluate(best_model.to(device), test_loader, device, classes, amp_dtype)
     weights_checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     checksums = [float(weights_checksum)]
-    if world_size > 1:
+    if distributed:
         checksums = [None] * world_size
         dist.all_gather_object(checksums, float(weights_checksum))
     if master:
@@ -760,7 +793,7 @@ def main(args: argparse.Namespace) -> dict | None:
             )
             wandb_run.log({"confusion_matrix": wandb.Image(str(run_dir / "confusion_matrix.png"))})
             wandb_run.finish()
-    if world_size > 1:
+    if distributed:
         dist.destroy_process_group()
     return results if master else None
 

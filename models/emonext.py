@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models import checkpoint_seq
 from torch import nn
 
 from models.registry import register_model
@@ -120,6 +121,7 @@ class EmoNeXt(nn.Module):
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = dims[-1]
         self.has_stn, self.has_se, self.has_attention = stn, se, attention
+        self.grad_checkpointing = False
         self.data_config = dict(DATA_CONFIG, image_size=img_size, in_chans=in_chans)
 
         if stn:
@@ -176,6 +178,15 @@ class EmoNeXt(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in the backward pass instead of storing them.
+
+        timm's convention (`checkpoint_seq`, one checkpoint per block): the same loss and
+        gradients (the RNG of stochastic depth is replayed), far less memory, about a third more
+        compute. For fine-tuning the large variants on smaller GPUs.
+        """
+        self.grad_checkpointing = enable
+
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh head with PyTorch's default init, as the official code does after loading."""
         self.num_classes = num_classes
@@ -192,7 +203,11 @@ class EmoNeXt(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stn(x)
         for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
-            x = stage(downsample(x))
+            x = downsample(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
         return self.norm(x.mean((-2, -1)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import DeviceError, resolve_device  # noqa: E402
 from evaluate import CLIError, load_trained_model, model_name_from_args  # noqa: E402
 from predict import FaceDetector, face_tensor, read_image  # noqa: E402
 
@@ -108,11 +109,14 @@ def run_torchscript(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: loaded(x)
 
 
-def max_difference(model: nn.Module, run, inputs: list[torch.Tensor]) -> float:
+def max_difference(
+    model: nn.Module, run, inputs: list[torch.Tensor], device: torch.device | str = "cpu"
+) -> float:
+    """Largest |export - PyTorch| logit; the export runs on the CPU, the model on `device`."""
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
-            expected = model(x)
+            expected = model(x.to(device)).float().cpu()
             worst = max(worst, (run(x) - expected).abs().max().item())
     return worst
 
@@ -140,15 +144,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--real-image", default=str(REAL_IMAGE), help="photo with a face for the real-input check"
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: where the model is traced and checked against the export "
+        "(default: a GPU if there is one)",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> float:
     """Writes the export; returns the largest logit difference found by the check."""
+    device = resolve_device(args.device)
     model, classes, data_config, ckpt = load_trained_model(
         args.checkpoint, args.weights, model_name_from_args(args.model, args.model_size)
     )
-    model.eval()
+    model.eval().to(device)
     size, chans = data_config["image_size"], data_config["in_chans"]
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, chans, size, size, generator=generator)
@@ -169,11 +180,11 @@ def main(args: argparse.Namespace) -> float:
             for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
                 warnings.simplefilter("ignore", category)
             if args.format == "onnx":
-                export_onnx(model, example, tmp, args.opset, meta)
-                diff = max_difference(model, run_onnx(tmp), checks)
+                export_onnx(model, example.to(device), tmp, args.opset, meta)
+                diff = max_difference(model, run_onnx(tmp), checks, device)
             else:
-                export_torchscript(model, example, tmp, meta)
-                diff = max_difference(model, run_torchscript(tmp), checks)
+                export_torchscript(model, example.to(device), tmp, meta)
+                diff = max_difference(model, run_torchscript(tmp), checks, device)
         if not np.isfinite(diff) or diff > args.tolerance:
             raise CLIError(
                 f"the {args.format} export differs from PyTorch by {diff:.2e} (more than "
@@ -186,7 +197,7 @@ def main(args: argparse.Namespace) -> float:
     print(
         f"wrote {args.output}: {model.model_name} ({ckpt['weights_used']} weights), "
         f"{args.format}, input N x {chans} x {size} x {size}, logits for {len(classes)} classes; "
-        f"max |export - PyTorch| = {diff:.1e} on random and real inputs"
+        f"max |export - PyTorch on {device}| = {diff:.1e} on random and real inputs"
     )
     return diff
 
@@ -197,3 +208,6 @@ if __name__ == "__main__":
         main(args)
     except CLIError as err:
         sys.exit(f"export.py: error: {err}")
+    except DeviceError as err:
+        print(f"export.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+# EMONEXT_GOLDEN_DIR: where shared/ is not beside the clone (e.g. a copy on a GPU machine)
+GOLDEN_DIR = Path(os.environ.get("EMONEXT_GOLDEN_DIR") or REPO_ROOT.parent / "shared" / "golden")
+# Figures the GPU suite measures (epoch times, peak memory), printed at the end of the run.
+CUDA_FIGURES: list[str] = []
 for p in (REPO_ROOT, REPO_ROOT / "scripts"):  # the scripts are imported by their tests
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -39,3 +42,21 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     return make_synthetic(out, seed=0, splits={"train": 16, "val": 4, "test": 4})
+
+
+def pytest_report_header(config) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+        gpu += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    else:
+        gpu = "none (tests marked cuda are skipped)"
+    return [f"torch {torch.__version__}; GPU: {gpu}"]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if CUDA_FIGURES:
+        terminalreporter.section("measured on the GPU")
+        for line in CUDA_FIGURES:
+            terminalreporter.write_line(line)

@@ -1,6 +1,7 @@
 """scripts/benchmark.py train: the harness runs on CPU, and our speed-ups keep the numbers."""
 
 import json
+from pathlib import Path
 
 import torch
 from benchmark import main as benchmark_main
@@ -10,22 +11,49 @@ from losses import EmoNeXtLoss
 from models import create_model
 
 
-def test_train_harness_reports_every_setup(capsys, synthetic_root):
-    argv = ["train", "--model", "emonext_micro", "--input-size", "32", "--batch-size", "8",
-            "--steps", "2", "--warmup", "1", "--val-images", "8", "--device", "cpu",
-            "--dataset-path", str(synthetic_root), "--json"]  # fmt: skip
+def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_root, monkeypatch):
+    """Every setup is a real train.py run; the figures are its own metrics.jsonl."""
+    import benchmark
+
+    import train
+
+    runs = {}
+    original = train.main
+
+    def spy(args):  # keep what train.py itself wrote
+        out = original(args)
+        metrics = Path(args.output_dir) / args.run_name / "metrics.jsonl"
+        runs[args.run_name] = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return out
+
+    monkeypatch.setattr(train, "main", spy)
+    argv = ["train", "--model", "emonext_micro", "--input-size", "32", "--batch-size", "16",
+            "--epochs", "2", "--device", "cpu", "--dataset-path", str(synthetic_root),
+            "--setups", "official,ours", "--json"]  # fmt: skip
     result = benchmark_main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["device"] == "cpu" and printed == json.loads(json.dumps(result))
-    for key in ("official_images_per_s", "ours_images_per_s", "timm_images_per_s",
-                "ours_vs_official", "ours_vs_timm", "epoch_seconds"):  # fmt: skip
-        assert printed[key] > 0, key
-    ours = printed["setups"]["ours"]
-    assert (
-        ours["epoch_seconds"] == printed["epoch_seconds"]
-        or abs(ours["epoch_seconds"] - printed["epoch_seconds"]) < 0.1
+    setups = printed["setups"]
+    assert "--official-quirks" in setups["official"]["command"]
+    assert "--val-batch-size 1" in setups["official"]["command"]
+    for kind, v in setups.items():
+        epochs = runs[kind]
+        assert v["epochs"] == len(epochs) == 2
+        assert v["first_epoch_seconds"] == epochs[0]["seconds"]
+        assert v["epoch_seconds"] == epochs[1]["seconds"]
+        assert v["train_images_per_s"] == epochs[1]["images_per_s"]
+        assert v["run_seconds"] > v["first_epoch_seconds"] + v["epoch_seconds"]
+        assert printed[f"{kind}_epoch_seconds"] == round(epochs[1]["seconds"], 2)
+    assert printed["ours_vs_official"] == round(
+        setups["official"]["epoch_seconds"] / setups["ours"]["epoch_seconds"], 2
     )
-    assert ours["flops_per_image"] > printed["setups"]["timm"]["flops_per_image"]  # STN, SE
+    assert printed["first_epoch_ratio"] > 0 and setups["ours"]["flops_per_image"] > 0
+    # the timm setup is timm's ConvNeXt of the same size through the same train.py
+    args = benchmark.get_args_parser().parse_args(["train", "--model", "emonext_tiny", "--amp"])
+    timm_argv = benchmark.setup_argv("timm", args, "FER2013", "out")
+    assert timm_argv[timm_argv.index("--model") + 1] == "timm:convnext_tiny"
+    assert "--amp" in timm_argv and "--official-quirks" not in timm_argv
+    assert train.get_args_parser().parse_args(timm_argv).model == "timm:convnext_tiny"
 
 
 def test_our_step_settings_equal_the_official_ones_in_fp32():

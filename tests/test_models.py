@@ -225,3 +225,27 @@ def test_ddp_and_compile_prefixes_are_stripped():
     load_checkpoint(other, {"model": sd})
     for k, v in model.state_dict().items():
         assert torch.equal(v, other.state_dict()[k])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_grad_checkpointing_same_loss_and_gradients(mode):
+    """--grad-checkpointing recomputes activations: stochastic depth included, nothing changes."""
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_model("emonext_micro", img_size=32, drop_path_rate=0.5)
+        model.set_grad_checkpointing(checkpointing)
+        model.train(mode == "train")
+        calls = []
+        model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        loss = EmoNeXtLoss()(*model(x, return_attention=True), y)
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys() and len(grads0) > 50
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,0 +1,284 @@
+"""The GPU suite: every CUDA-only path run for real. Skipped, with the reason, without a GPU.
+
+    python -m pytest -m cuda -v tests        # on a machine with an NVIDIA GPU, about 3-5 min
+
+It prints the device and torch version first, each test's result, and at the end what it
+measured (epoch times, peak memory per model size). docs/PERFORMANCE.md records its runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import CUDA_FIGURES
+from inference_utils import ASTRONAUT, make_project_checkpoint
+
+import datasets
+import engine
+import train
+from losses import EmoNeXtLoss
+from models import create_model, load_model
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason=f"no CUDA GPU visible to torch {torch.__version__}; run `python -m pytest -m cuda "
+        "-v tests` on a GPU machine",
+    ),
+]
+
+# EmoNeXt-Tiny at 224 on 7 x 16 synthetic faces: two steps an epoch, real shapes and kernels.
+TINY = ["--model", "emonext_tiny", "--pretrained", "none", "--batch-size", "64",
+        "--val-batch-size", "256", "--device", "cuda", "--wandb", "disabled",
+        "--no-progress"]  # fmt: skip
+
+
+def run(argv: list[str]) -> dict:
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(autouse=True)
+def free_gpu_memory():
+    yield
+    torch.cuda.empty_cache()
+
+
+CONFIGS = {
+    "bf16": ["--amp"],
+    "fp16-official-quirks": ["--amp", "--official-quirks"],
+    "nchw-fp32": ["--no-channels-last"],
+    "compile": ["--amp", "--compile"],
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_train_end_to_end_then_checkpoints_load_on_the_cpu(config, synthetic_root, tmp_path):
+    started = time.perf_counter()
+    argv = TINY + CONFIGS[config] + ["--epochs", "1", "--dataset-path", str(synthetic_root),
+                                     "--output-dir", str(tmp_path),
+                                     "--run-name", config]  # fmt: skip
+    results = run(argv)
+    seconds = time.perf_counter() - started
+    run_dir = tmp_path / config
+    assert results["device"] == torch.cuda.get_device_name(0) and results["num_gpus"] == 1
+    assert 0.0 <= results["test_accuracy"] <= 100.0
+    assert sum(map(sum, results["confusion_matrix"])) == 28  # every test image, TenCrop
+    epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["nonfinite_steps"] == 0 and epoch["val_accuracy"] >= 0
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
+    assert ckpt["args"]["channels_last"] == (config != "nchw-fp32")
+    if config == "fp16-official-quirks":
+        assert ckpt["scaler"]["scale"] > 0  # a GradScaler was made and saved
+    else:
+        assert ckpt["scaler"] == {}
+    assert isinstance(ckpt["rng"][0]["cuda"], torch.Tensor)
+    # The checkpoint loads on the CPU and computes what it computes on the GPU.
+    model, _ = load_model(str(run_dir / "last.pt"))
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cpu_logits = model.eval()(x)
+        gpu_logits = model.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=1e-3)
+    CUDA_FIGURES.append(
+        f"train.py emonext_tiny {config}: 1 short epoch + val + TenCrop test, "
+        f"{seconds:.1f} s end to end (epoch {epoch['seconds']:.1f} s)"
+    )
+
+
+def test_exact_resume_on_the_gpu(synthetic_root, tmp_path):
+    common = TINY + ["--amp", "--deterministic", "--dataset-path", str(synthetic_root),
+                     "--output-dir", str(tmp_path)]  # fmt: skip
+    run(common + ["--epochs", "2", "--run-name", "straight"])
+    run(common + ["--epochs", "1", "--run-name", "split"])
+    run(common + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+
+
+def torchrun(nproc: int, argv: list[str], repo_root) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "train.py", *argv]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=repo_root, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_torchrun_nccl(nproc, synthetic_root, tmp_path, repo_root):
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"{nproc} processes need {nproc} GPUs; this machine has 1")
+    argv = TINY + ["--amp", "--epochs", "1", "--dataset-path", str(synthetic_root),
+                   "--output-dir", str(tmp_path), "--run-name", "ddp"]  # fmt: skip
+    out = torchrun(nproc, argv, repo_root)
+    assert f"{nproc} process(es)" in out and "device cuda:0" in out
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["world_size"] == nproc and results["num_gpus"] == nproc
+    assert len(set(results["weights_checksum_per_rank"])) == 1  # every rank holds one model
+    assert sum(map(sum, results["confusion_matrix"])) == 28  # each test image counted once
+
+
+@pytest.mark.parametrize("mode", ["train", "val", "test"])
+def test_fast_pipeline_on_the_gpu_gives_the_cpus_pixels(mode, synthetic_root):
+    """Same seed, same augmentation: pixels within 1e-4 (of 1) but for rotation-mask edges."""
+    config = datasets.DataConfig()
+    batches = {}
+    for device in ("cpu", "cuda"):
+        loader = datasets.build_loader(synthetic_root, "train", mode=mode, batch_size=32,
+                                       data_config=config, device=device, seed=3)  # fmt: skip
+        loader.set_epoch(1)
+        x, y = next(iter(loader))
+        assert x.device.type == device
+        batches[device] = (x.float().cpu(), y.cpu())
+    (x_cpu, y_cpu), (x_gpu, y_gpu) = batches["cpu"], batches["cuda"]
+    assert torch.equal(y_cpu, y_gpu)
+    diff = (x_gpu - x_cpu).abs()
+    far = (diff > 1e-4).float().mean().item()
+    CUDA_FIGURES.append(
+        f"fast pipeline {mode}: GPU vs CPU max |diff| {diff.max():.1e}, "
+        f"{100 * far:.4f} % of pixels beyond 1e-4"
+    )
+    assert far < 1e-4  # a pixel on the edge of a rotated image's valid area may flip
+
+
+def test_pil_pipeline_with_workers_and_pinned_memory(synthetic_root):
+    config = datasets.DataConfig()
+    outputs = []
+    for device, workers in (("cpu", 0), ("cuda", 2)):
+        loader = datasets.build_loader(synthetic_root, "train", mode="train", pipeline="pil",
+                                       batch_size=16, data_config=config, device=device,
+                                       num_workers=workers, seed=5)  # fmt: skip
+        outputs.append([(x.cpu(), y.cpu()) for x, y in loader])
+        assert outputs[-1][0][0].shape == (16, 3, 224, 224)
+    for (xa, ya), (xb, yb) in zip(*outputs, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_golden_official_logits_on_the_gpu(golden_dir, monkeypatch):
+    golden = torch.load(golden_dir / "official_emonext_micro.pt", weights_only=True)
+    model = create_model("emonext_micro", drop_path_rate=0.0)
+    model.load_state_dict(golden["checkpoint"]["model"], strict=True)
+    model.cuda().eval()
+    x = golden["x"].cuda()
+    # Plain fp32: no TF32 (train.py allows TF32 for speed; its difference is reported below).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with torch.no_grad():
+        logits, weights = model(x, return_attention=True)
+        fp32 = (logits.cpu() - golden["logits"]).abs().max().item()
+        torch.testing.assert_close(logits.cpu(), golden["logits"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(weights.cpu(), golden["attention_weights"], atol=1e-5, rtol=0)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        tf32 = (model(x).cpu() - golden["logits"]).abs().max().item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16_logits = model(x).float().cpu()
+    bf16 = (bf16_logits - golden["logits"]).abs().max().item()
+    scale = golden["logits"].abs().max().item()
+    CUDA_FIGURES.append(
+        f"golden official logits on the GPU: fp32 max |diff| {fp32:.1e}, TF32 {tf32:.1e}, "
+        f"bf16 autocast {bf16:.1e} (logits up to {scale:.2f})"
+    )
+    assert bf16 < 0.05 * scale + 0.02  # bf16 keeps 8 bits of mantissa: a few per cent
+    assert (bf16_logits.argmax(1) == golden["logits"].argmax(1)).float().mean() >= 0.75
+
+
+def test_evaluate_predict_export_on_the_gpu(synthetic_root, tmp_path):
+    import evaluate
+    import predict
+    from scripts import export
+
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+
+    def evaluate_on(device: str) -> dict:
+        args = evaluate.get_args_parser().parse_args(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset-path",
+                str(synthetic_root),
+                "--device",
+                device,
+                "--output",
+                str(tmp_path / device),
+            ]  # fmt: skip
+        )
+        return evaluate.main(args)
+
+    gpu, cpu = evaluate_on("cuda"), evaluate_on("cpu")
+    assert gpu["num_images"] == cpu["num_images"] == 28
+    assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 100 / 28  # at most one borderline image
+
+    args = predict.get_args_parser().parse_args(
+        [str(ASTRONAUT), "--checkpoint", str(checkpoint), "--device", "cuda", "--json"]
+    )
+    records = predict.main(args)
+    assert len(records) == 1 and records[0]["box"] is not None
+    assert abs(sum(records[0]["probabilities"].values()) - 1) < 1e-4
+
+    onnx_path = tmp_path / "model.onnx"
+    args = export.get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--format",
+            "onnx",
+            "--output",
+            str(onnx_path),
+            "--device",
+            "cuda",
+        ]  # fmt: skip
+    )
+    diff = export.main(args)  # the export against the GPU model; refused above --tolerance
+    assert onnx_path.is_file() and diff <= 1e-4
+    CUDA_FIGURES.append(f"ONNX export vs the model on the GPU: max |diff| {diff:.1e}")
+
+
+PAPER_SIZES = ["tiny", "small", "base", "large", "xlarge"]
+
+
+def peak_step_memory(size: str, checkpointing: bool) -> float:
+    """Peak GPU memory (GiB) of a bf16 training step at batch 64, 224 px, as train.py runs it."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        model = create_model(f"emonext_{size}", verbose=False)
+    model.to(memory_format=torch.channels_last).set_grad_checkpointing(checkpointing)
+    opt = torch.optim.AdamW(engine.trainable_parameters(model), lr=1e-3, fused=True)
+    x = torch.rand(64, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (64,), device="cuda")
+    for _ in range(2):  # the second step holds the optimiser's state too
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = EmoNeXtLoss()(*model(x, return_attention=True), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, x, y, loss
+    return peak
+
+
+def test_peak_memory_of_every_paper_size():
+    rows = []
+    for size in PAPER_SIZES:
+        plain, checkpointed = peak_step_memory(size, False), peak_step_memory(size, True)
+        rows.append(
+            f"  emonext_{size:<7} {plain:6.1f} GiB   --grad-checkpointing {checkpointed:6.1f}"
+        )
+        assert checkpointed < plain, size
+    CUDA_FIGURES.append("peak GPU memory, bf16 training step, batch 64, 224 px, AdamW:")
+    CUDA_FIGURES.extend(rows)
