@@ -112,6 +112,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def defers_checks(
+    device: torch.device | str, optimizer: torch.optim.Optimizer, scaler=None
+) -> bool:
+    """Whether train_one_epoch keeps the non-finite checks on the device (see there): on a GPU,
+    with a fused optimiser (which can skip a step by itself) and no GradScaler."""
+    fused = bool(optimizer.defaults.get("fused"))
+    return torch.device(device).type == "cuda" and fused and scaler is None
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -150,8 +159,7 @@ def train_one_epoch(
     the host reads them: every 25 steps and at the end.
     """
     if defer_checks is None:
-        fused = bool(optimizer.defaults.get("fused"))
-        defer_checks = torch.device(device).type == "cuda" and fused and scaler is None
+        defer_checks = defers_checks(device, optimizer, scaler)
     model.train()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, ce*n, sa*n, correct
     images, steps, nonfinite, streak, stopped = 0, 0, 0, 0, ""

@@ -62,6 +62,12 @@ class FaceDetector:
     """OpenCV's frontal-face Haar cascade; boxes widened by `box_scale`, sorted left to right."""
 
     def __init__(self, box_scale: float = 1.2, min_size: int = 30, min_neighbors: int = 5):
+        if not hasattr(cv2, "CascadeClassifier"):  # seen on a GPU machine's OpenCV 5
+            raise CLIError(
+                f"OpenCV {cv2.__version__} has no face detector (CascadeClassifier was removed "
+                "in 5.0): pip install 'opencv-python-headless<5', or pass --no-detect with "
+                "cropped faces"
+            )
         path = os.path.join(cv2.data.haarcascades, HAAR_CASCADE)
         self.cascade = cv2.CascadeClassifier(path)
         if self.cascade.empty():

@@ -12,7 +12,7 @@ KEYS = {"pil_images_per_s", "fast_images_per_s", "ratio", "batch_size", "device"
 
 def test_parser_has_data_subcommand():
     args = get_args_parser().parse_args(["data"])
-    assert (args.batch_size, args.device, args.num_workers, args.image_size) == (64, "cpu", 0, 224)
+    assert (args.batch_size, args.device, args.num_workers, args.image_size) == (64, None, 0, 224)
     with pytest.raises(SystemExit):
         get_args_parser().parse_args([])  # a subcommand is required
 

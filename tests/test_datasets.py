@@ -300,3 +300,19 @@ def test_distributed_sharding(synthetic_root, world_size):
         assert sorted(got) == list(range(28))  # each image exactly once
         assert sum(ld.num_samples for ld in ev) == 28
         assert sum(len(y) for ld in ev for _, y in ld) == 28
+
+
+def test_epoch_plan_equals_batch_by_batch_drawing(synthetic_root):
+    """The fast loader draws a whole epoch's warps up front: the same numbers, the same pixels
+    as drawing and warping batch by batch (the plain implementation)."""
+    loader = datasets.build_loader(synthetic_root, "train", mode="train", batch_size=24, seed=7)
+    loader.set_epoch(3)
+    got = list(loader)
+    g = loader._aug_generator()
+    size = loader.data_config.image_size
+    batches = list(loader._batches())
+    assert len(got) == len(batches) == len(loader) and len(batches[-1]) < 24  # a partial batch
+    for (x, y), idx in zip(got, batches, strict=True):
+        theta, outside = loader._random_theta(len(idx), g)
+        expected = datasets.fast_warp(loader.images[idx], theta, size, mask_outside=outside)
+        assert torch.equal(x, loader._finish(expected)) and torch.equal(y, loader.targets[idx])

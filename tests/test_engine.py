@@ -37,3 +37,65 @@ def test_metrics_and_report(tmp_path):
     save_confusion_matrix(m, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+class NaNAt(nn.Module):
+    """EmoNeXt's loss, made NaN at the given calls."""
+
+    def __init__(self, bad: set[int]):
+        super().__init__()
+        from losses import EmoNeXtLoss
+
+        self.inner, self.bad, self.calls = EmoNeXtLoss(), bad, 0
+
+    def forward(self, logits, weights, y):
+        loss = self.inner(logits, weights, y)
+        self.parts = self.inner.parts
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 in self.bad else loss
+
+
+def train_micro(defer: bool, bad: set[int], steps: int = 6, max_nonfinite: int = 10):
+    import engine
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("emonext_micro", img_size=32)
+    opt = torch.optim.AdamW(engine.trainable_parameters(model), lr=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.rand(4, 3, 32, 32, generator=g), torch.arange(4)) for _ in range(steps)]
+    stats = engine.train_one_epoch(model, NaNAt(bad), loader, opt, sched, torch.device("cpu"),
+                                   defer_checks=defer, max_nonfinite=max_nonfinite)  # fmt: skip
+    return model.state_dict(), opt.state_dict(), stats
+
+
+def test_deferred_nonfinite_checks_equal_host_checks():
+    """The GPU path (fused AdamW's found_inf skips the step, no host sync) takes the same steps."""
+    host_weights, host_opt, host = train_micro(defer=False, bad={1, 3})
+    dev_weights, dev_opt, dev = train_micro(defer=True, bad={1, 3})
+    assert host["nonfinite"] == dev["nonfinite"] == 2 and host["steps"] == dev["steps"] == 6
+    for k, v in host_weights.items():
+        assert torch.equal(v, dev_weights[k]), k
+    for a, b in zip(host_opt["state"].values(), dev_opt["state"].values(), strict=True):
+        assert a["step"] == b["step"] == 4  # skipped steps do not count as Adam steps
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+
+
+def test_deferred_checks_stop_when_the_host_reads_them():
+    _, _, stats = train_micro(defer=True, bad=set(range(40)), steps=40, max_nonfinite=3)
+    assert stats["stopped"] == "nonfinite" and stats["steps"] == 25 == stats["nonfinite"]
+    _, _, stats = train_micro(defer=True, bad={0, 1, 3, 4}, steps=30, max_nonfinite=3)
+    assert stats["stopped"] == "" and stats["nonfinite"] == 4  # never 3 in a row
+
+
+def test_deferred_checks_are_the_default_on_gpus_only():
+    import engine
+
+    params = [nn.Parameter(torch.zeros(1))]
+    fused = torch.optim.AdamW(params, fused=True)
+    plain = torch.optim.AdamW(params)
+    assert engine.defers_checks("cuda:0", fused)
+    assert not engine.defers_checks("cpu", fused)
+    assert not engine.defers_checks("cuda:0", plain)  # only a fused optimiser skips by itself
+    assert not engine.defers_checks("cuda:0", fused, torch.amp.GradScaler("cpu"))

@@ -148,3 +148,10 @@ def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, repo_root):
     with pytest.raises(SystemExit) as exit_info:
         run_script(repo_root / "predict.py", [text, "--checkpoint", checkpoint])
     assert "neither an image nor a video" in str(exit_info.value.code)
+
+
+def test_opencv_without_the_face_detector_is_one_line(monkeypatch):
+    """OpenCV 5 (found on a GPU machine) has no CascadeClassifier: say what to install."""
+    monkeypatch.delattr(cv2, "CascadeClassifier")
+    with pytest.raises(predict.CLIError, match=r"opencv-python-headless<5.*--no-detect"):
+        predict.FaceDetector()

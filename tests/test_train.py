@@ -381,3 +381,41 @@ def test_wandb_offline_logs_the_run(tiny_faces, tmp_path, monkeypatch):
     run(argv)
     (offline,) = (tmp_path / "w" / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb")), "the offline run file holds the logged metrics"
+
+
+def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
+    """best.pt is linked (or copied) from last.pt instead of written twice."""
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    train.atomic_save({"epoch": 3}, last)
+    train.same_file(last, best)
+    train.atomic_save({"epoch": 4}, last)  # the next epoch, not better
+    assert torch.load(best, weights_only=True) == {"epoch": 3}
+    assert torch.load(last, weights_only=True) == {"epoch": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_compile_compiles_nothing_after_the_first_epoch(tiny_faces, tmp_path, monkeypatch):
+    """--compile: train, partial-batch, validation shapes are all met in epoch 0; later epochs
+    (and the test, which uses the uncompiled EMA model) compile nothing. Dynamo's guards do not
+    depend on the backend, so the cheap "eager" backend stands in for inductor."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    original = engine.train_one_epoch
+
+    def counting(*args, **kwargs):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", counting)
+    argv = FAST + ["--batch-size", "24", "--epochs", "3", "--compile", "--dataset-path",
+                   str(tiny_faces), "--output-dir", str(tmp_path), "--run-name", "c"]  # fmt: skip
+    run(argv)  # 112 training images: 4 batches of 24 and one of 16
+    graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] == 0 and graphs[1] > 0, graphs  # epoch 0 compiled
+    assert graphs[1] == graphs[2] == graphs[3], graphs  # epochs 1 and 2 and the test: nothing
