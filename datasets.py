@@ -21,15 +21,16 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -42,7 +43,7 @@ FER2013_CSV_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "
 FER2013_SPLIT_SIZES = {"train": 28709, "val": 3589, "test": 3589}
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decode_image (16-bit scaled, alpha on white, EXIF orientation)
 
 # The official training transforms (REFERENCE.md section 5) for 224 input.
 OFFICIAL_RESIZE = 236
@@ -63,6 +64,10 @@ _CANONICAL = {syn: name for name, syns in _SYNONYMS.items() for syn in syns}
 
 class DatasetError(Exception):
     """A data problem the user can fix; the message names the path or row and what to do."""
+
+
+class UnreadableImageError(DatasetError):
+    """An image file that cannot be decoded; the message names the file and says why."""
 
 
 def canonical_class_name(name: str) -> str:
@@ -116,6 +121,7 @@ class SplitData:
     classes: list[str]  # canonical names, alphabetical
     paths: list[str]  # one per image
     skipped: int  # unreadable images skipped (only with skip_bad_images)
+    skipped_paths: list[str] = field(default_factory=list)  # which ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,9 +251,81 @@ def _write_cache(root: Path, name: str, payload: dict) -> None:
             continue  # read-only dataset folder: try the user cache, else do without
 
 
-def _decode(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
+# Transparent pixels are composited on white, as a web page shows them.
+ALPHA_BACKGROUND = 255
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Pixel values of Pillow's 16-bit, 32-bit integer and float modes -> uint8, rounded.
+
+    I;16*: v * 255 / 65535. I (32-bit integers: Pillow's mode for 16-bit PGM/PPM, scaled by
+    Pillow to 0..65535, and in older Pillow versions for 16-bit PNG): the same when every value
+    is in 0..65535. F (float): [0, 1] times 255 (the float image convention of torchvision,
+    scikit-image and OpenCV), else [0, 255] as is. Anything else (32-bit data, negative values)
+    has its own min..max stretched to 0..255; no value is ever clipped.
+    """
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"mode {mode} image with NaN or infinite values")
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        scale, offset = 255 / 65535, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scale, offset = 255.0, 0.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        scale, offset = 1.0, 0.0
+    else:
+        scale, offset = (255 / (hi - lo) if hi > lo else 0.0), lo
+    return np.rint((v - offset) * scale).astype(np.uint8)
+
+
+def _composite(im: Image.Image, mode: str) -> np.ndarray:
+    """An image with transparency as `mode` ("L" or "RGB") uint8, composited on white."""
+    rgba = im.convert("RGBA")  # also applies a palette's or colour key's transparency
+    colour = np.asarray(rgba.convert(mode), dtype=np.uint32)
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.uint32)
+    if mode == "RGB":
+        alpha = alpha[..., None]
+    out = (colour * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def decode_image(path: str | os.PathLike, mode: str = "L") -> np.ndarray:
+    """An image file as the 8-bit picture a person sees: (H, W) grayscale or (H, W, 3) RGB.
+
+    The project's one decoder (both data pipelines, download_dataset.py --folder, predict.py),
+    so a file means the same everywhere, whatever its mode (docs/DATA.md has the table):
+    EXIF orientation applied; 1, L, P, RGB, CMYK, YCbCr, ... by Pillow's conversion (grayscale
+    = ITU-R 601-2 luma, as torchvision's Grayscale); 16-bit, 32-bit integer and float images
+    scaled to 8 bits (`_to_uint8`), never clipped; transparency (LA, RGBA, PA, a palette's or
+    colour key's) composited on white. A file that Pillow cannot open or decode, or that has
+    more than 2 * Image.MAX_IMAGE_PIXELS pixels (Pillow's decompression bomb limit: 179 million
+    in Pillow 13), raises UnreadableImageError naming it.
+    """
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x its limit Pillow warns and decodes: a 108-megapixel phone photo
+            # (predict.py) is fine; beyond 2x it raises DecompressionBombError, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                ImageOps.exif_transpose(im, in_place=True)
+    except Exception as e:  # Pillow raises many types on damaged files; all mean "unreadable"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, Image.DecompressionBombError):
+            reason = f"too large to decode: {reason}"
+        raise UnreadableImageError(f"cannot read image {path} ({reason})") from None
+    if im.mode.startswith("I") or im.mode == "F":
+        try:
+            gray = _to_uint8(np.asarray(im), im.mode)
+        except ValueError as e:
+            raise UnreadableImageError(f"cannot read image {path} ({e})") from None
+        return gray if mode == "L" else np.repeat(gray[..., None], 3, axis=2)
+    if im.has_transparency_data:
+        return _composite(im, mode)
+    return np.asarray(im.convert(mode))
 
 
 def load_split(
@@ -255,7 +333,7 @@ def load_split(
 ) -> SplitData:
     """Decode every image of root/split/<Class>/* once into a uint8 (N, H, W) tensor.
 
-    RGB images are converted to grayscale (PIL "L", as torchvision's Grayscale does). All images
+    Every file goes through decode_image (any image mode -> 8-bit grayscale). All images
     of a split must share one size: a mismatch is a DatasetError naming an offending file, never
     a silent resize (FER2013 is 48 x 48 throughout; anything else is a sign of a mixed-up
     folder). The decoded split is cached under root/.cache/ (or $XDG_CACHE_HOME/emonext/),
@@ -275,19 +353,20 @@ def load_split(
                     classes=classes,
                     paths=[str(root / p) for p in d["paths"]],
                     skipped=int(d["skipped"]),
+                    skipped_paths=[str(root / p) for p in d["skipped_paths"]],
                 )
 
-    arrays, targets, rels, skipped = [], [], [], 0
+    arrays, targets, rels, skipped_rels = [], [], [], []
     for rel, target in items:
         try:
-            arr = _decode(root / rel)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+            arr = decode_image(root / rel)
+        except UnreadableImageError as e:
             if not skip_bad_images:
-                raise DatasetError(
-                    f"cannot read image {root / rel} ({e}); replace or delete it, or pass "
-                    f"--skip-bad-images to skip unreadable images"
+                raise UnreadableImageError(
+                    f"{e}; replace or delete it, or pass --skip-bad-images to skip unreadable "
+                    f"images"
                 ) from None
-            skipped += 1
+            skipped_rels.append(rel)
             continue
         arrays.append(arr)
         targets.append(target)
@@ -314,10 +393,18 @@ def load_split(
             "targets": targets_t,
             "classes": classes,
             "paths": rels,
-            "skipped": skipped,
+            "skipped": len(skipped_rels),
+            "skipped_paths": skipped_rels,
         }
         _write_cache(root, cache_name, payload)
-    return SplitData(images, targets_t, classes, [str(root / r) for r in rels], skipped)
+    return SplitData(
+        images,
+        targets_t,
+        classes,
+        [str(root / r) for r in rels],
+        len(skipped_rels),
+        [str(root / r) for r in skipped_rels],
+    )
 
 
 def content_hash(root: str | os.PathLike) -> str:
@@ -356,21 +443,106 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
 
 
 def publish_dataset(tmp_dataset: Path, out: Path) -> None:
-    """Move a finished dataset folder into place; an old one goes only once the new one is in."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    """Move a finished dataset folder into place; an old one goes only once the new one is in.
+
+    The caller has checked with check_replaceable that an existing `out` may go.
+    """
+    out = Path(out).resolve()  # "." or "x/.." have no usable name or parent
+    if not out.exists():
+        os.replace(tmp_dataset, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
         os.replace(out, old / "previous")
+    except OSError:
+        old.rmdir()
+        raise
+    try:
         os.replace(tmp_dataset, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dataset, out)
+    except OSError:
+        os.replace(old / "previous", out)  # put the old dataset back
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
     try:
-        return json.loads((Path(root) / "manifest.json").read_text())
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _is_project_manifest(manifest: dict | None) -> bool:
+    """A manifest.json that scripts/download_dataset.py or scripts/make_synthetic.py wrote."""
+    return (
+        manifest is not None
+        and isinstance(manifest.get("counts"), dict)
+        and "content_hash" in manifest
+    )
+
+
+def _foreign_files(root: Path, manifest: dict) -> list[Path]:
+    """Files under a dataset folder that neither its manifest nor the loaders' cache account
+    for: things a user put there, which replacing the folder would delete."""
+    counts = manifest["counts"]
+    foreign, images = [], Counter()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).parts
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if rel == ("manifest.json",) or (
+            len(rel) == 2
+            and rel[0] == ".cache"
+            and (rel[1].split("-")[0] in SPLITS or rel[1].endswith(".tmp"))
+        ):
+            continue  # the loaders' cache (load_split) is the project's too
+        if (
+            len(rel) == 3
+            and rel[1] in counts.get(rel[0], {})
+            and path.suffix.lower() in IMG_EXTENSIONS
+            and not path.is_symlink()
+        ):
+            images[rel[:2]] += 1
+            if images[rel[:2]] <= counts[rel[0]][rel[1]]:
+                continue  # more images than the tool wrote: the extra ones are not its own
+        foreign.append(path)
+    return foreign
+
+
+def check_replaceable(out: Path) -> None:
+    """DatasetError (the reason, one line) unless an existing `out` may be replaced.
+
+    Replaceable: an empty folder, or a dataset this project's tools wrote (its manifest.json is
+    there) holding nothing else. Never a folder of the user's own files, whatever --force says,
+    nor the current folder or one holding it.
+    """
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        raise DatasetError(f"{out} is a file or a link, not a dataset folder; choose another --out")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise DatasetError(
+            f"--out {out} is the current folder or holds it; a dataset goes into a folder of "
+            f"its own: choose another --out (e.g. FER2013)"
+        )
+    if not any(out.iterdir()):
+        return
+    manifest = read_manifest(out)
+    if not _is_project_manifest(manifest):
+        raise DatasetError(
+            f"{out} holds files but no dataset written by this project (no manifest.json of "
+            f"scripts/download_dataset.py): it is never replaced, not even with --force; "
+            f"choose another --out"
+        )
+    foreign = _foreign_files(out, manifest)
+    if foreign:
+        raise DatasetError(
+            f"{out} holds {len(foreign)} file(s) that its manifest.json does not list (e.g. "
+            f"{foreign[0]}); they are never deleted, not even with --force: move them out of "
+            f"{out} or choose another --out"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +669,9 @@ def pil_transform(mode: str, data_config: DataConfig, augment: dict | None = Non
 
 
 class _PilDataset(torch.utils.data.Dataset):
-    """Reads the files like ImageFolder (RGB) and applies the torchvision transforms.
+    """Reads the files with decode_image (as the fast pipeline does; for the RGB images that
+    torchvision's ImageFolder reads, the same as its RGB then Grayscale) and applies the
+    torchvision transforms.
 
     Items are (index, sample_seed) pairs: each sample's transform runs on a CPU RNG seeded from
     sample_seed, inside fork_rng so the caller's global RNG is left untouched. The result is
@@ -512,8 +686,7 @@ class _PilDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, sample_seed = item
-        with Image.open(self.paths[index]) as im:
-            img = im.convert("RGB")
+        img = Image.fromarray(decode_image(self.paths[index]))
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(sample_seed)
             x = self.transform(img)
@@ -695,6 +868,13 @@ class Loader:
             return order[self.rank : total : self.world_size]
         return order[self.rank :: self.world_size]
 
+    def examples(self, indices: list[int]) -> torch.Tensor:
+        """Images `indices` of the whole split (any rank's), as this val/test loader's batches
+        show them: e.g. a fixed set of faces to picture."""
+        if self.mode == "train":
+            raise ValueError("examples() gives val/test views; training views are random")
+        return self._examples(indices)
+
     def _aug_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
 
@@ -844,20 +1024,29 @@ class FastLoader(Loader):
         size = self.data_config.image_size
         for idx, theta, outside in zip(*self._epoch_plan(), strict=True):
             imgs, targets = self.images[idx], self.targets[idx]
-            b = imgs.shape[0]
             if self.mode == "train":
                 x = fast_warp(imgs, theta, size, mask_outside=outside)
             else:
-                # The views are the same for every image: batch in the channel dimension, all
-                # views stacked in one grid, one grid_sample call: (1, B, K*S, S).
-                src = imgs.unsqueeze(0).float().div_(255.0)
-                x = F.grid_sample(src, self.view_grid, "bilinear", "border", align_corners=False)
-                if self.view_mask is not None:
-                    x = x * self.view_mask
-                x = x.view(b, self.views, 1, size, size)
-                if self.mode == "val":
-                    x = x[:, 0]
+                x = self._fixed_views(imgs)
             yield self._finish(x), targets
+
+    def _fixed_views(self, imgs: torch.Tensor) -> torch.Tensor:
+        """val/test: (B, H, W) uint8 -> (B, 1, S, S) or (B, 10, 1, S, S) in [0, 1].
+
+        The views are the same for every image: batch in the channel dimension, all views
+        stacked in one grid, one grid_sample call: (1, B, K*S, S).
+        """
+        size = self.data_config.image_size
+        src = imgs.unsqueeze(0).float().div_(255.0)
+        x = F.grid_sample(src, self.view_grid, "bilinear", "border", align_corners=False)
+        if self.view_mask is not None:
+            x = x * self.view_mask
+        x = x.view(imgs.shape[0], self.views, 1, size, size)
+        return x[:, 0] if self.mode == "val" else x
+
+    def _examples(self, indices: list[int]) -> torch.Tensor:
+        idx = torch.tensor(indices, dtype=torch.int64, device=self.device)
+        return self._finish(self._fixed_views(self.images[idx]))
 
 
 class PilLoader(Loader):
@@ -886,6 +1075,9 @@ class PilLoader(Loader):
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _examples(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.dataset[(i, 0)][0] for i in indices]).to(self.device)
 
 
 def build_loader(

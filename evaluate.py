@@ -141,6 +141,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for eval.json and the confusion matrix (default: the checkpoint's folder)",
     )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable images (damaged, not images, too large to decode) instead of "
+        "failing; they are counted and listed in eval.json",
+    )
     parser.add_argument("--num-workers", default=0, type=int, help="data loader workers")
     parser.add_argument(
         "--data-pipeline",
@@ -174,10 +180,18 @@ def main(args: argparse.Namespace) -> dict:
             device=str(device),
             num_workers=args.num_workers,
             shuffle=False,
+            skip_bad_images=args.skip_bad_images,
         )
     except datasets.DatasetError as err:
         raise CLIError(str(err)) from err
     check_classes(classes, list(loader.classes), args.checkpoint)
+    skipped = loader.split.skipped_paths
+    if skipped:
+        print(
+            f"skipped {len(skipped)} unreadable image(s) (--skip-bad-images): "
+            + ", ".join(skipped[:5])
+            + (", ..." if len(skipped) > 5 else "")
+        )
 
     logits, targets = predict(model, loader, device, amp_settings(args.amp, device)[0])
     metrics = compute_metrics(logits, targets, classes)
@@ -194,6 +208,8 @@ def main(args: argparse.Namespace) -> dict:
         "dataset_path": os.path.abspath(args.dataset_path),
         "split": args.split,
         "tta": args.tta,
+        "skipped_bad_images": len(skipped),
+        "skipped_images": skipped,
         "data_config": data_config,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -206,8 +222,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"wrote {output}/eval.json and confusion_matrix_{args.split}.png")
 
     if args.predictions:
-        # Unshuffled val/test loaders keep the folder order that load_split lists.
-        paths = datasets.load_split(args.dataset_path, args.split).paths  # cached: cheap
+        paths = loader.split.paths  # unshuffled: the loader's order is the split's
         if len(paths) != len(targets):
             raise CLIError(f"{len(paths)} image paths for {len(targets)} predictions")
         probs = torch.softmax(logits, 1)

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 import datasets
 from engine import DeviceError, resolve_device
@@ -93,12 +93,12 @@ def face_tensor(crops: list[np.ndarray], data_config: dict) -> torch.Tensor:
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3), EXIF rotation applied."""
+    """An image file as RGB uint8 (H, W, 3), decoded as for training (datasets.decode_image:
+    EXIF rotation applied, 16-bit scaled to 8, transparency on white)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise CLIError(f"{path} is not a readable image ({err})") from err
+        return datasets.decode_image(path, "RGB")
+    except datasets.UnreadableImageError as err:
+        raise CLIError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -309,6 +309,8 @@ def sniff(path: str) -> str:
         with Image.open(path) as im:
             im.verify()
         return "image"
+    except Image.DecompressionBombError:
+        return "image"  # one, too large to decode: read_image says so
     except (UnidentifiedImageError, OSError):
         pass
     capture = cv2.VideoCapture(path)
@@ -402,6 +404,21 @@ def emit(records: list[dict], as_json: bool) -> None:
             print(f"{r['source']} frame {r['frame']} box {r['box']}: {r['label']} ({rest})")
 
 
+def output_path(folder: str, name: str) -> str:
+    """folder/name; the folder is made on first use, so a run that fails before writing
+    anything leaves no empty folder behind."""
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+def write_image(path: str, bgr: np.ndarray) -> None:
+    """Written under a temporary name, then renamed: never half a file."""
+    tmp = f"{path}.tmp{Path(path).suffix}"  # OpenCV picks the format by the extension
+    if not cv2.imwrite(tmp, bgr):
+        raise CLIError(f"could not write {path}")
+    os.replace(tmp, path)
+
+
 def run_images(paths, classifier, detector, args) -> list[dict]:
     out = []
     frames = ((path, 0, read_image(path)) for path in paths)
@@ -412,8 +429,8 @@ def run_images(paths, classifier, detector, args) -> list[dict]:
             emit(records, args.json)
             out += records
             if args.output:
-                target = os.path.join(args.output, f"{Path(path).stem}_pred.png")
-                cv2.imwrite(target, annotate(rgb, records))
+                target = output_path(args.output, f"{Path(path).stem}_pred.png")
+                write_image(target, annotate(rgb, records))
     return out
 
 
@@ -436,16 +453,21 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
                 if args.output:
                     frame = annotate(rgb, records)
                     if writer is None:
-                        path = os.path.join(args.output, f"{name}_pred.mp4")
+                        path = output_path(args.output, f"{name}_pred.mp4")
                         fourcc = cv2.VideoWriter_fourcc(*"mp4v")
                         h, w = frame.shape[:2]
-                        writer = cv2.VideoWriter(path, fourcc, fps, (w, h))
+                        writer = cv2.VideoWriter(path + ".tmp.mp4", fourcc, fps, (w, h))
                     writer.write(frame)
     except KeyboardInterrupt:
-        pass
-    finally:
-        if writer is not None:
+        pass  # how a webcam run ends: keep what was seen
+    except BaseException:
+        if writer is not None:  # a failed run leaves no half-written video
             writer.release()
+            os.remove(path + ".tmp.mp4")
+        raise
+    if writer is not None:
+        writer.release()
+        os.replace(path + ".tmp.mp4", path)
     if count == 0:
         raise CLIError(f"{source}: no frame could be read")
     seconds = time.perf_counter() - start
@@ -460,6 +482,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise CLIError("give at least one INPUT (image, folder, video) or --webcam")
     device = resolve_device(args.device)
     items = expand_inputs(args.inputs)
+    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise CLIError(f"--output {args.output} is a file; give a folder for annotated images")
     classifier = load_classifier(
         args.checkpoint,
         args.weights,
@@ -467,8 +491,6 @@ def main(args: argparse.Namespace) -> list[dict]:
         str(device),
     )
     detector = None if args.no_detect else FaceDetector(args.box_scale, args.min_face)
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
     out = []
 
     # Consecutive images share batches; videos run one by one; input order is kept.

@@ -94,6 +94,32 @@ def _download(url: str) -> dict:
         ) from err
 
 
+def _unreadable_message(source: str, err: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused a file.
+
+    torch's own message advises re-running with weights_only=False, which would execute
+    whatever code the file carries: that advice is never passed on, nor its allow-listing one.
+    """
+    text = str(err)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (
+            f"{source} was not loaded: it is not a plain weights file, loading it would run "
+            f"Python code ({code.group(1)}). A checkpoint needs only tensors and plain values: "
+            "use the .pt file that train.py or the official trainer wrote, or re-save yours "
+            "as a state dict of tensors"
+        )
+    useless = ("weights only load failed", "weights_only", "safe_globals", "check the doc")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if not any(u in ln.lower() for u in useless)), "")
+    reason = reason.split(". ")[0].removeprefix("WeightsUnpickler error: ")[:200]
+    return (
+        f"{source} is not a readable PyTorch checkpoint (damaged, truncated or another kind "
+        f"of file: {reason or type(err).__name__}); use the .pt file that train.py or the "
+        "official trainer wrote"
+    )
+
+
 def read_checkpoint(source: str | os.PathLike) -> dict:
     """A checkpoint dict from a local path or an http(s) URL, read with weights_only=True."""
     source = str(source)
@@ -104,10 +130,7 @@ def read_checkpoint(source: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-torch files
-        raise WeightsError(
-            f"{source} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}). "
-            "Only weights_only-loadable files are accepted."
-        ) from err
+        raise WeightsError(_unreadable_message(source, err)) from None
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{source} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt

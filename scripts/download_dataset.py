@@ -10,7 +10,11 @@ official names (Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise) and files t
 Images are PNG (lossless) unless --format jpg (the official script's layout). The dataset is
 built in a temporary folder next to --out and renamed into place at the end, so an interrupted or
 failed run leaves nothing behind; a manifest.json records the source, counts and a content hash,
-and a second run with the same source finds it and does nothing.
+and a second run with the same source finds it and does nothing. --force replaces a dataset that
+this tool wrote (its manifest.json is there), and only once the new one is complete; a folder
+holding anything else is never replaced. Images of an image-folder copy go through
+datasets.decode_image: 16-bit, colour and transparent images become the 8-bit grayscale a person
+sees.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,10 +43,13 @@ from datasets import (  # noqa: E402
     IMG_EXTENSIONS,
     SPLITS,
     DatasetError,
+    UnreadableImageError,
     canonical_class_name,
     check_dataset,
+    check_replaceable,
     content_hash,
     count_images,
+    decode_image,
     publish_dataset,
     read_manifest,
     write_manifest,
@@ -122,7 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="--folder: skip unreadable images (counted in the manifest) instead of failing",
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace an existing --out holding something else"
+        "--force",
+        action="store_true",
+        help="replace a dataset that this tool wrote earlier in --out (from another source, "
+        "other settings or modified); a folder of other files is never replaced",
     )
     return parser
 
@@ -395,14 +405,12 @@ def drop_unreadable(
             good = []
             for src in files:
                 try:
-                    with Image.open(src) as im:
-                        im.load()
+                    decode_image(src)
                     good.append(src)
-                except (OSError, UnidentifiedImageError, ValueError) as e:
+                except UnreadableImageError as e:
                     if not skip_bad_images:
-                        raise DatasetError(
-                            f"cannot read image {src} ({e}); fix or delete it, or pass "
-                            f"--skip-bad-images"
+                        raise UnreadableImageError(
+                            f"{e}; fix or delete it, or pass --skip-bad-images"
                         ) from None
                     skipped += 1
             if not good:
@@ -426,8 +434,7 @@ def build_from_folder(
                 if fmt == "jpg" and src.suffix.lower() in (".jpg", ".jpeg"):
                     shutil.copyfile(src, target)  # already JPEG: do not lose quality twice
                 else:
-                    with Image.open(src) as im:
-                        _save(np.asarray(im.convert("L")), target, fmt)
+                    _save(decode_image(src), target, fmt)  # 8-bit grayscale, any source mode
             expected.setdefault(split, {})[name] = len(files)
     return expected
 
@@ -504,8 +511,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
         args = get_args_parser().parse_args(args)
     out = Path(args.out)
     source = source_description(args)
-    if out.exists():
-        manifest = read_manifest(out)
+    if out.exists() or out.is_symlink():
+        manifest = read_manifest(out) if out.is_dir() else None
         same = (
             manifest is not None
             and manifest.get("source", {}).get("key") == source["key"]
@@ -515,15 +522,16 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
             if content_hash(out) == manifest.get("content_hash"):
                 print(f"{out} is already there ({manifest['total']} images, same source)")
                 return out
-        if not args.force and (out.is_file() or any(out.iterdir())):
-            what = "a different or modified dataset" if manifest else "something else"
+        check_replaceable(out)  # what this project did not write is never replaced
+        if not args.force and any(out.iterdir()):
             raise DatasetError(
-                f"{out} already exists and holds {what}; pass --force to replace it or choose "
-                f"another --out"
+                f"{out} holds a dataset from another source or settings, or modified since; "
+                f"pass --force to replace it or choose another --out"
             )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         dest = work / "dataset"
         dest.mkdir()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets import (  # noqa: E402
     CLASSES,
     DatasetError,
+    check_replaceable,
     content_hash,
     publish_dataset,
     read_manifest,
@@ -135,7 +136,8 @@ def make_synthetic(
 
     `splits` maps split -> images per class (default: train `per_class`, val and test 60).
     An existing folder made with the same settings is kept as it is ("already there"); a
-    different one is replaced only with force=True.
+    different dataset of this project is replaced only with force=True; a folder of anything else
+    never (check_replaceable).
     """
     out = Path(out_dir)
     splits = dict(splits) if splits else {**DEFAULT_SPLITS, "train": per_class}
@@ -146,6 +148,7 @@ def make_synthetic(
             if not quiet:
                 print(f"{out} already there (same settings); nothing to do")
             return out
+        check_replaceable(out)  # what this project did not write is never replaced
         if not force:
             raise DatasetError(f"{out} exists and was not made with these settings; use --force")
 
@@ -201,7 +204,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed (output is a function of it)"
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing different folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different dataset written by this project (never a folder of other files)",
+    )
     return parser
 
 

@@ -1,7 +1,10 @@
-"""Shared test fixtures: the repository root, the official golden outputs, synthetic faces."""
+"""Shared test fixtures: the repository root, the official golden outputs, synthetic faces,
+a decompression bomb."""
 
 import os
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,27 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     return make_synthetic(out, seed=0, splits={"train": 16, "val": 4, "test": 4})
+
+
+@pytest.fixture(scope="session")
+def bomb_png(tmp_path_factory) -> Path:
+    """A valid 20000 x 20000 (400-megapixel) 1-bit black PNG of 48 kB: 400 MB once decoded.
+
+    Written chunk by chunk, so no image library's own limits are involved in making it.
+    """
+    side = 20000
+    rows = (b"\0" * (1 + side // 8)) * side  # filter byte 0, then 8 pixels per byte
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(png)
+    return path
 
 
 def pytest_report_header(config) -> list[str]:

@@ -1,5 +1,7 @@
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -61,7 +63,7 @@ def test_load_split_and_cache(synthetic_root, monkeypatch):
     assert split.classes == CLASSES and len(split.paths) == 28 and split.skipped == 0
     assert any((synthetic_root / ".cache").glob("val-*.pt"))
     # The second load comes from the cache: no image is decoded.
-    monkeypatch.setattr(datasets, "_decode", lambda p: 1 / 0)
+    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)
     again = load_split(synthetic_root, "val")
     assert torch.equal(again.images, split.images) and again.paths == split.paths
 
@@ -123,6 +125,124 @@ def test_mixed_sizes(copy_root):
 def test_missing_root(tmp_path):
     with pytest.raises(DatasetError, match="download_dataset.py"):
         load_split(tmp_path / "nope", "train")
+
+
+# -- every image mode Pillow opens, against references computed here from the raw values --
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2, the grayscale of PIL and torchvision, in floating point."""
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def on_white(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return gray * (alpha / 255) + 255 * (1 - alpha / 255)
+
+
+def stretch(v: np.ndarray) -> np.ndarray:
+    return (v - v.min()) * 255 / (v.max() - v.min())
+
+
+def write_every_mode(folder: Path) -> dict[str, tuple[Path, np.ndarray, float]]:
+    """{case: (file, expected 8-bit grayscale as floats, tolerance)}, 48 x 48 each.
+
+    Tolerance 0.5: the decoder must round the exact value; 1: Pillow's own integer luma (or
+    CMYK -> RGB) rounds once more.
+    """
+    rng = np.random.default_rng(0)
+    u8 = lambda *shape: rng.integers(0, 256, (48, 48, *shape), dtype=np.uint8)  # noqa: E731
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = {}
+
+    def add(name, image, expected, tol, suffix=".png", **save):
+        path = folder / f"{name}{suffix}"
+        image.save(path, **save)
+        cases[name] = (path, np.asarray(expected, dtype=np.float64), tol)
+
+    bits = rng.random((48, 48)) < 0.5
+    add("1", Image.fromarray(bits), bits * 255.0, 0.5)
+    gray = u8()
+    add("L", Image.fromarray(gray), gray, 0.5)
+    gray, alpha = u8(), u8()
+    alpha[0] = 0  # fully transparent, over bright pixels: must look white, not as they are
+    add("LA", Image.fromarray(np.dstack([gray, alpha]), "LA"), on_white(gray, alpha), 0.5)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (48, 48))
+    p_image = Image.fromarray(index.astype(np.uint8), "P")
+    p_image.putpalette(palette.tobytes())
+    add("P", p_image, luma(palette[index].astype(float)), 1)
+    keyed = np.where(index == 7, 255.0, luma(palette[index].astype(float)))
+    add("P-transparent", p_image, keyed, 1, transparency=7)
+    rgb = u8(3)
+    add("RGB", Image.fromarray(rgb), luma(rgb.astype(float)), 1)
+    rgba = u8(4)
+    rgba[:8, :, 3] = 0
+    expected = on_white(luma(rgba[..., :3].astype(float)), rgba[..., 3].astype(float))
+    add("RGBA", Image.fromarray(rgba, "RGBA"), expected, 1)
+    cmyk = u8(4).astype(float)
+    as_rgb = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    add("CMYK", Image.fromarray(cmyk.astype(np.uint8), "CMYK"), luma(as_rgb), 1, ".tiff")
+    deep = rng.integers(0, 65536, (48, 48)).astype(np.uint16)
+    deep[0, :2] = 0, 65535
+    scaled = deep.astype(np.float64) * 255 / 65535
+    add("I;16", Image.fromarray(deep), scaled, 0.5)  # a 16-bit PNG
+    big_endian = Image.frombytes("I;16B", (48, 48), deep.astype(">u2").tobytes())
+    add("I;16B", big_endian, scaled, 0.5, ".tiff")
+    pgm = folder / "I.pgm"  # Pillow opens 16-bit PGM as mode I
+    pgm.write_bytes(b"P5 48 48 65535\n" + deep.astype(">u2").tobytes())
+    cases["I"] = (pgm, scaled, 0.5)
+    wide = rng.integers(-70000, 200000, (48, 48)).astype(np.int32)
+    add("I-32bit", Image.fromarray(wide, "I"), stretch(wide.astype(float)), 0.5, ".tiff")
+    unit = rng.random((48, 48)).astype(np.float32)
+    add("F", Image.fromarray(unit, "F"), unit * 255.0, 0.5, ".tiff")
+    add("F-0-255", Image.fromarray(unit * 255, "F"), unit * 255.0, 0.5, ".tiff")
+    signed = (unit * 10 - 3).astype(np.float32)
+    add("F-other", Image.fromarray(signed, "F"), stretch(signed.astype(float)), 0.5, ".tiff")
+    return cases
+
+
+def test_every_image_mode_decodes_as_a_person_sees_it(tmp_path):
+    root = tmp_path / "modes"
+    cases = write_every_mode(root / "val" / "Angry")
+    # Both pipelines: the fast one's decoded tensor and the pil one's batches.
+    split = load_split(root, "val", cache=False)
+    cfg = DataConfig(image_size=48, resize_size=48, in_chans=1)
+    (x, _), = build_loader(root, "val", mode="val", pipeline="pil", data_config=cfg,
+                           batch_size=len(cases), cache=False)  # fmt: skip
+    for i, path in enumerate(split.paths):
+        name = Path(path).stem
+        _, expected, tol = cases[name]
+        assert np.abs(split.images[i].numpy() - expected).max() <= tol + 1e-9, name
+        assert np.abs(x[i, 0].numpy() * 255 - expected).max() <= tol + 1e-4, name
+    # The decoder itself, on every mode, in grayscale and in colour (predict.py's).
+    for name, (path, expected, tol) in cases.items():
+        opened = Image.open(path).mode
+        assert opened == name.split("-")[0] or name.startswith(("P-", "I-", "F-")), opened
+        got = datasets.decode_image(path).astype(np.float64)
+        assert got.shape == (48, 48) and np.abs(got - expected).max() <= tol + 1e-9, name
+        rgb = datasets.decode_image(path, "RGB").astype(np.float64)
+        assert rgb.shape == (48, 48, 3) and np.abs(luma(rgb) - expected).max() <= 1.5, name
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    raw = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write portraits
+    Image.fromarray(raw).save(tmp_path / "portrait.png", exif=exif)
+    assert np.array_equal(datasets.decode_image(tmp_path / "portrait.png"), np.rot90(raw, -1))
+
+
+def test_decompression_bomb_is_a_bad_image(copy_root, bomb_png):
+    bomb = copy_root / "train" / "Sad" / "huge.png"
+    shutil.copy(bomb_png, bomb)
+    with pytest.raises(DatasetError) as err:
+        load_split(copy_root, "train")
+    message = str(err.value)
+    assert "\n" not in message and str(bomb) in message and "--skip-bad-images" in message
+    split = load_split(copy_root, "train", skip_bad_images=True)
+    assert split.skipped == 1 and split.skipped_paths == [str(bomb)]
+    cached = load_split(copy_root, "train", skip_bad_images=True)  # from the cache
+    assert cached.skipped_paths == [str(bomb)] and torch.equal(cached.images, split.images)
 
 
 @pytest.mark.parametrize("image_size", [224, 64])

@@ -42,6 +42,22 @@ def assert_nothing_left(parent: Path, keep: set[str]):
     assert {p.name for p in parent.iterdir()} == keep
 
 
+def interrupt_at_the_tenth_image(monkeypatch):
+    """Ctrl-C while download_dataset writes its 10th image; returns the real writer."""
+    import download_dataset
+
+    real_save, calls = download_dataset._save, []
+
+    def save_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real_save(*args)
+
+    monkeypatch.setattr(download_dataset, "_save", save_then_interrupt)
+    return real_save
+
+
 def test_csv_end_to_end(tmp_path, capsys):
     rows = write_csv(tmp_path / "fer2013.csv")
     out = tmp_path / "FER2013"
@@ -75,6 +91,54 @@ def test_csv_end_to_end(tmp_path, capsys):
     assert datasets.read_manifest(out)["total"] == 21
     assert len(list(out.rglob("*.jpg"))) == 21 and not list(out.rglob("*.png"))
     assert_nothing_left(tmp_path, {"fer2013.csv", "other.csv", "FER2013"})
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_force_replaces_only_a_dataset_this_tool_wrote(tmp_path, monkeypatch):
+    import download_dataset
+
+    write_csv(tmp_path / "a.csv")
+    write_csv(tmp_path / "b.csv", rows_per_class_split=1)
+    mine = tmp_path / "mine"  # a user's folder: never touched, --force or not
+    (mine / "photos").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("years of work")
+    Image.new("L", (48, 48)).save(mine / "photos" / "me.png")
+    before = listing(mine)
+    for extra in ([], ["--force"]):
+        with pytest.raises(DatasetError) as err:
+            main(["--csv", str(tmp_path / "a.csv"), "--out", str(mine), *extra])
+        message = str(err.value)
+        assert "\n" not in message and "manifest.json" in message and "not even with" in message
+        assert listing(mine) == before
+    monkeypatch.chdir(mine)
+    with pytest.raises(DatasetError, match="current folder"):
+        main(["--csv", str(tmp_path / "a.csv"), "--out", ".", "--force"])
+    assert listing(mine) == before
+    assert_nothing_left(tmp_path, {"a.csv", "b.csv", "mine"})  # no hidden ..old-* folders
+
+    out = tmp_path / "FER2013"
+    main(["--csv", str(tmp_path / "a.csv"), "--out", str(out)])
+    datasets.load_split(out, "val")  # the loaders' cache in out/.cache is the project's own
+    for extra in (out / "notes.txt", out / "train" / "Angry" / "mine.png"):
+        Image.new("L", (48, 48)).save(extra) if extra.suffix == ".png" else extra.write_text("x")
+        with pytest.raises(DatasetError, match=f"does not list .*{extra.name}"):
+            main(["--csv", str(tmp_path / "b.csv"), "--out", str(out), "--force"])
+        extra.unlink()
+
+    # The old dataset goes only once the new one is complete: interrupted, it is intact.
+    real_save = interrupt_at_the_tenth_image(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--csv", str(tmp_path / "b.csv"), "--out", str(out), "--force"])
+    manifest = datasets.read_manifest(out)
+    assert manifest["total"] == 42 and datasets.content_hash(out) == manifest["content_hash"]
+    assert_nothing_left(tmp_path, {"a.csv", "b.csv", "mine", "FER2013"})
+    monkeypatch.setattr(download_dataset, "_save", real_save)
+    main(["--csv", str(tmp_path / "b.csv"), "--out", str(out), "--force"])
+    assert datasets.read_manifest(out)["total"] == 21
+    assert_nothing_left(tmp_path, {"a.csv", "b.csv", "mine", "FER2013"})
 
 
 def make_targz(tmp_path: Path) -> Path:
@@ -152,6 +216,17 @@ def test_folder_carves_stratified_val(tmp_path):
     assert datasets.load_split(out, "val").classes == datasets.CLASSES
 
 
+def test_folder_images_of_every_mode_become_the_grayscale_a_person_sees(tmp_path):
+    from test_datasets import write_every_mode
+
+    make_folder_copy(tmp_path / "src", per_class=2)
+    cases = write_every_mode(tmp_path / "src" / "test" / "sad")
+    main(["--folder", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    for name, (_, expected, tol) in cases.items():
+        written = np.asarray(Image.open(tmp_path / "out" / "test" / "Sad" / f"{name}.png"))
+        assert written.dtype == np.uint8 and np.abs(written - expected).max() <= tol + 1e-9, name
+
+
 def test_folder_bad_image(tmp_path):
     make_folder_copy(tmp_path / "src", per_class=4)
     (tmp_path / "src" / "train" / "sad" / "bad.jpg").write_bytes(b"nope")
@@ -190,19 +265,8 @@ def test_malformed_csv(tmp_path, mutate, match):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    import download_dataset
-
     write_csv(tmp_path / "fer2013.csv")
-    real_save = download_dataset._save
-    calls = []
-
-    def save_then_interrupt(*args):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        real_save(*args)
-
-    monkeypatch.setattr(download_dataset, "_save", save_then_interrupt)
+    interrupt_at_the_tenth_image(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         main(["--csv", str(tmp_path / "fer2013.csv"), "--out", str(tmp_path / "out")])
     assert_nothing_left(tmp_path, {"fer2013.csv"})

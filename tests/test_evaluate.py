@@ -81,6 +81,25 @@ def test_official_checkpoint(dataset, golden_dir, tmp_path):
     check_outputs(record, out, predictions, 28)
 
 
+def test_bad_images_fail_in_one_line_or_are_skipped(dataset, bomb_png, tmp_path, repo_root):
+    root = tmp_path / "data"
+    shutil.copytree(dataset / "val", root / "val")
+    bomb = root / "val" / "Happy" / "huge.png"  # 400 megapixels, a decompression bomb
+    shutil.copy(bomb_png, bomb)
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    argv = ["--checkpoint", checkpoint, "--dataset-path", root, "--split", "val", "--tta", "none"]
+    with pytest.raises(SystemExit) as exit_info:  # the command as a user runs it
+        run_script(repo_root / "evaluate.py", argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("evaluate.py: error: cannot read image") and "\n" not in message
+    assert str(bomb) in message and "too large" in message and "--skip-bad-images" in message
+    record = run([*argv, "--skip-bad-images", "--predictions", tmp_path / "p.csv"])
+    assert record["num_images"] == 28 and record["skipped_bad_images"] == 1
+    assert record["skipped_images"] == [str(bomb)]
+    assert json.loads((tmp_path / "eval.json").read_text())["skipped_images"] == [str(bomb)]
+    assert len(read_predictions(tmp_path / "p.csv")) == 28
+
+
 def test_clear_errors(dataset, tmp_path, repo_root):
     checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
     with pytest.raises(CLIError, match="does not exist"):

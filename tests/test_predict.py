@@ -111,6 +111,26 @@ def test_no_detect_and_folders(checkpoint, tmp_path):
         check_face(r)
 
 
+def test_a_failed_run_leaves_no_output_folder(checkpoint, bomb_png, tmp_path):
+    out = tmp_path / "out" / "annotated"
+    bomb, video = tmp_path / "huge.png", tmp_path / "clip.mp4"
+    bomb.write_bytes(bomb_png.read_bytes())  # 400 megapixels: refused, not decoded
+    video.write_bytes(b"not a video")
+    for bad, match in [(bomb, "huge.png .*too large"), (video, "cannot open the video")]:
+        with pytest.raises(CLIError, match=match) as err:
+            run([bad, ASTRONAUT, "--checkpoint", checkpoint, "--output", out, "--no-detect"])
+        assert "\n" not in str(err.value) and str(bad) in str(err.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_16_bit_images_are_read_scaled_not_white(tmp_path):
+    deep = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)  # a 16-bit grayscale PNG
+    rgb = predict.read_image(str(tmp_path / "deep.png")).astype(np.float64)
+    expected = deep.astype(np.float64) * 255 / 65535
+    assert rgb.shape == (48, 48, 3) and np.abs(rgb - expected[..., None]).max() <= 0.5
+
+
 def test_smoother_averages_per_face():
     smoother = predict.Smoother(2)
 

@@ -46,6 +46,12 @@ def test_idempotent_and_no_clobber(tmp_path, capsys):
     make_synthetic(out, seed=1, splits=splits, force=True)
     assert datasets.read_manifest(out)["source"]["seed"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary folders left
+    mine = tmp_path / "mine"  # not a dataset of this project: never replaced, even with force
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(datasets.DatasetError, match="never replaced"):
+        make_synthetic(mine, seed=0, splits=splits, force=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_faces_vary_and_expressions_differ():

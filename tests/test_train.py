@@ -10,8 +10,10 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+import datasets
 import engine
 import train
 from losses import EmoNeXtLoss
@@ -223,6 +225,30 @@ def test_gradient_accumulation_equals_a_big_batch():
         results.append(model.state_dict())
     for k, v in results[0].items():
         torch.testing.assert_close(v, results[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_stn_pictures_show_one_labelled_face_of_each_class(tiny_faces, tmp_path, monkeypatch):
+    seen, real = [], train.save_stn_grid
+
+    def spy(model, images, labels, path, title=""):
+        seen.append((model, images.clone(), list(labels), path))
+        real(model, images, labels, path, title)
+
+    monkeypatch.setattr(train, "save_stn_grid", spy)
+    run(FAST + ["--epochs", "1", "--dataset-path", str(tiny_faces), "--output-dir",
+                str(tmp_path), "--run-name", "stn"])  # fmt: skip
+    ((model, images, labels, path),) = seen
+    assert labels == datasets.CLASSES and path == tmp_path / "stn" / "stn_epoch_000.png"
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    # The first face of each class folder, through the validation transform.
+    transform = datasets.pil_transform("val", datasets.DataConfig.from_dict(model.data_config))
+    for face, name in zip(images, datasets.CLASSES, strict=True):
+        first = sorted((tiny_faces / "val" / name).glob("*.png"))[0]
+        assert (face - transform(Image.open(first))).abs().max() < 1.5 / 255, name
+    axes = train.stn_figure(model, images, labels).axes
+    assert len(axes) == 1 and axes[0].images[0].get_array().shape == (2 * 32, 7 * 32)
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == datasets.CLASSES
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["input", "STN output"]
 
 
 def test_clear_message_without_data(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import os
 import re
 import threading
 
@@ -10,7 +11,7 @@ import timm
 import torch
 
 from models import WeightsError, create_model
-from models.weights import PRETRAINED_URLS, load_pretrained, resolve_pretrained
+from models.weights import PRETRAINED_URLS, load_pretrained, read_checkpoint, resolve_pretrained
 
 
 def convnext_checkpoint(name: str, num_classes: int = 1000, seed: int = 0) -> dict:
@@ -130,6 +131,41 @@ def test_offline_error_says_which_file_and_where(tmp_path, monkeypatch):
     assert url in message
     assert str(tmp_path / "hub" / "checkpoints" / "convnext_atto_missing.pth") in message
     assert re.search("TORCH_HOME", message)
+
+
+class RunsCode:
+    """Pickles as a call of os.mkdir(marker): what a malicious checkpoint would do on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_unsafe_or_broken_checkpoints_are_refused_without_unsafe_advice(tmp_path):
+    import evaluate
+
+    marker = tmp_path / "code-ran"
+    files = {"zip": tmp_path / "evil.pt", "legacy": tmp_path / "evil_legacy.pt"}
+    torch.save({"model": RunsCode(marker)}, files["zip"])
+    torch.save({"model": RunsCode(marker)}, files["legacy"], _use_new_zipfile_serialization=False)
+    files["random"] = tmp_path / "random.pt"
+    files["random"].write_bytes(bytes(range(256)) * 16)
+    files["truncated"] = tmp_path / "truncated.pt"
+    torch.save({"w": torch.zeros(1000)}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:2000])
+    for kind, path in files.items():
+        for load in (read_checkpoint, evaluate.load_trained_model):
+            with pytest.raises((WeightsError, evaluate.CLIError)) as err:
+                load(str(path))
+            message = str(err.value)
+            assert str(path) in message and "\n" not in message, message
+            # torch's own text advises weights_only=False (runs the code) or allow-listing
+            assert not re.search(r"weights.only|safe_globals|allowlist|False", message), message
+            if kind in ("zip", "legacy"):
+                assert re.search(r"would run Python code \(\w+\.mkdir\)", message), message
+    assert not marker.exists()
 
 
 def test_load_pretrained_reports_unexpected_keys(tmp_path):
