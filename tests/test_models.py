@@ -227,59 +227,56 @@ def test_ddp_and_compile_prefixes_are_stripped():
         assert torch.equal(v, other.state_dict()[k])
 
 
+def step_micro(mode: str, channels_last: bool = False, checkpointing: bool = False) -> dict:
+    """One forward/backward of a seeded emonext_micro with a trained-looking STN (its identity
+    initialisation would send no gradient into it): logits, loss, gradients, buffers."""
+    x, y = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.arange(4)
+    torch.manual_seed(0)
+    model = create_model("emonext_micro", img_size=32, drop_path_rate=0.5)
+    model.fc_loc[2].weight.data.normal_(0, 0.1)
+    model.set_grad_checkpointing(checkpointing)
+    model.train(mode == "train")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)  # the same stochastic-depth draws
+    logits, weights = model(x, return_attention=True)
+    loss = EmoNeXtLoss()(logits, weights, y)
+    loss.backward()
+    return {
+        "logits": logits.detach(),
+        "loss": loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "block_calls": len(calls),
+    }
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_grad_checkpointing_same_loss_and_gradients(mode):
     """--grad-checkpointing recomputes activations: stochastic depth included, nothing changes."""
-    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    results = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = create_model("emonext_micro", img_size=32, drop_path_rate=0.5)
-        model.set_grad_checkpointing(checkpointing)
-        model.train(mode == "train")
-        calls = []
-        model.stages[2][0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
-        torch.manual_seed(1)  # the same stochastic-depth draws
-        loss = EmoNeXtLoss()(*model(x, return_attention=True), y)
-        loss.backward()
-        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (loss0, grads0), (loss1, grads1) = results
-    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys() and len(grads0) > 50
-    for name, g in grads0.items():
-        torch.testing.assert_close(grads1[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    plain, checkpointed = step_micro(mode), step_micro(mode, checkpointing=True)
+    assert plain["block_calls"] == 1 and checkpointed["block_calls"] == 2  # recomputed
+    assert torch.equal(plain["loss"], checkpointed["loss"]) and len(plain["grads"]) > 50
+    assert plain["grads"].keys() == checkpointed["grads"].keys()
+    for name, g in plain["grads"].items():
+        torch.testing.assert_close(checkpointed["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_channels_last_same_outputs_and_gradients(mode):
     """The GPU default (channels-last, STN included) computes what NCHW computes, in fp32."""
-    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    results = []
-    for channels_last in (False, True):
-        torch.manual_seed(0)
-        model = create_model("emonext_micro", img_size=32, drop_path_rate=0.0)
-        # a trained STN: its identity initialisation would send no gradient into it at all
-        model.fc_loc[2].weight.data.normal_(0, 0.1)
-        model.train(mode == "train")
-        inputs = x
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-            inputs = x.contiguous(memory_format=torch.channels_last)
-        logits, weights = model(inputs, return_attention=True)
-        EmoNeXtLoss()(logits, weights, y).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        results.append((logits.detach(), grads, buffers))
-    (l0, g0, b0), (l1, g1, b1) = results
-    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
-    for name, g in g0.items():
+    nchw, cl = step_micro(mode), step_micro(mode, channels_last=True)
+    torch.testing.assert_close(cl["logits"], nchw["logits"], atol=1e-5, rtol=1e-5)
+    assert nchw["grads"]["localization.0.weight"].abs().max() > 1e-4  # the STN learns
+    for name, g in nchw["grads"].items():
         if mode == "train" and name in ("localization.0.bias", "localization.4.bias"):
             # Followed by BatchNorm in train mode: their true gradient is 0 and both
             # layouts give rounding noise around it.
-            assert g1[name].abs().max() < 1e-5 and g.abs().max() < 1e-5
+            assert cl["grads"][name].abs().max() < 1e-5 and g.abs().max() < 1e-5
             continue
-        torch.testing.assert_close(g1[name], g, atol=1e-5, rtol=1e-4, msg=name)
-    for name, b in b0.items():  # BatchNorm running statistics
-        torch.testing.assert_close(b1[name], b, atol=1e-6, rtol=1e-5, msg=name)
-    assert g0["localization.0.weight"].abs().max() > 1e-4  # the STN did get gradients
+        torch.testing.assert_close(cl["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for name, b in nchw["buffers"].items():  # BatchNorm running statistics
+        torch.testing.assert_close(cl["buffers"][name], b, atol=1e-6, rtol=1e-5, msg=name)
