@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ class SplitData:
     classes: list[str]  # canonical names, alphabetical
     paths: list[str]  # one per image
     skipped: int  # unreadable images skipped (only with skip_bad_images)
+    skipped_paths: list[str] = field(default_factory=list)  # which, for the run's record
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +225,7 @@ def _read_cache(path: Path, n: int) -> dict | None:
             and d["images"].dtype == torch.uint8
             and d["images"].shape[0] == d["targets"].shape[0] == len(d["paths"])
             and len(d["paths"]) + int(d["skipped"]) == n
+            and len(d.get("skipped_paths", ())) == int(d["skipped"])
         )
         return d if ok else None
     except Exception:  # a stale or broken cache is simply rebuilt
@@ -275,9 +277,10 @@ def load_split(
                     classes=classes,
                     paths=[str(root / p) for p in d["paths"]],
                     skipped=int(d["skipped"]),
+                    skipped_paths=[str(root / p) for p in d["skipped_paths"]],
                 )
 
-    arrays, targets, rels, skipped = [], [], [], 0
+    arrays, targets, rels, skipped = [], [], [], []
     for rel, target in items:
         try:
             arr = _decode(root / rel)
@@ -287,7 +290,7 @@ def load_split(
                     f"cannot read image {root / rel} ({e}); replace or delete it, or pass "
                     f"--skip-bad-images to skip unreadable images"
                 ) from None
-            skipped += 1
+            skipped.append(rel)
             continue
         arrays.append(arr)
         targets.append(target)
@@ -314,10 +317,12 @@ def load_split(
             "targets": targets_t,
             "classes": classes,
             "paths": rels,
-            "skipped": skipped,
+            "skipped": len(skipped),
+            "skipped_paths": skipped,
         }
         _write_cache(root, cache_name, payload)
-    return SplitData(images, targets_t, classes, [str(root / r) for r in rels], skipped)
+    paths, skipped_paths = ([str(root / r) for r in x] for x in (rels, skipped))
+    return SplitData(images, targets_t, classes, paths, len(skipped), skipped_paths)
 
 
 def content_hash(root: str | os.PathLike) -> str:
