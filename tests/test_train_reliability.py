@@ -155,7 +155,7 @@ def test_help_shows_defaults_and_points_to_the_projects_docs(repo_root):
     for name, help_text in (
         ("train.py", text),
         ("reproduce.py", reproduce.get_args_parser().format_help()),
-        ("README.md", (repo_root / "README.md").read_text()),
+        *((p.name, p.read_text()) for p in [repo_root / "README.md", *repo_root.glob("docs/*.md")]),
     ):
         assert "REFERENCE" not in help_text, name  # a clone has no REFERENCE.md
         for doc in re.findall(r"docs/[A-Z]+\.md", help_text):
