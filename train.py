@@ -350,6 +350,8 @@ def check_args(parser: engine.ArgumentParser, args: argparse.Namespace) -> None:
             f"--input-size {args.input_size}: too small for {name}, which downsamples by 32; "
             f"give at least {models.MIN_IMG_SIZE}"
         )
+    if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
     run_dir = Path(args.output_dir) / (args.run_name or "")
     if not args.resume and args.run_name and (run_dir / "last.pt").exists():
         parser.error(

@@ -92,6 +92,7 @@ def same_weights(a: Path, b: Path) -> bool:
         (["--model", "does_not_exist"], "--model"),
         (["--model", "timm:does_not_exist"], "--model"),
         (["--model", "resemotenet", "--no-stn"], "--no-stn"),
+        (["--checkpoint", "missing.pt"], "--checkpoint"),
     ],
 )
 def test_bad_argument_is_one_line_and_leaves_nothing(extra, flag, tmp_path, capsys):
