@@ -230,6 +230,7 @@ def _read_cache(path: Path, n: int) -> dict | None:
             and d["images"].dtype == torch.uint8
             and d["images"].shape[0] == d["targets"].shape[0] == len(d["paths"])
             and len(d["paths"]) + int(d["skipped"]) == n
+            and len(d.get("skipped_paths", ())) == int(d["skipped"])
         )
         return d if ok else None
     except Exception:  # a stale or broken cache is simply rebuilt

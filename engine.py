@@ -6,10 +6,14 @@ accumulated on the device and read once per epoch: no host sync per step.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
+import signal
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import numpy as np
@@ -28,6 +32,31 @@ def sync_buffers(model: nn.Module, src: int = 0) -> None:
     if is_distributed():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src)
+
+
+_FAULT_COUNTS: Counter = Counter()
+
+
+def fault_point(name: str) -> None:
+    """A named point where the fault-injection tests stop the process (docs/RELIABILITY.md).
+
+    EMONEXT_FAULT="NAME:N:SIGNAL" (e.g. "step:10:SIGKILL") sends SIGNAL to this process the N-th
+    time it reaches NAME, so that a test kills it at an exact point instead of after a guessed
+    delay. Unset, this is one dictionary look-up.
+    """
+    spec = os.environ.get("EMONEXT_FAULT")
+    if not spec:
+        return
+    point, count, sig = spec.rsplit(":", 2)
+    if point == name:
+        _FAULT_COUNTS[name] += 1
+        if _FAULT_COUNTS[name] == int(count):
+            os.kill(os.getpid(), getattr(signal, sig))
+
+
+def reset_fault_points() -> None:
+    """Count from zero again (each run of train.main in one process counts its own points)."""
+    _FAULT_COUNTS.clear()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -189,6 +218,7 @@ def train_one_epoch(
                 loss = criterion(logits, weights, y)
             scaled = loss / accumulation_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        fault_point("step")  # gradients computed, weights not yet updated
         n = len(y)
         parts = criterion.parts
         sums += torch.stack(
@@ -307,6 +337,7 @@ def predict(
     all_logits, all_targets = [], []
     device = torch.device(device)
     for images, targets in loader:
+        fault_point("predict")
         images = images.to(device, non_blocking=True)
         views = images.shape[1] if images.ndim == 5 else 1
         if views > 1:
@@ -440,3 +471,55 @@ def save_confusion_matrix(metrics: dict, path: str, title: str = "") -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default (where it has one) and the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for train.py and evaluate.py: an error is one line (exit status 2, no usage
+    block, which for train.py is 20 lines that bury the message); `check` validates ranges;
+    `explicit` tells which flags the command line gave."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def flag(self, dest: str) -> str:
+        """The option string of `dest` ("gradient_accumulation_steps" -> "--gradient-...")."""
+        return next(a.option_strings[0] for a in self._actions if a.dest == dest)
+
+    def check(self, args: argparse.Namespace, rules: dict[str, tuple[str, Callable]]) -> None:
+        """`rules`: dest -> (what the value must be, predicate). None values are not checked;
+        a float must also be finite."""
+        for dest, (requirement, ok) in rules.items():
+            value = getattr(args, dest)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                self.error(f"{self.flag(dest)} {value}: must be a finite number")
+            if not ok(value):
+                self.error(f"{self.flag(dest)} {value}: must be {requirement}")
+
+    def explicit(self, argv: list[str] | None) -> set[str]:
+        """The dests that `argv` gives a value to (parsed again with every default suppressed)."""
+        saved = [(a, a.default) for a in self._actions]
+        try:
+            for action, _ in saved:
+                action.default = argparse.SUPPRESS
+            return set(vars(self.parse_args(argv)))
+        finally:
+            for action, default in saved:
+                action.default = default

@@ -24,6 +24,7 @@ from torch import nn
 
 import datasets
 from engine import (
+    ArgumentParser,
     DeviceError,
     amp_settings,
     compute_metrics,
@@ -100,8 +101,8 @@ def predictions_csv(paths: list[str], targets, probs, classes: list[str]) -> str
     return out.getvalue()
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint on FER2013")
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="evaluate.py", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="this project's or the official .pt")
     parser.add_argument(
         "--dataset-path", default="FER2013", help="folder with train/val/test/<Class>/ images"
@@ -155,6 +156,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fast: tensor transforms; pil: the torchvision reference transforms",
     )
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    parser.check(
+        args,
+        {
+            "batch_size": ("at least 1", lambda v: v >= 1),
+            "num_workers": ("at least 0", lambda v: v >= 0),
+        },
+    )
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -234,7 +249,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    args = parse_args()
     try:
         main(args)
     except CLIError as err:

@@ -4,19 +4,22 @@
     torchrun --nproc_per_node=4 train.py ...   # DistributedDataParallel, batch size per process
     python train.py --demo                      # synthetic faces, small model, CPU, minutes
 
-REFERENCE.md section 5 is the recipe; section 7 lists the official defects fixed here. Outputs go to
+docs/RECIPE.md describes the recipe and the official trainer's defects fixed here. Outputs go to
 `--output-dir/<run-name>/`: best.pt, last.pt, metrics.jsonl, stn_epoch_NNN.png,
-confusion_matrix.png and results.json.
+confusion_matrix.png and results.json. `--resume RUN/last.pt` continues a run with the arguments
+it was started with; docs/RELIABILITY.md lists what may change on resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,11 +42,7 @@ DEMO_DATA = "data/synthetic"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "EmoNeXt training",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = engine.ArgumentParser(prog="train.py", description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset-path",
@@ -205,7 +204,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="initialise from this checkpoint's weights (fine-tuning; not a resume)",
     )
-    g.add_argument("--resume", default=None, help="continue a run from its last.pt exactly")
+    g.add_argument(
+        "--resume",
+        default=None,
+        help="continue a run from its last.pt exactly, with the run's own arguments; only "
+        "--epochs, --patience, --dataset-path, --device and other flags that do not change the "
+        "training may be given (docs/RELIABILITY.md)",
+    )
     g.add_argument("--seed", type=int, default=2001, help="random seed (the official one)")
     g.add_argument(
         "--deterministic",
@@ -247,10 +252,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def apply_demo_defaults(args: argparse.Namespace, explicit: set[str]) -> None:
     """--demo: a small EmoNeXt on synthetic faces at 48 pixels, from scratch, on the CPU.
 
-    Only values left at their defaults are changed, so e.g. `--demo --epochs 3` works.
+    Flags given on the command line (`explicit`) keep their values, so `--demo --epochs 3` and
+    `--demo --model-size femto` do what they say.
     """
     demo = {
         "dataset_path": DEMO_DATA,
@@ -267,9 +273,211 @@ def apply_demo_defaults(args: argparse.Namespace, parser: argparse.ArgumentParse
         "device": "cpu",
         "wandb": "disabled",
     }
+    if "model_size" in explicit:
+        del demo["model"]
     for key, value in demo.items():
-        if getattr(args, key) == parser.get_default(key):
+        if key not in explicit:
             setattr(args, key, value)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    return args.model or f"emonext_{args.model_size}"
+
+
+# --------------------------------------------------------------------------- arguments
+
+# What each numeric flag must be: (requirement, test). parse_args rejects anything else.
+ARG_RULES = {
+    "epochs": ("at least 1", lambda v: v >= 1),
+    "batch_size": ("at least 1", lambda v: v >= 1),
+    "val_batch_size": ("at least 1", lambda v: v >= 1),
+    "gradient_accumulation_steps": ("at least 1", lambda v: v >= 1),
+    "cycle_steps": ("at least 1", lambda v: v >= 1),
+    "warmup_steps": ("at least 0", lambda v: v >= 0),
+    "lr": ("positive", lambda v: v > 0),
+    "min_lr": ("at least 0", lambda v: v >= 0),
+    "weight_decay": ("at least 0", lambda v: v >= 0),
+    "clip_grad": ("at least 0 (0: no clipping)", lambda v: v >= 0),
+    "label_smoothing": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "sa_weight": ("at least 0", lambda v: v >= 0),
+    "ema_beta": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "ema_update_every": ("at least 1", lambda v: v >= 1),
+    "patience": ("at least 1", lambda v: v >= 1),
+    "max_nonfinite_steps": ("at least 1", lambda v: v >= 1),
+    "drop_path": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "hflip": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "vflip": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),
+    "input_size": ("at least 1", lambda v: v >= 1),
+    "num_workers": ("at least 0", lambda v: v >= 0),
+}
+
+# Flags that may differ when a run is resumed: how long it goes on and when it stops, where the
+# data is, where and how fast it runs, how it reports. --val-batch-size too: evaluation runs in
+# eval mode, where the batch size changes memory use, not results (up to float rounding).
+# Everything else is the run's own (recorded in its checkpoints) and must not change.
+RESUMABLE = {
+    "grad_checkpointing",
+    "epochs",
+    "patience",
+    "max_nonfinite_steps",
+    "dataset_path",
+    "num_workers",
+    "val_batch_size",
+    "device",
+    "deterministic",
+    "compile",
+    "channels_last",
+    "no_progress",
+    "wandb",
+}
+
+
+def check_args(parser: engine.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every value in range and every combination possible, or one line and exit status 2."""
+    parser.check(args, ARG_RULES)
+    if args.warmup_steps >= args.cycle_steps:
+        parser.error(
+            f"--warmup-steps {args.warmup_steps}: must be less than --cycle-steps "
+            f"{args.cycle_steps} (the warm-up is the start of each cycle)"
+        )
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr}: must not exceed --lr {args.lr}")
+    name = model_name(args)
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name.removeprefix("timm:")):
+            close = difflib.get_close_matches(name.removeprefix("timm:"), timm.list_models(), 3)
+            parser.error(
+                f"--model {name}: timm has no such model"
+                + (f" (did you mean {', '.join('timm:' + c for c in close)}?)" if close else "")
+                + "; `python -c \"import timm; print(timm.list_models('*convnext*'))\"` lists them"
+            )
+    elif name not in models.list_models():
+        parser.error(
+            f"--model {name}: unknown model; known: {', '.join(models.list_models())}, or "
+            "timm:NAME for any timm model"
+        )
+    emonext = name.startswith(("emonext_", "convnext_"))
+    if (args.no_stn or args.no_se) and not emonext:
+        parser.error(f"--no-stn/--no-se apply to EmoNeXt models, not {name}")
+    if emonext and args.input_size is not None and args.input_size < models.MIN_IMG_SIZE:
+        parser.error(
+            f"--input-size {args.input_size}: too small for {name}, which downsamples by 32; "
+            f"give at least {models.MIN_IMG_SIZE}"
+        )
+    if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    run_dir = Path(args.output_dir) / (args.run_name or "")
+    if not args.resume and args.run_name and (run_dir / "last.pt").exists():
+        parser.error(
+            f"--run-name {args.run_name}: {run_dir} already holds a run; continue it with "
+            f"`{resume_command(run_dir / 'last.pt')}` or choose another --run-name"
+        )
+
+
+def peek_checkpoint(parser: engine.ArgumentParser, path: str | Path) -> dict:
+    """A last.pt's entries, its tensors mapped from the file rather than read (cheap)."""
+    if not os.path.isfile(path):
+        parser.error(f"--resume {path}: no such file; give the last.pt of the run to continue")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # random bytes, a truncated file, a pickle that is not plain data
+        ckpt = None
+    if not isinstance(ckpt, dict):
+        parser.error(f"--resume {path}: not a readable checkpoint; give a run's last.pt")
+    if not {"optimizer", "args", "epoch"} <= ckpt.keys():
+        parser.error(
+            f"--resume {path}: not a last.pt of this trainer (no optimiser state); start a new "
+            f"run from its weights with --checkpoint {path}"
+        )
+    return ckpt
+
+
+def describe(flag: str, value) -> str:
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def resume_args(
+    parser: engine.ArgumentParser, args: argparse.Namespace, explicit: set[str]
+) -> argparse.Namespace:
+    """The run's recorded arguments, with the RESUMABLE flags that the command line gives.
+
+    Any other flag given with a value that is not the run's is an error naming it, and so is a
+    checkpoint that is not the run's latest state (a best.pt behind last.pt).
+    """
+    path = args.resume
+    ckpt = peek_checkpoint(parser, path)
+    merged = vars(parser.parse_args([]))  # flags added since the run started: their defaults
+    merged.update({k: v for k, v in ckpt["args"].items() if k in merged})
+    run = argparse.Namespace(**merged)
+    changed = [
+        (describe(parser.flag(d), getattr(args, d)), describe(parser.flag(d), merged[d]))
+        for d in sorted(explicit - RESUMABLE - {"resume", "model", "model_size"})
+        if getattr(args, d) != merged[d]
+    ]
+    if explicit & {"model", "model_size"} and model_name(args) != model_name(run):
+        given = (
+            f"--model {args.model}" if "model" in explicit else f"--model-size {args.model_size}"
+        )
+        changed.insert(0, (given, f"model {model_name(run)}"))
+    if changed:
+        given, recorded = changed[0]
+        may_change = ", ".join(parser.flag(d) for d in sorted(RESUMABLE))
+        parser.error(
+            f"{given}: the run {path} has {recorded}; leave it out to resume the run as it was "
+            f"(on resume only {may_change} may change), or start a new run"
+        )
+    for dest in explicit & RESUMABLE:
+        setattr(run, dest, getattr(args, dest))
+    run.resume = path
+
+    last = Path(path).parent / "last.pt"
+    if last.is_file() and not last.samefile(path):
+        latest = peek_checkpoint(parser, last)
+        if latest["epoch"] > ckpt["epoch"]:
+            parser.error(
+                f"--resume {path}: holds epoch {ckpt['epoch']}, but the run went on to epoch "
+                f"{latest['epoch']}; continue it with `{resume_command(last, len(latest['rng']))}`"
+                f", or start a new run from these weights with --checkpoint {path}"
+            )
+    done = ckpt["epoch"] + 1
+    if run.epochs < done:
+        parser.error(
+            f"--epochs {run.epochs}: the run {path} has trained {done} epochs already; give "
+            f"--epochs {done} or more"
+        )
+    return run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None) as main's arguments: --demo's and a resumed run's
+    values filled in, everything checked."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    explicit = parser.explicit(argv)
+    parser.check(args, ARG_RULES)  # the values given, before a resumed run's replace them
+    if args.resume:
+        args = resume_args(parser, args, explicit)
+    elif args.demo:
+        apply_demo_defaults(args, explicit)
+    check_args(parser, args)
+    return args
+
+
+def resume_command(last: str | Path, world_size: int = 1) -> str:
+    """The command that continues the run of `last`, as typed in the current folder."""
+    python = os.path.basename(sys.executable)
+    launcher = [python if shutil.which(python) else sys.executable]
+    if world_size > 1:
+        launcher = ["torchrun", f"--nproc_per_node={world_size}"]
+    script = os.path.relpath(Path(__file__).resolve())
+    return shlex.join([*launcher, script, "--resume", str(last)])
 
 
 # --------------------------------------------------------------------------- schedule
@@ -354,6 +562,7 @@ def atomic_save(obj: dict, path: Path) -> None:
     """Write to a temporary file, then rename: an interrupted save never leaves a broken file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    engine.fault_point(f"save:{path.name}")
     os.replace(tmp, path)
 
 
@@ -366,7 +575,22 @@ def same_file(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
+    engine.fault_point(f"save:{dst.name}")
     os.replace(tmp, dst)
+
+
+def drop_unsaved_metrics(path: Path, saved_epoch: int, log) -> None:
+    """Remove metrics.jsonl lines of epochs after `saved_epoch` (-1: all), left by a kill
+    between the metrics line and last.pt: the run trains those epochs again and writes them."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["epoch"] <= saved_epoch]
+    if len(kept) < len(lines):
+        engine.write_text_atomic(path, "".join(kept))
+        log(
+            f"{path}: dropped {len(lines) - len(kept)} line(s) of epochs that last.pt does not hold"
+        )
 
 
 def git_commit() -> str:
@@ -396,8 +620,10 @@ def resolve_pretrained(args: argparse.Namespace, model_name: str) -> str | None:
     return None
 
 
-def build_model(args: argparse.Namespace, num_classes: int):
-    name = args.model or f"emonext_{args.model_size}"
+def build_model(args: argparse.Namespace, num_classes: int, load_weights: bool = True):
+    """(model, the name of its pretrained weights); without load_weights (a resumed run, whose
+    checkpoint has the weights) nothing is downloaded or read."""
+    name = model_name(args)
     overrides = {}
     if name.startswith(("emonext_", "convnext_")):
         overrides["drop_path_rate"] = args.drop_path
@@ -407,10 +633,10 @@ def build_model(args: argparse.Namespace, num_classes: int):
             overrides["stn"] = False
         if args.no_se:
             overrides["se"] = False
-    elif args.no_stn or args.no_se:
-        raise SystemExit(f"error: --no-stn/--no-se apply to EmoNeXt models, not {name}")
     pretrained = resolve_pretrained(args, name)
-    model = models.create_model(name, num_classes=num_classes, pretrained=pretrained, **overrides)
+    model = models.create_model(
+        name, num_classes=num_classes, pretrained=pretrained if load_weights else None, **overrides
+    )
     return model, pretrained
 
 
@@ -462,7 +688,7 @@ def save_stn_grid(
     os.replace(tmp, path)
 
 
-def init_wandb(args: argparse.Namespace, run_dir: Path, run_name: str):
+def init_wandb(args: argparse.Namespace, run_dir: Path, run_name: str, run_id: str | None):
     mode = args.wandb
     if mode == "disabled":
         return None
@@ -471,18 +697,21 @@ def init_wandb(args: argparse.Namespace, run_dir: Path, run_name: str):
     except ImportError:
         print("wandb is not installed: not logging to it")
         return None
-    if mode == "auto":
-        logged_in = bool(os.environ.get("WANDB_API_KEY")) or bool(
-            getattr(wandb.api, "api_key", None)
-        )
-        mode = "online" if logged_in else "offline"
+    if mode == "auto":  # verify=False: no network needed to know whether a key is stored
+        mode = "online" if wandb.login(prompt=False, verify=False) else "offline"
+    not_logged_in = args.wandb == "auto" and mode == "offline"
+    print(f"wandb: logging {mode}" + (" (not logged in)" if not_logged_in else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes into it from the start
     return wandb.init(
         project="EmoNeXt",
         name=run_name,
-        dir=str(run_dir),
+        id=run_id,  # a resumed run goes on logging into its own wandb run
+        dir=str(run_dir.resolve()),
         mode=mode,
         config=vars(args),
         resume="allow",
+        # Quiet: its banners and end-of-run summary are ~40 lines; ours is one.
+        settings=wandb.Settings(silent=True),
     )
 
 
@@ -490,14 +719,29 @@ def init_wandb(args: argparse.Namespace, run_dir: Path, run_name: str):
 
 
 class Interrupted:
-    """SIGTERM / Ctrl-C: finish the current step, keep last.pt (last finished epoch), exit."""
+    """SIGTERM / Ctrl-C: finish the current step, keep last.pt (last finished epoch), exit.
+
+    Once `exit_message` is set (training is over), a signal exits at once with that message.
+    """
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+        self.exit_message: str | None = None
+        self.previous = {
+            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def restore(self) -> None:
+        """The handlers from before (matters when main runs in-process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
+        if self.exit_message is not None:
+            self.restore()
+            if self.exit_message:
+                print(self.exit_message)
+            raise SystemExit(128 + signum)
         if self.signum:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signum
@@ -507,6 +751,8 @@ class Interrupted:
 
 
 def main(args: argparse.Namespace) -> dict | None:
+    """Train and test as `args` (from parse_args) say; the results dict on rank 0."""
+    engine.reset_fault_points()
     rank, world_size, device = setup_distributed(args)
     distributed = engine.is_distributed()
     master = rank == 0
@@ -515,22 +761,19 @@ def main(args: argparse.Namespace) -> dict | None:
     resume_ckpt = None
     if args.resume:
         resume_ckpt = models.read_checkpoint(args.resume)
-        if "optimizer" not in resume_ckpt:
+        run_dir = Path(args.resume).parent
+        processes = len(resume_ckpt["rng"])
+        if processes != world_size:  # the batch, the data shards and the random streams differ
             raise SystemExit(
-                f"error: {args.resume} is not a last.pt of this trainer (no "
-                "optimiser state); use --checkpoint to fine-tune from it"
+                f"error: {args.resume} was trained by {processes} process(es), not "
+                f"{world_size}; resume it with `{resume_command(args.resume, processes)}`"
             )
-        run_dir = Path(args.resume).resolve().parent
     else:
-        name = args.model or f"emonext_{args.model_size}"
-        run_name = args.run_name or f"{name.replace(':', '_')}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.output_dir) / run_name
+        name = model_name(args).replace(":", "_")
+        # Recorded in the checkpoints: the run's folder, as --run-name would give it.
+        args.run_name = args.run_name or f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(args.output_dir) / args.run_name
 
-    if not args.resume and (run_dir / "metrics.jsonl").exists():
-        raise SystemExit(
-            f"error: {run_dir} already holds a run; continue it with --resume "
-            f"{run_dir / 'last.pt'} or choose another --run-name"
-        )
     if args.demo and not Path(args.dataset_path).is_dir():
         if master:
             from scripts.make_synthetic import make_synthetic
@@ -557,14 +800,17 @@ def main(args: argparse.Namespace) -> dict | None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    model, pretrained = build_model(args, len(classes))
-    if args.checkpoint:
-        models.load_checkpoint(model, args.checkpoint, weights="auto")
-        log(f"initialised from {args.checkpoint}")
+    try:
+        model, pretrained = build_model(args, len(classes), load_weights=resume_ckpt is None)
+        if args.checkpoint and resume_ckpt is None:
+            models.load_checkpoint(model, args.checkpoint, weights="auto")
+            log(f"initialised from {args.checkpoint}")
+    except models.WeightsError as err:
+        raise SystemExit(f"error: {err}") from None
     model.to(device)
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
-    if args.channels_last:
+    # None: the device decides (faster on CUDA, slower on CPUs); the run keeps "auto" on resume
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if args.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
@@ -597,6 +843,19 @@ def main(args: argparse.Namespace) -> dict | None:
         test_loader = loader("test", "test", max(1, args.val_batch_size // 10))
     except datasets.DatasetError as err:
         raise SystemExit(f"error: {err}") from None
+    loaders = {"train": train_loader, "val": val_loader, "test": test_loader}
+    data_sizes = {split: x.dataset_size for split, x in loaders.items()}
+    if resume_ckpt is not None and resume_ckpt.get("data_sizes", data_sizes) != data_sizes:
+        raise SystemExit(
+            f"error: the dataset at {args.dataset_path} is not the run's: it has "
+            f"{data_sizes} images, the run had {resume_ckpt['data_sizes']}; give the run's data "
+            "with --dataset-path"
+        )
+    skipped = {split: x.split.skipped_paths for split, x in loaders.items()}
+    for split, paths in skipped.items():
+        if paths:
+            more = f" and {len(paths) - 3} more (all in results.json)" if len(paths) > 3 else ""
+            log(f"skipped {len(paths)} unreadable {split} images: {', '.join(paths[:3])}{more}")
 
     ema = EMA(model, beta=args.ema_beta, update_every=args.ema_update_every)
     params = engine.trainable_parameters(model)
@@ -617,8 +876,15 @@ def main(args: argparse.Namespace) -> dict | None:
 
     start_epoch, step, best_acc, bad_epochs = 0, 0, -1.0, 0
     train_seconds = 0.0
+    saved_epoch = None  # the epoch that last.pt holds
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
+        try:
+            model.load_state_dict(resume_ckpt["model"])
+        except RuntimeError as err:
+            raise SystemExit(
+                f"error: {args.resume}: its weights do not fit the model its arguments describe "
+                f"({str(err).splitlines()[0]})"
+            ) from None
         ema.load_state_dict(resume_ckpt["ema"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
@@ -627,17 +893,22 @@ def main(args: argparse.Namespace) -> dict | None:
         start_epoch = resume_ckpt["epoch"] + 1
         step, best_acc = resume_ckpt["step"], resume_ckpt["best_accuracy"]
         bad_epochs, train_seconds = resume_ckpt["bad_epochs"], resume_ckpt["train_seconds"]
-        set_rng_state(resume_ckpt["rng"][min(rank, len(resume_ckpt["rng"]) - 1)], device)
+        set_rng_state(resume_ckpt["rng"][rank], device)
+        saved_epoch = resume_ckpt["epoch"]
         log(f"resumed from {args.resume} at epoch {start_epoch}")
+    if master:
+        drop_unsaved_metrics(
+            run_dir / "metrics.jsonl", -1 if saved_epoch is None else saved_epoch, log
+        )
 
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log(
             f"run folder {run_dir}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
             f"parameters; {train_loader.dataset_size} train images, device {device}, "
             f"{world_size} process(es), amp {amp_dtype}"
         )
-    wandb_run = init_wandb(args, run_dir, run_dir.name) if master else None
+    wandb_id = resume_ckpt.get("wandb_id") if resume_ckpt is not None else None
+    wandb_run = init_wandb(args, run_dir, run_dir.name, wandb_id) if master else None
 
     def checkpoint(epoch: int) -> dict:
         rngs = [rng_state(device)]
@@ -657,6 +928,8 @@ def main(args: argparse.Namespace) -> dict | None:
             "train_seconds": train_seconds,
             "rng": rngs,
             "args": {k: v for k, v in vars(args).items()},
+            "data_sizes": data_sizes,
+            "wandb_id": wandb_run.id if wandb_run is not None else None,
             "model_name": model.model_name,
             "model_kwargs": model.model_kwargs,
             "classes": classes,
@@ -673,7 +946,10 @@ def main(args: argparse.Namespace) -> dict | None:
     metrics_path = run_dir / "metrics.jsonl"
     epoch = start_epoch - 1
     stop_reason = "epochs"
-    for epoch in range(start_epoch, args.epochs):
+    epochs = range(start_epoch, args.epochs)
+    if bad_epochs >= args.patience:  # a resumed run that had stopped early stays stopped
+        stop_reason, epochs = "early_stopping", range(0)
+    for epoch in epochs:
         train_loader.set_epoch(epoch)
         started = time.time()
         stats = engine.train_one_epoch(
@@ -689,7 +965,7 @@ def main(args: argparse.Namespace) -> dict | None:
             accumulation_steps=args.gradient_accumulation_steps,
             clip_grad=args.clip_grad,
             clip_scaled=args.official_quirks,
-            channels_last=args.channels_last,
+            channels_last=channels_last,
             max_nonfinite=args.max_nonfinite_steps,
             progress=master and not args.no_progress,
             desc=f"epoch {epoch}",
@@ -730,11 +1006,18 @@ def main(args: argparse.Namespace) -> dict | None:
         }
         ckpt = checkpoint(epoch)  # collective under DDP: every rank builds it
         if master:
+            # Made now, not at the start: a run that ends before its first epoch leaves nothing.
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # This order keeps every state that a kill can leave resumable from last.pt: metrics
+            # of an epoch that last.pt does not hold are dropped on resume, and a best.pt ahead
+            # of last.pt is written again when that epoch is trained again.
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            atomic_save(ckpt, run_dir / "last.pt")
-            if improved:
-                same_file(run_dir / "last.pt", run_dir / "best.pt")
+            if improved:  # then last.pt: the same bytes, linked rather than written twice
+                atomic_save(ckpt, run_dir / "best.pt")
+                same_file(run_dir / "best.pt", run_dir / "last.pt")
+            else:
+                atomic_save(ckpt, run_dir / "last.pt")
             if stn_images is not None:
                 stn_path = run_dir / f"stn_epoch_{epoch:03d}.png"
                 save_stn_grid(model, stn_images, stn_labels, stn_path, f"epoch {epoch}")
@@ -751,6 +1034,7 @@ def main(args: argparse.Namespace) -> dict | None:
                     log_items["stn"] = wandb.Image(str(run_dir / f"stn_epoch_{epoch:03d}.png"))
                 wandb_run.log(log_items, step=epoch)
         del ckpt
+        saved_epoch = epoch
         if bad_epochs >= args.patience:
             stop_reason = "early_stopping"
             log(f"early stopping: no better validation accuracy for {args.patience} epochs")
@@ -760,13 +1044,29 @@ def main(args: argparse.Namespace) -> dict | None:
             break
 
     if stop_reason == "interrupted":
-        log(
-            f"interrupted: {run_dir / 'last.pt'} holds the last finished epoch; continue with "
-            f"--resume {run_dir / 'last.pt'}"
-        )
+        interrupted.restore()
+        if saved_epoch is None:
+            log(
+                f"interrupted in epoch {start_epoch}, before any epoch finished: no checkpoint "
+                "was saved. Run the same command again to start over."
+            )
+        else:
+            log(
+                f"interrupted: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the last "
+                f"finished one; continue with `{resume_command(run_dir / 'last.pt', world_size)}`"
+            )
         if distributed:
             dist.destroy_process_group()
         raise SystemExit(128 + interrupted.signum)
+    if not master:
+        interrupted.exit_message = ""
+    elif saved_epoch is None:  # stopped by non-finite losses in its first epoch
+        interrupted.exit_message = "interrupted while testing; no checkpoint was saved"
+    else:
+        interrupted.exit_message = (
+            f"interrupted while testing: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the "
+            f"last one; `{resume_command(run_dir / 'last.pt', world_size)}` tests it again"
+        )
 
     # The official protocol: the final EMA weights, TenCrop, logits averaged over the crops.
     results = {"stop_reason": stop_reason}
@@ -774,26 +1074,39 @@ def main(args: argparse.Namespace) -> dict | None:
     best_path = run_dir / "best.pt"
     if distributed:
         dist.barrier()
-    test_best = None
+    test_best, best_epoch = {}, None  # best.pt's online ("model") and EMA weights
     if best_path.is_file():
-        best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
-        models.load_checkpoint(best_model, str(best_path), weights="model")
-        test_best = engine.evaluate(best_model.to(device), test_loader, device, classes, amp_dtype)
+        for weights in ("model", "ema"):
+            best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
+            best = models.load_checkpoint(best_model, str(best_path), weights=weights)
+            best_epoch = best["epoch"]
+            best_model.to(device)
+            test_best[weights] = engine.evaluate(
+                best_model, test_loader, device, classes, amp_dtype
+            )
     weights_checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     checksums = [float(weights_checksum)]
     if distributed:
         checksums = [None] * world_size
         dist.all_gather_object(checksums, float(weights_checksum))
     if master:
+        best_accuracy = {w: m["accuracy"] for w, m in test_best.items()}
         results.update(
             {
                 "test_accuracy": test["accuracy"],
-                "test_accuracy_best": test_best["accuracy"] if test_best else None,
+                "test_accuracy_best_online": best_accuracy.get("model"),
+                "test_accuracy_best_ema": best_accuracy.get("ema"),
+                "test_weights": {
+                    "test_accuracy": "final EMA weights (last.pt's ema): the official protocol",
+                    "test_accuracy_best_online": f"best.pt's online weights (epoch {best_epoch})",
+                    "test_accuracy_best_ema": f"best.pt's EMA weights (epoch {best_epoch})",
+                },
                 "macro_f1": test["macro_f1"],
                 "per_class": test["per_class"],
                 "confusion_matrix": test["confusion_matrix"],
                 "classes": classes,
                 "best_val_accuracy": best_acc,
+                "best_epoch": best_epoch,
                 "epochs_run": epoch + 1,
                 "steps": step,
                 "train_seconds": train_seconds,
@@ -802,10 +1115,13 @@ def main(args: argparse.Namespace) -> dict | None:
                 "world_size": world_size,
                 "weights_checksum_per_rank": checksums,
                 "model": model.model_name,
+                "skipped_images_count": sum(len(paths) for paths in skipped.values()),
+                "skipped_images": skipped,
                 "git_commit": git_commit(),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             }
         )
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped in its first epoch has none
         engine.write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         engine.save_confusion_matrix(
             test,
@@ -814,8 +1130,14 @@ def main(args: argparse.Namespace) -> dict | None:
         )
         log(engine.format_report(test))
         log(
-            f"test accuracy (final EMA, TenCrop) {test['accuracy']:.2f} %"
-            + (f"; best checkpoint {test_best['accuracy']:.2f} %" if test_best else "")
+            f"test accuracy, TenCrop: final EMA weights {test['accuracy']:.2f} % (the official "
+            "protocol)"
+            + (
+                f"; best.pt (epoch {best_epoch}): online weights {best_accuracy['model']:.2f} %, "
+                f"EMA weights {best_accuracy['ema']:.2f} %"
+                if test_best
+                else ""
+            )
         )
         if wandb_run is not None:
             import wandb
@@ -825,14 +1147,14 @@ def main(args: argparse.Namespace) -> dict | None:
             )
             wandb_run.log({"confusion_matrix": wandb.Image(str(run_dir / "confusion_matrix.png"))})
             wandb_run.finish()
+            if wandb_run.settings.mode == "offline":
+                offline = Path(wandb_run.dir).parent
+                log(f"wandb: logged offline; upload with `wandb sync {offline}`")
+    interrupted.restore()
     if distributed:
         dist.destroy_process_group()
     return results if master else None
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
-    if args.demo:
-        apply_demo_defaults(args, parser)
-    main(args)
+    main(parse_args())

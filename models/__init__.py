@@ -14,7 +14,7 @@ from torch import nn
 
 from models import baselines, emonext  # noqa: F401  (registers the models by name)
 from models.baselines import TimmModel, create_timm_model
-from models.emonext import SIZES, EmoNeXt
+from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
 from models.weights import (
     LoadReport,
@@ -28,6 +28,7 @@ from models.weights import (
 
 __all__ = [
     "EmoNeXt",
+    "MIN_IMG_SIZE",
     "LoadReport",
     "TimmModel",
     "WeightsError",

@@ -22,6 +22,10 @@ from models.registry import register_model
 DATA_CONFIG = {"image_size": 224, "resize_size": None, "in_chans": 3, "mean": None, "std": None}
 
 
+# The stem's stride 4 and three stride-2 downsamplings leave 1 x 1 features at 32 pixels.
+MIN_IMG_SIZE = 32
+
+
 def _stn_feature_size(img_size: int) -> int:
     # conv7 -> maxpool2 -> conv5 -> maxpool2, as in the localisation network below.
     return ((img_size - 6) // 2 - 4) // 2

@@ -273,7 +273,7 @@ def time_setup(kind: str, args: argparse.Namespace, root, out_dir) -> dict:
     import train
 
     argv = setup_argv(kind, args, root, out_dir)
-    train_args = train.get_args_parser().parse_args(argv)
+    train_args = train.parse_args(argv)
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()

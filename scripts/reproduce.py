@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from anywhere, like the other scripts 
 # The paper's table. `paper` is the published FER2013 PrivateTest accuracy (percent) or None;
 # `source` says where a number comes from, or why there is none; `paper_note`, if any, is shown
 # beside the number in the results table. EmoNeXt and ConvNeXt rows start from ImageNet-22k
-# weights, as the paper did (REFERENCE.md sections 1 and 4).
+# weights, as the paper did (docs/RECIPE.md).
 EMONEXT_ACCURACY = {"tiny": 73.34, "small": 74.33, "base": 74.91, "large": 75.57, "xlarge": 76.12}
 
 
@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset-path",
         default="FER2013",
-        help="FER2013 folder passed to train.py (see REFERENCE.md section 6)",
+        help="FER2013 folder passed to train.py (docs/DATA.md)",
     )
     parser.add_argument(
         "--output-dir",

@@ -31,11 +31,7 @@ def tiny_faces(synthetic_root):
 
 
 def run(argv: list[str]) -> dict:
-    parser = train.get_args_parser()
-    args = parser.parse_args(argv)
-    if args.demo:
-        train.apply_demo_defaults(args, parser)
-    return train.main(args)
+    return train.main(train.parse_args(argv))
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -115,7 +111,8 @@ def test_run_writes_every_output(tiny_faces, tmp_path):
     assert on_disk == json.loads(json.dumps(results))
     for key in (
         "test_accuracy",
-        "test_accuracy_best",
+        "test_accuracy_best_online",
+        "test_accuracy_best_ema",
         "macro_f1",
         "per_class",
         "confusion_matrix",
@@ -400,13 +397,20 @@ def test_demo_reaches_its_accuracy(tmp_path, repo_root):
     print(f"demo: {results['test_accuracy']:.2f} % in {time.time() - started:.0f} s")
 
 
-def test_wandb_offline_logs_the_run(tiny_faces, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_offline_logs_the_run_quietly(tiny_faces, tmp_path, monkeypatch, capfd):
+    import wandb
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: False)  # not logged in: offline
     argv = FAST + ["--epochs", "1", "--dataset-path", str(tiny_faces), "--output-dir",
-                   str(tmp_path), "--run-name", "w", "--wandb", "offline"]  # fmt: skip
+                   str(tmp_path), "--run-name", "w", "--wandb", "auto"]  # fmt: skip
     run(argv)
     (offline,) = (tmp_path / "w" / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb")), "the offline run file holds the logged metrics"
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.lower().startswith("wandb")]
+    assert lines == ["wandb: logging offline (not logged in)",
+                     f"wandb: logged offline; upload with `wandb sync {offline}`"]  # fmt: skip
 
 
 def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
