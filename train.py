@@ -533,6 +533,13 @@ def main(args: argparse.Namespace) -> dict | None:
         test_loader = loader("test", "test", max(1, args.val_batch_size // 10))
     except datasets.DatasetError as err:
         raise SystemExit(f"error: {err}") from None
+    # Evaluation images that also occur in training inflate every reported figure: say so.
+    evaluation_splits = {"val": val_loader.split, "test": test_loader.split}
+    overlap, warning = datasets.split_overlap(
+        train_loader.split, evaluation_splits, args.dataset_path
+    )
+    if warning:
+        log(warning)
 
     ema = EMA(model, beta=args.ema_beta, update_every=args.ema_update_every)
     params = engine.trainable_parameters(model)
@@ -705,7 +712,9 @@ def main(args: argparse.Namespace) -> dict | None:
 
     # The official protocol: the final EMA weights, TenCrop, logits averaged over the crops.
     results = {"stop_reason": stop_reason}
-    test = engine.evaluate(ema.ema_model, test_loader, device, classes, amp_dtype)
+    test = engine.evaluate(
+        ema.ema_model, test_loader, device, classes, amp_dtype, engine.BOOTSTRAP_RESAMPLES
+    )
     best_path = run_dir / "best.pt"
     if world_size > 1:
         dist.barrier()
@@ -724,7 +733,10 @@ def main(args: argparse.Namespace) -> dict | None:
             {
                 "test_accuracy": test["accuracy"],
                 "test_accuracy_best": test_best["accuracy"] if test_best else None,
+                "test_accuracy_ci95": test["accuracy_ci95"],
                 "macro_f1": test["macro_f1"],
+                "macro_f1_ci95": test["macro_f1_ci95"],
+                "split_overlap": overlap,
                 "per_class": test["per_class"],
                 "confusion_matrix": test["confusion_matrix"],
                 "classes": classes,
