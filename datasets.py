@@ -386,8 +386,8 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
 #    band-passed (without JPEG's pixel noise and without the face-on-background layout that all
 #    faces share), at the best of every shift up to MAX_SHIFT pixels. Pairs at
 #    NEAR_DUPLICATE_SIMILARITY or more are near-duplicates; identical pixels are exact ones.
-# Binary pHash (imagehash) flips up to a third of its 64 bits when a 48 x 48 face moves by one
-# pixel, so a Hamming threshold loose enough for that also matches unrelated faces.
+# Binary pHash (imagehash) flips up to 18 of its 64 bits when a 48 x 48 face moves by one pixel,
+# so a Hamming threshold loose enough for that also matches unrelated faces (docs/DATA.md).
 
 BLANK_STD = 2.0  # grey levels: flatter images are blank or constant and match no other image
 FINGERPRINT_SIMILARITY = 0.95  # stage 1: keeps 1-pixel shifts, brightness and JPEG changes

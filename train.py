@@ -534,10 +534,10 @@ def main(args: argparse.Namespace) -> dict | None:
     except datasets.DatasetError as err:
         raise SystemExit(f"error: {err}") from None
     # Evaluation images that also occur in training inflate every reported figure: say so.
-    evaluation_splits = {"val": val_loader.split, "test": test_loader.split}
-    overlap, warning = datasets.split_overlap(
-        train_loader.split, evaluation_splits, args.dataset_path
-    )
+    overlap, warning = {}, ""
+    if master:
+        evaluation = {"val": val_loader.split, "test": test_loader.split}
+        overlap, warning = datasets.split_overlap(train_loader.split, evaluation, args.dataset_path)
     if warning:
         log(warning)
 

@@ -206,11 +206,11 @@ def write_dedupe(root: str | os.PathLike, report: dict, out: str | os.PathLike) 
     return manifest
 
 
-def format_summary(report: dict, seconds: float, show: int) -> str:
+def format_summary(report: dict, name: str, seconds: float, show: int) -> str:
     s = report["summary"]
     per_split = ", ".join(f"{k} {v:,}" for k, v in report["splits"].items())
     lines = [
-        f"{report['dataset']}: {s['images']:,} images ({per_split}), audited in {seconds:.1f} s",
+        f"{name}: {s['images']:,} images ({per_split}), audited in {seconds:.1f} s",
         f"exact duplicates: {s['exact_groups']} groups, {s['exact_images']} images; "
         f"near-duplicates: {s['near_groups']} groups, {s['near_images']} images",
         f"groups across splits: {s['cross_split_groups']}; same picture under different labels: "
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = audit(args.dataset, args.near_threshold)
     except DatasetError as err:
         parser.error(str(err))
-    print(format_summary(report, time.time() - started, args.show))
+    print(format_summary(report, args.dataset, time.time() - started, args.show))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{args.json}.tmp"

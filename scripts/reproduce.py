@@ -176,11 +176,12 @@ def build_command(row: dict, seed: int, args: argparse.Namespace) -> list[str]:
 
 def read_results(row: dict, output_dir: str | Path) -> list[dict]:
     """results.json of every finished seed of a row, by seed."""
-    runs = sorted(
-        (Path(output_dir) / row["row"]).glob("seed_*/results.json"),
-        key=lambda p: int(p.parent.name.split("_")[1]) if p.parent.name[5:].isdigit() else 0,
-    )
-    return [json.loads(path.read_text()) for path in runs]
+    runs = {}
+    for path in (Path(output_dir) / row["row"]).glob("seed_*/results.json"):
+        seed = path.parent.name.removeprefix("seed_")
+        if seed.lstrip("-").isdigit():
+            runs[int(seed)] = json.loads(path.read_text())
+    return [runs[seed] for seed in sorted(runs)]
 
 
 def _numbers(runs: list[dict], key: str) -> list[float]:
