@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import datasets
@@ -138,3 +139,35 @@ def test_train_reports_leaks_at_start_and_in_results(planted, tmp_path, capsys, 
     )
     assert run.returncode == 0, run.stderr
     assert "test images also in train: 3 of 31" in run.stdout
+
+
+def test_near_duplicates_survive_shifts_brightness_contrast_and_jpeg(synthetic_root):
+    faces = datasets.load_split(synthetic_root, "train").images.numpy()  # 112 different faces
+    hashes = datasets.hash_images(faces)
+    assert len(datasets.duplicate_pairs(faces, hashes)[0]) == 0  # no two faces alike
+    for how in ("shift", "brighten", "jpeg"):
+        copies = np.stack([np.asarray(change(face, how)) for face in faces])
+        i, j, similarity = datasets.duplicate_pairs(
+            copies, datasets.hash_images(copies), faces, hashes
+        )
+        assert (i == j).all() and len(i) == len(faces), how  # every copy finds its original only
+    darker = np.clip(faces.astype(int) * 0.8 - 10, 0, 255).astype(np.uint8)  # contrast too
+    down = np.concatenate([faces[:, :1], faces[:, :-1]], axis=1)  # 1 pixel down, not right
+    for copies in (darker, down):
+        assert (
+            datasets.verified_similarity(copies, faces) >= datasets.NEAR_DUPLICATE_SIMILARITY
+        ).all()
+
+
+def test_split_overlap_counts_copies_under_another_label(synthetic_root):
+    train = datasets.load_split(synthetic_root, "train")
+    val = datasets.load_split(synthetic_root, "val")
+    images, targets = val.images.clone(), val.targets.clone()
+    images[0], targets[0] = train.images[5], (train.targets[5] + 1) % 7  # relabelled copy
+    images[1] = torch.tensor(np.array(change(train.images[9].numpy(), "jpeg")))
+    leaky = datasets.SplitData(images, targets, val.classes, val.paths, 0)
+    counts, warning = datasets.split_overlap(train, {"val": leaky, "test": val}, "FER2013")
+    assert counts["val"] == {"images": 28, "exact": 1, "near": 1, "other_label": 1}
+    assert counts["test"] == {"images": 28, "exact": 0, "near": 0, "other_label": 0}
+    assert warning.startswith("warning: 2 of 28 val images also occur in train")
+    assert "1 under another label" in warning
