@@ -135,3 +135,6 @@ def test_clear_errors(dataset, tmp_path, repo_root):
     with pytest.raises(SystemExit) as exit_info:
         run_script(repo_root / "evaluate.py", ["--checkpoint", text, "--dataset-path", dataset])
     assert str(exit_info.value.code).startswith("evaluate.py: error:")
+    with pytest.raises(SystemExit) as exit_info:  # a bad flag value: argparse's exit status 2
+        run_script(repo_root / "evaluate.py", ["--checkpoint", checkpoint, "--bootstrap", "-1"])
+    assert exit_info.value.code == 2
