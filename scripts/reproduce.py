@@ -1,14 +1,17 @@
-"""The paper's table as a reproducible suite: one train.py command per row, and a results table.
+"""The paper's table as a reproducible suite: one train.py command per row and seed, and a table.
 
-    python scripts/reproduce.py --dry-run                       # every row's command
+    python scripts/reproduce.py --dry-run                       # every run's command
     python scripts/reproduce.py --dataset-path FER2013 --rows emonext_tiny,convnext_tiny
+    python scripts/reproduce.py --rows emonext_tiny,emonext_tiny_no_stn --seeds 3
     python scripts/reproduce.py --rows simple_cnn -- --batch-size 128   # extra train.py flags
     python scripts/reproduce.py --table-only                    # rebuild OUT/results.md
 
-Rows run one after another. A row whose `OUT/ROW/results.json` exists is done and skipped; a row
-with `OUT/ROW/last.pt` but no results.json was interrupted and is resumed from it. After each row
-the table `OUT/results.md` is rewritten: row, paper accuracy, ours, difference, epochs, GPU hours,
-device, date, commit, and "not run" for rows without results.
+Each row runs with `--seeds N` seeds, 2001 (the official seed) and the next N - 1, into
+`OUT/ROW/seed_SEED/`. Runs go one after another. A run whose results.json exists is done and
+skipped; one with last.pt but no results.json was interrupted and is resumed from it. After each
+run the table `OUT/results.md` is rewritten: per row the paper's accuracy, ours (mean +- standard
+deviation over the finished seeds), the test-set 95 % bootstrap interval, macro-F1, the
+difference, epochs, GPU hours, device, date and commit; "not run" for rows without results.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from anywhere, like the other scripts of the repo
@@ -102,6 +107,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="passed to train.py; default: train.py's own default",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="training seeds per row (default 1): --first-seed, --first-seed + 1, ...",
+    )
+    parser.add_argument(
+        "--first-seed", type=int, default=2001, help="the first seed (default: the official 2001)"
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the rows' commands (with --resume where a run was interrupted) and run nothing",
@@ -128,71 +142,123 @@ def select_rows(spec: str) -> list[dict]:
     return [r for r in ROWS if r["row"] in names]
 
 
-def row_status(row: dict, output_dir: str | Path) -> str:
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return [args.first_seed + k for k in range(args.seeds)]
+
+
+def run_dir(row: dict, seed: int, output_dir: str | Path) -> Path:
+    """Where one seed of a row runs: OUT/ROW/seed_SEED."""
+    return Path(output_dir) / row["row"] / f"seed_{seed}"
+
+
+def run_status(row: dict, seed: int, output_dir: str | Path) -> str:
     """'done' (results.json exists), 'resume' (last.pt without results.json) or 'new'."""
-    run_dir = Path(output_dir) / row["row"]
-    if (run_dir / "results.json").is_file():
+    folder = run_dir(row, seed, output_dir)
+    if (folder / "results.json").is_file():
         return "done"
-    if (run_dir / "last.pt").is_file():
+    if (folder / "last.pt").is_file():
         return "resume"
     return "new"
 
 
-def build_command(row: dict, args: argparse.Namespace) -> list[str]:
-    """The train.py command line of a row; resumes from OUT/ROW/last.pt if it was interrupted."""
+def build_command(row: dict, seed: int, args: argparse.Namespace) -> list[str]:
+    """The train.py command of one seed of a row; resumes from its last.pt if interrupted."""
+    folder = run_dir(row, seed, args.output_dir)
     cmd = ["python", "train.py", "--dataset-path", str(args.dataset_path)]
-    cmd += ["--output-dir", str(args.output_dir), "--run-name", row["row"]]
+    cmd += ["--output-dir", str(folder.parent), "--run-name", folder.name, "--seed", str(seed)]
     cmd += ["--model", row["model"], "--amp", *row["flags"]]
     if args.epochs is not None:
         cmd += ["--epochs", str(args.epochs)]
-    if row_status(row, args.output_dir) == "resume":
-        cmd += ["--resume", str(Path(args.output_dir) / row["row"] / "last.pt")]
+    if run_status(row, seed, args.output_dir) == "resume":
+        cmd += ["--resume", str(folder / "last.pt")]
     return cmd + list(args.extra)
 
 
-def read_results(row: dict, output_dir: str | Path) -> dict | None:
-    path = Path(output_dir) / row["row"] / "results.json"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return json.load(f)
+def read_results(row: dict, output_dir: str | Path) -> list[dict]:
+    """results.json of every finished seed of a row, by seed."""
+    runs = {}
+    for path in (Path(output_dir) / row["row"]).glob("seed_*/results.json"):
+        seed = path.parent.name.removeprefix("seed_")
+        if seed.lstrip("-").isdigit():
+            runs[int(seed)] = json.loads(path.read_text())
+    return [runs[seed] for seed in sorted(runs)]
 
 
-def _number(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else "?"
+def _numbers(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+
+
+def _spread(values: list[float]) -> str:
+    """'72.50' for one run, '72.50 +- 0.31' (mean +- sample standard deviation) for several."""
+    if not values:
+        return "?"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _mean_interval(runs: list[dict], key: str) -> str:
+    """The runs' bootstrap intervals averaged over seeds: one run's test-set noise."""
+    intervals = [r[key] for r in runs if isinstance(r.get(key), list) and len(r[key]) == 2]
+    if not intervals:
+        return ""
+    low, high = np.mean(intervals, axis=0)
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+TABLE_COLUMNS = [
+    "row",
+    "paper accuracy",
+    "ours",
+    "seeds",
+    "95 % CI",
+    "macro-F1",
+    "macro-F1 95 % CI",
+]
+TABLE_COLUMNS += ["difference", "epochs", "GPU hours", "device", "date", "commit"]
 
 
 def make_table(rows: list[dict], output_dir: str | Path) -> str:
-    """A markdown table of `rows` with their results under `output_dir`; "not run" where none."""
-    columns = ["row", "paper accuracy", "ours", "difference", "epochs", "GPU hours", "device"]
-    columns += ["date", "commit"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """A markdown table of `rows` with their results under `output_dir`; "not run" where none.
+
+    "ours" and macro-F1 are means +- standard deviations over the finished seeds; the 95 % CIs
+    are the test-set bootstrap intervals of the runs (train.py's results.json), averaged over
+    seeds; GPU hours add up all seeds.
+    """
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in rows:
         paper = f"{row['paper']:.2f} %" if row["paper"] is not None else "not published"
         if row.get("paper_note"):
             paper += f" ({row['paper_note']})"
-        res = read_results(row, output_dir)
-        if res is None:
-            lines.append(f"| {row['row']} | {paper} | not run | | | | | | |")
+        runs = read_results(row, output_dir)
+        if not runs:
+            lines.append(f"| {row['row']} | {paper} | not run |" + " |" * (len(TABLE_COLUMNS) - 3))
             continue
-        ours = res.get("test_accuracy")
+        accuracies = _numbers(runs, "test_accuracy")
         diff = ""
-        if row["paper"] is not None and isinstance(ours, (int, float)):
-            diff = f"{ours - row['paper']:+.2f}"
-        seconds, gpus = res.get("train_seconds"), res.get("num_gpus")
-        hours = "?"
-        if isinstance(seconds, (int, float)) and isinstance(gpus, int):
-            hours = f"{seconds / 3600 * gpus:.2f}"
+        if row["paper"] is not None and accuracies:
+            diff = f"{np.mean(accuracies) - row['paper']:+.2f}"
+        hours = [
+            r["train_seconds"] / 3600 * r["num_gpus"]
+            for r in runs
+            if isinstance(r.get("train_seconds"), (int, float))
+            and isinstance(r.get("num_gpus"), int)
+        ]
+        epochs = _numbers(runs, "epochs_run")
         cells = [
             row["row"],
             paper,
-            _number(ours, ".2f") + (" %" if isinstance(ours, (int, float)) else ""),
+            _spread(accuracies) + (" %" if accuracies else ""),
+            str(len(runs)),
+            _mean_interval(runs, "test_accuracy_ci95"),
+            _spread(_numbers(runs, "macro_f1")),
+            _mean_interval(runs, "macro_f1_ci95"),
             diff,
-            str(res.get("epochs_run", "?")),
-            hours,
-            str(res.get("device", "?")),
-            str(res.get("date", "?"))[:10],
-            str(res.get("git_commit", "?"))[:7],
+            f"{np.mean(epochs):.0f}" if epochs else "?",
+            f"{sum(hours):.2f}" if len(hours) == len(runs) else "?",
+            ", ".join(sorted({str(r.get("device", "?")) for r in runs})),
+            max(str(r.get("date", "?"))[:10] for r in runs),
+            ", ".join(sorted({str(r.get("git_commit", "?"))[:7] for r in runs})),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -208,31 +274,35 @@ def write_table(output_dir: str | Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     rows = select_rows(args.rows)
+    if args.seeds < 1:
+        get_args_parser().error(f"--seeds must be 1 or more, got {args.seeds}")
     if args.dry_run:
         for row in rows:
             paper = f"{row['paper']:.2f} %" if row["paper"] is not None else "no number"
-            print(f"# {row['row']}: {row_status(row, args.output_dir)}; paper {paper}, "
-                  f"{row['source']}")  # fmt: skip
-            print(shlex.join(build_command(row, args)))
+            print(f"# {row['row']}: paper {paper}, {row['source']}")
+            for seed in seeds_of(args):
+                print(f"# seed {seed}: {run_status(row, seed, args.output_dir)}")
+                print(shlex.join(build_command(row, seed, args)))
         return 0
     if not args.table_only:
         # train.py runs in the repository root: make relative paths mean the same to both.
         args.dataset_path = str(Path(args.dataset_path).resolve())
         args.output_dir = str(Path(args.output_dir).resolve())
         for row in rows:
-            status = row_status(row, args.output_dir)
-            if status == "done":
-                print(f"{row['row']}: results.json exists, skipped")
-                continue
-            cmd = build_command(row, args)
-            print(f"{row['row']} ({status}): {shlex.join(cmd)}", flush=True)
-            cmd[0] = sys.executable  # the interpreter running this script
-            result = subprocess.run(cmd, cwd=REPO_ROOT)
-            if result.returncode != 0:
-                print(f"{row['row']} failed (exit code {result.returncode}); rerun to resume")
+            for seed in seeds_of(args):
+                name = f"{row['row']} seed {seed}"
+                status = run_status(row, seed, args.output_dir)
+                if status == "done":
+                    print(f"{name}: results.json exists, skipped")
+                    continue
+                cmd = build_command(row, seed, args)
+                print(f"{name} ({status}): {shlex.join(cmd)}", flush=True)
+                cmd[0] = sys.executable  # the interpreter running this script
+                result = subprocess.run(cmd, cwd=REPO_ROOT)
                 write_table(args.output_dir)
-                return result.returncode
-            write_table(args.output_dir)
+                if result.returncode != 0:
+                    print(f"{name} failed (exit code {result.returncode}); rerun to resume")
+                    return result.returncode
     path = write_table(args.output_dir)
     print(path.read_text(), end="")
     print(f"written to {path}")

@@ -12,9 +12,9 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 ASTRONAUT = DATA_DIR / "astronaut.png"
 
 
-def make_project_checkpoint(path: Path, classes: list[str] = CLASSES) -> Path:
+def make_project_checkpoint(path: Path, classes: list[str] = CLASSES, seed: int = 0) -> Path:
     """A checkpoint as train.py writes one, of a small random EmoNeXt at 64 x 64 input."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model("emonext_micro", num_classes=len(classes), img_size=64)
     ema = EMA(model)
     ema.update()

@@ -14,6 +14,7 @@ from inference_utils import (
 )
 
 import evaluate
+from engine import mcnemar_exact
 from evaluate import CLIError
 
 
@@ -68,6 +69,41 @@ def test_project_checkpoint_tencrop(dataset, tmp_path, capsys):
     assert "macro-F1" in capsys.readouterr().out
 
 
+def test_compare_two_checkpoints_on_the_same_images(dataset, tmp_path, capsys):
+    a = make_project_checkpoint(tmp_path / "a.pt")
+    b = make_project_checkpoint(tmp_path / "b.pt", seed=1)
+    common = ["--dataset-path", dataset, "--tta", "none", "--output", tmp_path]
+    alone = {
+        name: run(["--checkpoint", path, *common, "--predictions", tmp_path / f"{name}.csv"])
+        for name, path in (("a", a), ("b", b))
+    }
+    record = run(["--checkpoint", a, "--compare", b, *common, "--bootstrap", "500"])
+    compared = record["compare"]
+    assert json.loads((tmp_path / "eval.json").read_text())["compare"] == compared
+    assert compared["accuracy_a"] == pytest.approx(alone["a"]["accuracy"])
+    assert compared["accuracy_b"] == pytest.approx(alone["b"]["accuracy"])
+    assert compared["checkpoint_b"] == str(b) and compared["bootstrap"]["resamples"] == 500
+    # McNemar's table from the two prediction files, image by image
+    rows_a, rows_b = read_predictions(tmp_path / "a.csv"), read_predictions(tmp_path / "b.csv")
+    right_a = [r["true"] == r["predicted"] for r in rows_a]
+    right_b = [r["true"] == r["predicted"] for r in rows_b]
+    a_only = sum(x and not y for x, y in zip(right_a, right_b, strict=True))
+    b_only = sum(y and not x for x, y in zip(right_a, right_b, strict=True))
+    assert (compared["mcnemar"]["a_only_correct"], compared["mcnemar"]["b_only_correct"]) == (
+        a_only,
+        b_only,
+    )
+    assert compared["mcnemar"]["p_value"] == pytest.approx(mcnemar_exact(a_only, b_only))
+    low, high = compared["accuracy_difference_ci95"]
+    assert low <= compared["accuracy_difference"] == pytest.approx(100 * (a_only - b_only) / 28)
+    assert compared["accuracy_difference"] <= high
+    out = capsys.readouterr().out
+    assert f"A - B = {compared['accuracy_difference']:+.2f} points, 95 % CI [{low:+.2f}" in out
+    assert "McNemar exact p = " in out
+    low, high = record["accuracy_ci95"]  # A's own interval, in the report too
+    assert low <= record["accuracy"] <= high and "95 % CI" in out
+
+
 def test_official_checkpoint(dataset, golden_dir, tmp_path):
     checkpoint = make_official_checkpoint(golden_dir, tmp_path / "official.pt")
     out, predictions = tmp_path / "out", tmp_path / "val.csv"
@@ -118,3 +154,6 @@ def test_clear_errors(dataset, tmp_path, repo_root):
     with pytest.raises(SystemExit) as exit_info:
         run_script(repo_root / "evaluate.py", ["--checkpoint", text, "--dataset-path", dataset])
     assert str(exit_info.value.code).startswith("evaluate.py: error:")
+    with pytest.raises(SystemExit) as exit_info:  # a bad flag value: argparse's exit status 2
+        run_script(repo_root / "evaluate.py", ["--checkpoint", checkpoint, "--bootstrap", "-1"])
+    assert exit_info.value.code == 2

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import models
@@ -16,18 +17,23 @@ def args_for(tmp_path, *argv: str):
     )
 
 
-def test_dry_run_prints_every_rows_command(repo_root):
+def test_dry_run_prints_every_rows_command(repo_root, tmp_path):
     result = subprocess.run(
-        [sys.executable, "scripts/reproduce.py", "--dry-run"],
+        [sys.executable, "scripts/reproduce.py", "--dry-run", "--seeds", "2"]
+        + ["--output-dir", str(tmp_path)],
         cwd=repo_root,
         capture_output=True,
         text=True,
         check=True,
     )
     commands = [line for line in result.stdout.splitlines() if line.startswith("python train.py")]
-    assert len(commands) == len(reproduce.ROWS) == 19
-    for row, command in zip(reproduce.ROWS, commands, strict=True):
-        assert f"--run-name {row['row']} --model {row['model']} --amp" in command
+    assert len(commands) == 2 * len(reproduce.ROWS) == 38
+    for k, row in enumerate(reproduce.ROWS):
+        for seed, command in zip((2001, 2002), commands[2 * k : 2 * k + 2], strict=True):
+            assert (
+                f"--output-dir {tmp_path / row['row']} --run-name seed_{seed} --seed {seed} "
+                f"--model {row['model']} --amp" in command
+            )
     assert "--model emonext_tiny --amp --in_22k --no-stn --no-se --sa-weight 0" in result.stdout
     assert "--model timm:convnextv2_tiny --amp --pretrained timm" in result.stdout
 
@@ -55,26 +61,28 @@ def test_rows_are_the_papers_table():
 def test_command_flags_extra_args_and_resume(tmp_path):
     row = next(r for r in reproduce.ROWS if r["row"] == "emonext_tiny_no_se")
     args = args_for(tmp_path, "--epochs", "3", "--", "--batch-size", "32")
-    cmd = reproduce.build_command(row, args)
+    cmd = reproduce.build_command(row, 2002, args)
     assert cmd == [
-        "python", "train.py", "--dataset-path", "data/FER2013", "--output-dir", str(tmp_path),
-        "--run-name", "emonext_tiny_no_se", "--model", "emonext_tiny", "--amp", "--in_22k",
-        "--no-se", "--epochs", "3", "--batch-size", "32",
+        "python", "train.py", "--dataset-path", "data/FER2013", "--output-dir",
+        str(tmp_path / "emonext_tiny_no_se"), "--run-name", "seed_2002", "--seed", "2002",
+        "--model", "emonext_tiny", "--amp", "--in_22k", "--no-se", "--epochs", "3",
+        "--batch-size", "32",
     ]  # fmt: skip
-    assert reproduce.row_status(row, tmp_path) == "new"
-    run_dir = tmp_path / "emonext_tiny_no_se"
-    run_dir.mkdir()
+    assert reproduce.run_status(row, 2002, tmp_path) == "new"
+    run_dir = tmp_path / "emonext_tiny_no_se" / "seed_2002"
+    run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"")  # interrupted: resume from it
-    assert reproduce.row_status(row, tmp_path) == "resume"
-    cmd = reproduce.build_command(row, args)
+    assert reproduce.run_status(row, 2002, tmp_path) == "resume"
+    assert reproduce.run_status(row, 2001, tmp_path) == "new"  # each seed on its own
+    cmd = reproduce.build_command(row, 2002, args)
     assert cmd[-4:] == ["--resume", str(run_dir / "last.pt"), "--batch-size", "32"]
     (run_dir / "results.json").write_text("{}")  # finished: skipped
-    assert reproduce.row_status(row, tmp_path) == "done"
-    assert "--resume" not in reproduce.build_command(row, args)
+    assert reproduce.run_status(row, 2002, tmp_path) == "done"
+    assert "--resume" not in reproduce.build_command(row, 2002, args)
 
 
 def test_without_epochs_train_py_keeps_its_default(tmp_path):
-    cmd = reproduce.build_command(reproduce.ROWS[0], args_for(tmp_path))
+    cmd = reproduce.build_command(reproduce.ROWS[0], 2001, args_for(tmp_path))
     assert "--epochs" not in cmd
 
 
@@ -87,11 +95,13 @@ def test_unknown_rows_are_refused():
     ]
 
 
-def fake_results(output_dir, row: str, **values) -> None:
+def fake_results(output_dir, row: str, seed: int = 2001, **values) -> None:
     results = {
         "test_accuracy": 72.5,
+        "test_accuracy_ci95": [71.0, 74.0],
         "test_accuracy_best": 72.9,
-        "macro_f1": 0.70,
+        "macro_f1": 70.0,
+        "macro_f1_ci95": [68.5, 71.5],
         "epochs_run": 120,
         "best_val_accuracy": 71.0,
         "train_seconds": 7200.0,
@@ -101,8 +111,8 @@ def fake_results(output_dir, row: str, **values) -> None:
         "date": "2025-01-31T12:00:00",
         **values,
     }
-    (output_dir / row).mkdir(parents=True)
-    (output_dir / row / "results.json").write_text(json.dumps(results))
+    (output_dir / row / f"seed_{seed}").mkdir(parents=True)
+    (output_dir / row / f"seed_{seed}" / "results.json").write_text(json.dumps(results))
 
 
 def test_table_from_results(tmp_path):
@@ -113,29 +123,42 @@ def test_table_from_results(tmp_path):
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     assert len(lines) == len(reproduce.ROWS)
     assert lines["emonext_tiny"] == (
-        "| emonext_tiny | 73.34 % | 72.50 % | -0.84 | 120 | 4.00 | NVIDIA H100 80GB HBM3 "
-        "| 2025-01-31 | 0123456 |"
+        "| emonext_tiny | 73.34 % | 72.50 % | 1 | [71.00, 74.00] | 70.00 | [68.50, 71.50] | -0.84 "
+        "| 120 | 4.00 | NVIDIA H100 80GB HBM3 | 2025-01-31 | 0123456 |"
     )
-    assert (
-        "| 79.79 % (claimed by ResEmoteNet paper) | 70.00 % | -9.79 | 120 | 0.50 |"
-        in (lines["resemotenet"])
-    )
-    assert "| simple_cnn | not published | 65.25 % |  | 120 | 0.00 | cpu |" in lines["simple_cnn"]
-    assert lines["emonext_small"] == "| emonext_small | 74.33 % | not run | | | | | | |"
+    assert "| 79.79 % (claimed by ResEmoteNet paper) | 70.00 % | 1 |" in lines["resemotenet"]
+    assert "| -9.79 | 120 | 0.50 |" in lines["resemotenet"]
+    assert "| simple_cnn | not published | 65.25 % | 1 |" in lines["simple_cnn"]
+    assert "| 120 | 0.00 | cpu |" in lines["simple_cnn"]
+    assert lines["emonext_small"] == "| emonext_small | 74.33 % | not run |" + " |" * 10
     assert sum("not run" in line for line in lines.values()) == len(reproduce.ROWS) - 3
-    assert table.splitlines()[0].startswith("| row | paper accuracy | ours | difference |")
+    assert table.splitlines()[0] == "| " + " | ".join(reproduce.TABLE_COLUMNS) + " |"
+
+
+def test_table_over_seeds_is_mean_and_standard_deviation(tmp_path):
+    for seed, accuracy, low in ((2001, 72.0, 70.5), (2002, 73.0, 71.5), (2003, 74.5, 73.0)):
+        fake_results(tmp_path, "emonext_tiny", seed, test_accuracy=accuracy,
+                     test_accuracy_ci95=[low, low + 3], date=f"2025-02-0{seed - 2000}")  # fmt: skip
+    line = reproduce.make_table(reproduce.ROWS[:1], tmp_path).splitlines()[2]
+    mean, std = np.mean([72.0, 73.0, 74.5]), np.std([72.0, 73.0, 74.5], ddof=1)
+    assert line.startswith(
+        f"| emonext_tiny | 73.34 % | {mean:.2f} ± {std:.2f} % | 3 | [71.67, 74.67] | "
+        f"70.00 ± 0.00 | [68.50, 71.50] | {mean - 73.34:+.2f} | 120 | 12.00 |"
+    )
+    assert "| 2025-02-03 | 0123456 |" in line
 
 
 def test_table_only_writes_results_md(tmp_path, capsys):
     fake_results(tmp_path, "convnext_tiny")
     assert reproduce.main(args_for(tmp_path, "--table-only")) == 0
     text = (tmp_path / "results.md").read_text()
-    assert "| convnext_tiny | not published | 72.50 % |" in text
+    assert "| convnext_tiny | not published | 72.50 % | 1 |" in text
     assert "not run" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/BASELINES.md"])
 def test_docs_table_lists_every_row(repo_root, doc):
     text = (repo_root / doc).read_text()
+    assert reproduce.make_table(reproduce.ROWS, repo_root / "no-results") in text  # CI columns
     for row in reproduce.ROWS:
         assert f"\n| {row['row']} | " in text, row["row"]

@@ -122,6 +122,11 @@ def test_run_writes_every_output(tiny_faces, tmp_path):
     ):
         assert key in on_disk, key
     assert on_disk["epochs_run"] == 2
+    for key in ("test_accuracy_ci95", "macro_f1_ci95"):  # 95 % bootstrap intervals, percent
+        low, high = on_disk[key]
+        assert 0 <= low <= on_disk[key.removesuffix("_ci95")] <= high <= 100
+    no_leak = {"images": 28, "exact": 0, "near": 0, "other_label": 0}
+    assert on_disk["split_overlap"] == {"val": no_leak, "test": no_leak}
     assert sum(map(sum, on_disk["confusion_matrix"])) == 28  # every test image once
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == [0, 1]
