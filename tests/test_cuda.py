@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import CUDA_FIGURES
+from conftest import CUDA_FIGURES, assert_resume_is_exact
 from inference_utils import ASTRONAUT, make_project_checkpoint
 
 import datasets
@@ -94,14 +94,7 @@ def test_train_end_to_end_then_checkpoints_load_on_the_cpu(config, synthetic_roo
 def test_exact_resume_on_the_gpu(synthetic_root, tmp_path):
     common = TINY + ["--amp", "--deterministic", "--dataset-path", str(synthetic_root),
                      "--output-dir", str(tmp_path)]  # fmt: skip
-    run(common + ["--epochs", "2", "--run-name", "straight"])
-    run(common + ["--epochs", "1", "--run-name", "split"])
-    run(common + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
+    assert_resume_is_exact(run, common, tmp_path)
 
 
 def torchrun(nproc: int, argv: list[str], repo_root) -> str:

@@ -211,11 +211,13 @@ class Evil:
         return (print, ("code ran",))
 
 
-def test_checkpoints_never_run_code(tmp_path):
+def test_checkpoints_never_run_code(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError, match=r"would run Python code \(print\)") as err:
         load_checkpoint(create_model("emonext_atto", img_size=64), path)
+    assert "weights_only" not in str(err.value)  # never the advice that would run it
+    assert "code ran" not in capsys.readouterr().out
 
 
 def test_ddp_and_compile_prefixes_are_stripped():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 from PIL import Image
 from torch import nn
 
@@ -139,14 +140,7 @@ def test_run_writes_every_output(tiny_faces, tmp_path):
 
 def test_resume_is_exact(tiny_faces, tmp_path):
     common = FAST + ["--dataset-path", str(tiny_faces), "--output-dir", str(tmp_path)]
-    run(common + ["--epochs", "2", "--run-name", "straight"])
-    run(common + ["--epochs", "1", "--run-name", "split"])
-    run(common + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
+    assert_resume_is_exact(run, common, tmp_path)
     assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "split")
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "split" / "results.json").read_text())
