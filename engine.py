@@ -232,25 +232,19 @@ def train_one_epoch(
         finite = torch.isfinite(step_loss).to(torch.int32)
         if is_distributed():  # every rank must take the same decision, or the weights diverge
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        skip = None  # deferred: 1.0 on the device when this step must be skipped
         if defer_checks:
             skip = (1 - finite).float()
             streak_now = (bad_steps[1] + 1) * skip
             bad_steps = torch.stack(
                 [bad_steps[0] + skip, streak_now, torch.maximum(bad_steps[2], streak_now)]
             )
-            if clip_grad:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            optimizer.found_inf, optimizer.grad_scale = skip, None
-            optimizer.step()
-            del optimizer.found_inf, optimizer.grad_scale
-            optimizer.zero_grad(set_to_none=True)
-        elif not finite.item():  # a host sync per optimiser step
-            nonfinite += 1
-            streak += 1
-            optimizer.zero_grad(set_to_none=True)
+            take_step = True  # the fused optimiser leaves the weights alone where skip is 1
         else:
-            streak = 0
+            take_step = bool(finite.item())  # a host sync per optimiser step
+            streak = 0 if take_step else streak + 1
+            nonfinite += not take_step
+        if take_step:
             if scaler is not None and not clip_scaled:
                 scaler.unscale_(optimizer)
             if clip_grad:
@@ -259,9 +253,13 @@ def train_one_epoch(
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
+            elif skip is not None:
+                optimizer.found_inf, optimizer.grad_scale = skip, None
+                optimizer.step()
+                del optimizer.found_inf, optimizer.grad_scale
             else:
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         # The schedule and the EMA follow optimiser steps, skipped ones included, as officially.
         scheduler.step()
         if ema is not None:
@@ -269,10 +267,8 @@ def train_one_epoch(
         steps += 1
         step_loss = torch.zeros((), device=device)
         if defer_checks and (steps % 25 == 0 or i + 1 == batches):
-            nonfinite, streak, longest = (int(v) for v in bad_steps.tolist())
-            if longest >= max_nonfinite:
-                stopped = "nonfinite"
-                break
+            # read with the counters: the longest run of non-finite steps so far is the streak
+            nonfinite, _, streak = (int(v) for v in bad_steps.tolist())
         if bar is not None:
             bar.update(accumulation_steps if i + 1 < batches else bar.total - bar.n)
             if steps % 25 == 0:

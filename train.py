@@ -217,7 +217,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deterministic cuDNN kernels (slower); otherwise cudnn.benchmark",
     )
-    g.add_argument("--device", default=None, help="cuda, cuda:N, cpu, ... (default: cuda if any)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: a GPU if there is one; cuda:LOCAL_RANK under torchrun)",
+    )
     g.add_argument(
         "--compile",
         action="store_true",
@@ -317,7 +321,6 @@ ARG_RULES = {
 # eval mode, where the batch size changes memory use, not results (up to float rounding).
 # Everything else is the run's own (recorded in its checkpoints) and must not change.
 RESUMABLE = {
-    "grad_checkpointing",
     "epochs",
     "patience",
     "max_nonfinite_steps",
@@ -328,6 +331,7 @@ RESUMABLE = {
     "deterministic",
     "compile",
     "channels_last",
+    "grad_checkpointing",
     "no_progress",
     "wandb",
 }
@@ -1038,7 +1042,7 @@ def main(args: argparse.Namespace) -> dict | None:
 
                 log_items = {k: v for k, v in record.items() if k != "epoch"}
                 if stn_images is not None:
-                    log_items["stn"] = wandb.Image(str(run_dir / f"stn_epoch_{epoch:03d}.png"))
+                    log_items["stn"] = wandb.Image(str(stn_path))
                 wandb_run.log(log_items, step=epoch)
         del ckpt
         saved_epoch = epoch

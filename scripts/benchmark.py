@@ -170,6 +170,8 @@ def run_data(args: argparse.Namespace) -> dict:
 # train
 # --------------------------------------------------------------------------------------------
 
+# 7 classes x these: 28,707 / 3,591 / 3,591 images, FER2013's split sizes within two images.
+FER_SIZED_PER_CLASS = (4101, 513, 513)
 # Dense bf16/fp16 tensor-core peaks (FLOP/s), for the utilisation figure.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -196,9 +198,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--synthetic-per-class",
         type=int,
         nargs=3,
-        default=None,
+        default=FER_SIZED_PER_CLASS,
         metavar=("TRAIN", "VAL", "TEST"),
-        help="images per class of the synthetic set (default: 4101 513 513, FER2013's sizes)",
+        help="images per class of the synthetic set (default: FER2013's split sizes)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument(
@@ -268,16 +270,16 @@ def setup_argv(kind: str, args: argparse.Namespace, root, out_dir) -> list[str]:
     return argv
 
 
-def time_setup(kind: str, args: argparse.Namespace, root, out_dir) -> dict:
+def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, out_dir) -> dict:
     """Run train.py's main on `root` for --epochs epochs; its own metrics.jsonl is the result."""
     import train
 
     argv = setup_argv(kind, args, root, out_dir)
     train_args = train.parse_args(argv)
-    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     results = train.main(train_args)
     wall = time.perf_counter() - started
@@ -297,7 +299,7 @@ def time_setup(kind: str, args: argparse.Namespace, root, out_dir) -> dict:
         "first_epoch_train_images_per_s": first["images_per_s"],
         "run_seconds": wall,  # start to results.json: set-up, every epoch, checkpoints, test
         "epochs": len(epochs),
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "flops_per_image": training_flops_per_image(model, cfg["image_size"], cfg["in_chans"]),
         "test_accuracy": results["test_accuracy"] if results else None,
     }
@@ -309,7 +311,7 @@ def run_train(args: argparse.Namespace) -> dict:
     What train.py measures is what is reported: the first epoch (cuDNN autotuning of each new
     shape included) and the last, steady one; nothing is projected from a few steps.
     """
-    resolve_device(args.device)  # a --device this machine lacks fails now, not after the data
+    device = resolve_device(args.device)  # a --device this machine lacks fails before the data
     kinds = [k for k in args.setups.split(",") if k]
     unknown = set(kinds) - set(SETUPS)
     if unknown:
@@ -321,12 +323,11 @@ def run_train(args: argparse.Namespace) -> dict:
         if root is None:
             from make_synthetic import make_synthetic
 
-            train_n, val_n, test_n = args.synthetic_per_class or (4101, 513, 513)
+            train_n, val_n, test_n = args.synthetic_per_class
             splits = {"train": train_n, "val": val_n, "test": test_n}
             root = make_synthetic(Path(tmp) / "synthetic", seed=args.seed, splits=splits)
-        per_setup = {k: time_setup(k, args, root, Path(tmp) / "runs") for k in kinds}
-    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+        per_setup = {k: time_setup(k, args, device, root, Path(tmp) / "runs") for k in kinds}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = (
         args.peak_tflops * 1e12
         if args.peak_tflops

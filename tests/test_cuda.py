@@ -97,6 +97,22 @@ def test_exact_resume_on_the_gpu(synthetic_root, tmp_path):
     assert_resume_is_exact(run, common, tmp_path)
 
 
+def test_deferred_nonfinite_checks_on_the_gpu():
+    """The GPU default: a NaN step skipped by fused AdamW's found_inf, no host sync per step,
+    gives the weights and Adam state that the host-checked path gives."""
+    from test_engine import train_micro
+
+    fused = torch.optim.AdamW([torch.zeros(1, device="cuda")], fused=True)
+    assert engine.defers_checks("cuda:0", fused)
+    host_weights, host_opt, host = train_micro(False, {1, 3}, device="cuda")
+    dev_weights, dev_opt, dev = train_micro(True, {1, 3}, device="cuda")
+    assert host["nonfinite"] == dev["nonfinite"] == 2 and host["steps"] == dev["steps"] == 6
+    for k, v in host_weights.items():
+        assert torch.equal(v, dev_weights[k]), k
+    for a, b in zip(host_opt["state"].values(), dev_opt["state"].values(), strict=True):
+        assert a["step"] == b["step"] == 4
+
+
 def torchrun(nproc: int, argv: list[str], repo_root) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "train.py", *argv]  # fmt: skip

@@ -1,9 +1,12 @@
-"""The evaluation half of engine.py: TTA averaging, metrics, the confusion-matrix figure."""
+"""engine.py: TTA averaging, metrics, the confusion-matrix figure; deferred non-finite checks."""
 
 import torch
 from torch import nn
 
+import engine
 from engine import compute_metrics, format_report, predict, save_confusion_matrix
+from losses import EmoNeXtLoss
+from models import create_model
 
 
 class Mean(nn.Module):
@@ -44,8 +47,6 @@ class NaNAt(nn.Module):
 
     def __init__(self, bad: set[int]):
         super().__init__()
-        from losses import EmoNeXtLoss
-
         self.inner, self.bad, self.calls = EmoNeXtLoss(), bad, 0
 
     def forward(self, logits, weights, y):
@@ -55,17 +56,16 @@ class NaNAt(nn.Module):
         return loss * float("nan") if self.calls - 1 in self.bad else loss
 
 
-def train_micro(defer: bool, bad: set[int], steps: int = 6, max_nonfinite: int = 10):
-    import engine
-    from models import create_model
-
+def train_micro(
+    defer: bool, bad: set[int], steps: int = 6, max_nonfinite: int = 10, device: str = "cpu"
+):
     torch.manual_seed(0)
-    model = create_model("emonext_micro", img_size=32)
+    model = create_model("emonext_micro", img_size=32).to(device)
     opt = torch.optim.AdamW(engine.trainable_parameters(model), lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     g = torch.Generator().manual_seed(1)
     loader = [(torch.rand(4, 3, 32, 32, generator=g), torch.arange(4)) for _ in range(steps)]
-    stats = engine.train_one_epoch(model, NaNAt(bad), loader, opt, sched, torch.device("cpu"),
+    stats = engine.train_one_epoch(model, NaNAt(bad), loader, opt, sched, torch.device(device),
                                    defer_checks=defer, max_nonfinite=max_nonfinite)  # fmt: skip
     return model.state_dict(), opt.state_dict(), stats
 
@@ -90,8 +90,6 @@ def test_deferred_checks_stop_when_the_host_reads_them():
 
 
 def test_deferred_checks_are_the_default_on_gpus_only():
-    import engine
-
     params = [nn.Parameter(torch.zeros(1))]
     fused = torch.optim.AdamW(params, fused=True)
     plain = torch.optim.AdamW(params)
