@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from benchmark import main as benchmark_main
 
@@ -43,6 +44,8 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_ro
         assert v["epoch_seconds"] == epochs[1]["seconds"]
         assert v["train_images_per_s"] == epochs[1]["images_per_s"]
         assert v["run_seconds"] > v["first_epoch_seconds"] + v["epoch_seconds"]
+        outside = v["run_seconds"] - epochs[0]["seconds"] - epochs[1]["seconds"]
+        assert v["outside_epochs_seconds"] == pytest.approx(outside) and outside > 0
         assert printed[f"{kind}_epoch_seconds"] == round(epochs[1]["seconds"], 2)
     assert printed["ours_vs_official"] == round(
         setups["official"]["epoch_seconds"] / setups["ours"]["epoch_seconds"], 2

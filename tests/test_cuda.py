@@ -53,7 +53,9 @@ CONFIGS = {
     "bf16": ["--amp"],
     "fp16-official-quirks": ["--amp", "--official-quirks"],
     "nchw-fp32": ["--no-channels-last"],
-    "compile": ["--amp", "--compile"],
+    # Whether the compiled path runs on CUDA (train, eval and TenCrop shapes), not its speed:
+    # a small model, since compiling Tiny's shapes took over two minutes on an H200.
+    "compile": ["--amp", "--compile", "--model", "emonext_micro", "--input-size", "64"],
 }
 
 
@@ -80,13 +82,14 @@ def test_train_end_to_end_then_checkpoints_load_on_the_cpu(config, synthetic_roo
     assert isinstance(ckpt["rng"][0]["cuda"], torch.Tensor)
     # The checkpoint loads on the CPU and computes what it computes on the GPU.
     model, _ = load_model(str(run_dir / "last.pt"))
-    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    size = model.data_config["image_size"]
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cpu_logits = model.eval()(x)
         gpu_logits = model.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=1e-3)
     CUDA_FIGURES.append(
-        f"train.py emonext_tiny {config}: 1 short epoch + val + TenCrop test, "
+        f"train.py {model.model_name} {config}: 1 short epoch + val + TenCrop test, "
         f"{seconds:.1f} s end to end (epoch {epoch['seconds']:.1f} s)"
     )
 

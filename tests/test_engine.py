@@ -97,3 +97,48 @@ def test_deferred_checks_are_the_default_on_gpus_only():
     assert not engine.defers_checks("cpu", fused)
     assert not engine.defers_checks("cuda:0", plain)  # only a fused optimiser skips by itself
     assert not engine.defers_checks("cuda:0", fused, torch.amp.GradScaler("cpu"))
+
+
+class RecordsAutotune(nn.Module):
+    """A linear model that records cudnn.benchmark in its forward and in its backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.forward_flags, self.backward_flags = nn.Linear(3, 7), [], []
+
+    def forward(self, x, return_attention=False):
+        self.forward_flags.append(torch.backends.cudnn.benchmark)
+        x = x.mean((2, 3))
+        if x.requires_grad or self.training:
+            x.register_hook(lambda g: self.backward_flags.append(torch.backends.cudnn.benchmark))
+        logits = self.fc(x)
+        return (logits, None) if return_attention else logits
+
+
+class Batches(list):
+    batch_size = 4
+
+
+def test_only_full_training_batches_are_autotuned(monkeypatch):
+    """The partial last batch and evaluation run on cuDNN's heuristics; the flag comes back."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = RecordsAutotune()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    g = torch.Generator().manual_seed(0)
+    loader = Batches(
+        (torch.rand(n, 3, 2, 2, generator=g).requires_grad_(), torch.arange(n)) for n in (4, 4, 3)
+    )
+    engine.train_one_epoch(model, EmoNeXtLoss(), loader, opt, sched, torch.device("cpu"))
+    assert model.forward_flags == model.backward_flags == [True, True, False]
+    assert torch.backends.cudnn.benchmark is True
+    predict(model, loader, "cpu")
+    assert model.forward_flags[3:] == [False] * 3 and torch.backends.cudnn.benchmark is True
+    # Without a batch_size attribute the first batch's size is the one autotuned.
+    model.forward_flags.clear()
+    engine.train_one_epoch(model, EmoNeXtLoss(), list(loader), opt, sched, torch.device("cpu"))
+    assert model.forward_flags == [True, True, False]
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # --deterministic stays off
+    model.forward_flags.clear()
+    engine.train_one_epoch(model, EmoNeXtLoss(), loader, opt, sched, torch.device("cpu"))
+    assert model.forward_flags == [False] * 3
