@@ -270,6 +270,16 @@ def setup_argv(kind: str, args: argparse.Namespace, root, out_dir) -> list[str]:
     return argv
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting peak GPU memory. CUDA is initialised first: before that, the allocator
+    has no devices and reset_peak_memory_stats raises "Invalid device argument" (seen on an
+    H200 with torch 2.11, where nothing had used CUDA yet)."""
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, out_dir) -> dict:
     """Run train.py's main on `root` for --epochs epochs; its own metrics.jsonl is the result."""
     import train
@@ -277,9 +287,7 @@ def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, 
     argv = setup_argv(kind, args, root, out_dir)
     train_args = train.parse_args(argv)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     started = time.perf_counter()
     results = train.main(train_args)
     wall = time.perf_counter() - started

@@ -95,3 +95,16 @@ def test_failed_check_leaves_no_file(tmp_path, repo_root):
             ["--checkpoint", ASTRONAUT, "--format", "onnx", "--output", path],
         )
     assert "not a readable PyTorch checkpoint" in str(exit_info.value.code)
+
+
+def test_real_input_without_the_face_detector(monkeypatch):
+    """OpenCV 5 (on a GPU machine) has no face detector: the export's check uses the whole photo."""
+    import cv2
+
+    from scripts import export as export_script
+
+    data_config = {"image_size": 32, "in_chans": 3, "mean": None, "std": None}
+    face = export_script.real_input(data_config)
+    monkeypatch.delattr(cv2, "CascadeClassifier")
+    whole = export_script.real_input(data_config)
+    assert face.shape == whole.shape == (1, 3, 32, 32) and not torch.equal(face, whole)
