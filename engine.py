@@ -60,12 +60,6 @@ def reset_fault_points() -> None:
     _FAULT_COUNTS.clear()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 # --------------------------------------------------------------------------- devices
 
 
@@ -169,6 +163,29 @@ def cudnn_autotune(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+class CompileTrainingBatches(nn.Module):
+    """`torch.compile` for the one shape that recurs thousands of times: training batches of
+    `batch_size`. Every other call, the partial last batch of an epoch and evaluation, runs the
+    module as it is, since each new shape is another compilation (46 s for EmoNeXt-Tiny's
+    training step on an H200, docs/PERFORMANCE.md) that a shape met once an epoch never pays
+    back. The compiled module is the module itself: the same weights either way.
+    """
+
+    def __init__(self, module: nn.Module, batch_size: int):
+        super().__init__()
+        self.module, self.batch_size = module, batch_size
+        self.__dict__["compiled"] = torch.compile(module)  # not registered: no second copy
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.training and x.shape[0] == self.batch_size:
+            return self.compiled(x, *args, **kwargs)
+        return self.module(x, *args, **kwargs)
+
+    def no_sync(self):
+        """DistributedDataParallel's, for gradient accumulation; nothing to hold back otherwise."""
+        return self.module.no_sync() if hasattr(self.module, "no_sync") else nullcontext()
 
 
 def train_one_epoch(

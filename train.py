@@ -225,7 +225,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the model (opt-in: docs/PERFORMANCE.md says what it costs)",
+        help="torch.compile the model for full training batches (opt-in: on an H200, 46 s of "
+        "compilation, then 1.4x faster training steps; docs/PERFORMANCE.md)",
     )
     g.add_argument(
         "--channels-last",
@@ -883,7 +884,7 @@ def main(args: argparse.Namespace) -> dict | None:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if args.compile:
-        train_model = torch.compile(train_model)
+        train_model = engine.CompileTrainingBatches(train_model, args.batch_size)
 
     start_epoch, step, best_acc, bad_epochs = 0, 0, -1.0, 0
     train_seconds = 0.0

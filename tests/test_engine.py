@@ -109,7 +109,7 @@ class RecordsAutotune(nn.Module):
     def forward(self, x, return_attention=False):
         self.forward_flags.append(torch.backends.cudnn.benchmark)
         x = x.mean((2, 3))
-        if x.requires_grad or self.training:
+        if x.requires_grad:
             x.register_hook(lambda g: self.backward_flags.append(torch.backends.cudnn.benchmark))
         logits = self.fc(x)
         return (logits, None) if return_attention else logits
@@ -142,3 +142,24 @@ def test_only_full_training_batches_are_autotuned(monkeypatch):
     model.forward_flags.clear()
     engine.train_one_epoch(model, EmoNeXtLoss(), loader, opt, sched, torch.device("cpu"))
     assert model.forward_flags == [False] * 3
+
+
+def test_compile_training_batches_dispatch(monkeypatch):
+    """Full training batches go to the compiled module, everything else to the module itself."""
+    calls = []
+
+    def fake_compile(module):
+        return lambda x, *a, **k: calls.append(("compiled", len(x))) or module(x, *a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = RecordsAutotune()
+    wrapped = engine.CompileTrainingBatches(model, batch_size=4)
+    assert list(wrapped.state_dict()) == ["module.fc.weight", "module.fc.bias"]  # one copy
+    x = torch.rand(4, 3, 2, 2)
+    torch.testing.assert_close(wrapped(x), model(x))
+    wrapped(x[:3])
+    wrapped.eval()
+    wrapped(x)
+    assert calls == [("compiled", 4)] and len(model.forward_flags) == 4
+    with wrapped.no_sync():  # nothing to hold back without DistributedDataParallel
+        pass

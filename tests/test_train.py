@@ -424,9 +424,11 @@ def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
 
 
 def test_compile_compiles_nothing_after_the_first_epoch(tiny_faces, tmp_path, monkeypatch):
-    """--compile: train, partial-batch, validation shapes are all met in epoch 0; later epochs
-    (and the test, which uses the uncompiled EMA model) compile nothing. Dynamo's guards do not
-    depend on the backend, so the cheap "eager" backend stands in for inductor."""
+    """--compile compiles one graph, the full training batch's, in epoch 0: the partial last
+    batch and validation run uncompiled (each would be another compilation, and before
+    CompileTrainingBatches they were: 3 graphs), and later epochs and the test compile nothing.
+    Dynamo's guards do not depend on the backend, so the cheap "eager" backend stands in for
+    inductor."""
     from torch._dynamo.utils import counters
 
     real_compile = torch.compile
@@ -446,5 +448,4 @@ def test_compile_compiles_nothing_after_the_first_epoch(tiny_faces, tmp_path, mo
     run(argv)  # 112 training images: 4 batches of 24 and one of 16
     graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
-    assert graphs[0] == 0 and graphs[1] > 0, graphs  # epoch 0 compiled
-    assert graphs[1] == graphs[2] == graphs[3], graphs  # epochs 1 and 2 and the test: nothing
+    assert graphs == [0, 1, 1, 1], graphs  # epoch 0: one graph; epochs 1, 2 and the test: none
