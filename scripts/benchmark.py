@@ -318,7 +318,7 @@ def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, 
 def run_train(args: argparse.Namespace) -> dict:
     """Each setup trains --epochs real epochs with train.py; epoch times come from metrics.jsonl.
 
-    What train.py measures is what is reported: the first epoch (cuDNN autotuning of each new
+    What train.py measures is what is reported: the first epoch (the set-up of each new
     shape included) and the last, steady one; nothing is projected from a few steps.
     """
     device = resolve_device(args.device)  # a --device this machine lacks fails before the data
