@@ -919,6 +919,7 @@ def main(args: argparse.Namespace) -> dict | None:
             f"parameters; {train_loader.dataset_size} train images, device {device}, "
             f"{world_size} process(es), amp {amp_dtype}"
         )
+    commit = git_commit()  # recorded in every checkpoint and in results.json
     wandb_id = resume_ckpt.get("wandb_id") if resume_ckpt is not None else None
     wandb_run = init_wandb(args, run_dir, run_dir.name, wandb_id) if master else None
 
@@ -948,7 +949,7 @@ def main(args: argparse.Namespace) -> dict | None:
             "data_config": model.data_config,
             "pretrained": pretrained,
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
-            "git_commit": git_commit(),
+            "git_commit": commit,
         }
 
     interrupted = Interrupted()
@@ -1090,10 +1091,11 @@ def main(args: argparse.Namespace) -> dict | None:
         dist.barrier()
     test_best, best_epoch = {}, None  # best.pt's online ("model") and EMA weights
     if best_path.is_file():
+        best = models.read_checkpoint(best_path)  # once: it holds both weights
+        best_epoch = best["epoch"]
         for weights in ("model", "ema"):
             best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
-            best = models.load_checkpoint(best_model, str(best_path), weights=weights)
-            best_epoch = best["epoch"]
+            models.load_checkpoint(best_model, best, weights=weights)
             best_model.to(device)
             test_best[weights] = engine.evaluate(
                 best_model, test_loader, device, classes, amp_dtype
@@ -1134,7 +1136,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 "model": model.model_name,
                 "skipped_images_count": sum(len(paths) for paths in skipped.values()),
                 "skipped_images": skipped,
-                "git_commit": git_commit(),
+                "git_commit": commit,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             }
         )
