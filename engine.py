@@ -459,11 +459,7 @@ def evaluate(
     `bootstrap` > 0 also the 95 % intervals of accuracy and macro-F1 (`confidence_intervals`)."""
     logits, targets = predict(model, loader, device, amp_dtype)
     logits, targets = gather_predictions(logits, targets, device)
-    metrics = compute_metrics(logits, targets, classes)
-    if bootstrap:
-        preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
-        metrics.update(confidence_intervals(preds, targets.numpy(), len(classes), bootstrap))
-    return metrics
+    return metrics_with_intervals(logits, targets, classes, bootstrap)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -544,6 +540,20 @@ def confidence_intervals(
         "macro_f1_ci95": percentile_interval(f1),
         "bootstrap": {"resamples": int(resamples), "seed": int(seed), "method": "percentile"},
     }
+
+
+def metrics_with_intervals(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    classes: list[str],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict:
+    """`compute_metrics`, plus `confidence_intervals` when `resamples` > 0."""
+    metrics = compute_metrics(logits, targets, classes)
+    preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
+    metrics.update(confidence_intervals(preds, targets.numpy(), len(classes), resamples, seed))
+    return metrics
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:

@@ -31,9 +31,8 @@ from engine import (
     ArgumentParser,
     DeviceError,
     amp_settings,
-    compute_metrics,
-    confidence_intervals,
     format_report,
+    metrics_with_intervals,
     paired_comparison,
     predict,
     resolve_device,
@@ -273,13 +272,7 @@ def main(args: argparse.Namespace) -> dict:
             + ", ".join(skipped[:5])
             + (", ..." if len(skipped) > 5 else "")
         )
-    metrics = compute_metrics(logits, targets, classes)
-    preds = logits.argmax(1).numpy() if len(targets) else targets.numpy()
-    metrics.update(
-        confidence_intervals(
-            preds, targets.numpy(), len(classes), args.bootstrap, args.bootstrap_seed
-        )
-    )
+    metrics = metrics_with_intervals(logits, targets, classes, args.bootstrap, args.bootstrap_seed)
     print(f"{args.checkpoint} ({ckpt['weights_used']} weights), {args.split}, tta {args.tta}")
     print(format_report(metrics))
 
