@@ -3,8 +3,9 @@
 Numerically the official EmoNeXt (El Boudouri & Bohi, 2023), with its state-dict layout, so that
 checkpoints of the official trainer load without key surgery. See REFERENCE.md section 2.
 Differences from the official code: the STN's flattened size is computed from `img_size` instead
-of being hard-coded for 224, and STN, SE and the attention module can be switched off for the
-paper's ablations and the plain ConvNeXt baseline.
+of being hard-coded for 224; under autocast the STN's transform and sampling grid stay fp32; and
+STN, SE and the attention module can be switched off for the paper's ablations and the plain
+ConvNeXt baseline.
 """
 
 from __future__ import annotations
@@ -199,9 +200,14 @@ class EmoNeXt(nn.Module):
     def stn(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_stn:
             return x
-        theta = self.fc_loc(torch.flatten(self.localization(x), 1)).view(-1, 2, 3)
-        # grid_sample has no half/bfloat16 kernel on every device; warp in the input's dtype.
-        grid = F.affine_grid(theta.to(x.dtype), list(x.size()), align_corners=True)
+        features = torch.flatten(self.localization(x), 1)
+        # The warp's geometry in the input's dtype (fp32 for images) even under autocast, which
+        # would run fc_loc and affine_grid's matrix product in bf16: its 8-bit mantissa puts
+        # sampling positions up to ~0.7 pixel off at the edge of a 224 image (fp16: ~8x less).
+        # Both are tiny. grid_sample also needs the input's dtype on some devices.
+        with torch.autocast(x.device.type, enabled=False):
+            theta = self.fc_loc(features.to(self.fc_loc[0].weight.dtype)).view(-1, 2, 3)
+            grid = F.affine_grid(theta.to(x.dtype), list(x.size()), align_corners=True)
         return F.grid_sample(x, grid, align_corners=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -282,3 +282,31 @@ def test_channels_last_same_outputs_and_gradients(mode):
         torch.testing.assert_close(cl["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
     for name, b in nchw["buffers"].items():  # BatchNorm running statistics
         torch.testing.assert_close(cl["buffers"][name], b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_stn_warps_in_fp32_under_bf16_autocast(mode):
+    """--amp's bf16 leaves the STN's geometry (theta, the sampling grid) in fp32: bf16 would put
+    the sampling positions up to ~0.7 pixel off at the edge of a 224 image. With fc_loc's last
+    weight zero, theta is its bias whatever the (bf16) localisation features are, so the warp
+    and theta's gradient must be fp32's."""
+    torch.manual_seed(0)
+    model = create_model("emonext_micro", img_size=224).train(mode == "train")
+    with torch.no_grad():
+        model.fc_loc[2].bias.copy_(torch.tensor([0.9, 0.1, 0.05, -0.1, 0.95, 0.02]))
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    target = torch.rand(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def warp_and_theta_grad(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            warped = model.stn(x)
+        (warped * target).sum().backward()
+        return warped.detach(), model.fc_loc[2].bias.grad.clone()
+
+    fp32_warp, fp32_grad = warp_and_theta_grad(False)
+    amp_warp, amp_grad = warp_and_theta_grad(True)
+    assert amp_warp.dtype == torch.float32
+    assert fp32_grad.abs().min() > 1.0  # theta is learning something
+    torch.testing.assert_close(amp_warp, fp32_warp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(amp_grad, fp32_grad, atol=1e-3, rtol=1e-5)
