@@ -757,6 +757,7 @@ class Interrupted:
 
 def main(args: argparse.Namespace) -> dict | None:
     """Train and test as `args` (from parse_args) say; the results dict on rank 0."""
+    main_started = time.time()
     engine.reset_fault_points()
     rank, world_size, device = setup_distributed(args)
     distributed = engine.is_distributed()
@@ -962,6 +963,7 @@ def main(args: argparse.Namespace) -> dict | None:
     epochs = range(start_epoch, args.epochs)
     if bad_epochs >= args.patience:  # a resumed run that had stopped early stays stopped
         stop_reason, epochs = "early_stopping", range(0)
+    loop_started, epochs_seconds = time.time(), 0.0
     for epoch in epochs:
         train_loader.set_epoch(epoch)
         started = time.time()
@@ -1017,6 +1019,7 @@ def main(args: argparse.Namespace) -> dict | None:
             "images_per_s": stats["images_per_s"],
             "seconds": time.time() - started,
         }
+        epochs_seconds += record["seconds"]
         ckpt = checkpoint(epoch)  # collective under DDP: every rank builds it
         if master:
             # Made now, not at the start: a run that ends before its first epoch leaves nothing.
@@ -1056,6 +1059,7 @@ def main(args: argparse.Namespace) -> dict | None:
             stop_reason = "interrupted"
             break
 
+    loop_ended = time.time()
     if stop_reason == "interrupted":
         interrupted.restore()
         if saved_epoch is None:
@@ -1106,6 +1110,12 @@ def main(args: argparse.Namespace) -> dict | None:
         checksums = [None] * world_size
         dist.all_gather_object(checksums, float(weights_checksum))
     if master:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped in its first epoch has none
+        engine.save_confusion_matrix(
+            test,
+            str(run_dir / "confusion_matrix.png"),
+            f"test, EMA weights, TenCrop: {test['accuracy']:.2f} %",
+        )
         best_accuracy = {w: m["accuracy"] for w, m in test_best.items()}
         results.update(
             {
@@ -1129,6 +1139,14 @@ def main(args: argparse.Namespace) -> dict | None:
                 "epochs_run": epoch + 1,
                 "steps": step,
                 "train_seconds": train_seconds,
+                # This process's wall time (a resumed run's from its resume), for
+                # benchmark.py: what a run costs besides its epochs' own seconds.
+                "process_seconds": {
+                    "setup": loop_started - main_started,
+                    "epochs": epochs_seconds,
+                    "between_epochs": loop_ended - loop_started - epochs_seconds,
+                    "test": time.time() - loop_ended,
+                },
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "num_gpus": world_size if device.type == "cuda" else 0,
                 "world_size": world_size,
@@ -1140,13 +1158,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             }
         )
-        run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped in its first epoch has none
         engine.write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-        engine.save_confusion_matrix(
-            test,
-            str(run_dir / "confusion_matrix.png"),
-            f"test, EMA weights, TenCrop: {test['accuracy']:.2f} %",
-        )
         log(engine.format_report(test))
         log(
             f"test accuracy, TenCrop: final EMA weights {test['accuracy']:.2f} % (the official "

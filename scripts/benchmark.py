@@ -213,6 +213,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="epochs per setup: the first shows the warm-up cost, the last is the steady one",
     )
+    parser.add_argument(
+        "--project-epochs",
+        type=int,
+        default=50,
+        help="also report each setup's run of this many epochs, projected from the measured "
+        "parts: set-up, first epoch, steady epochs, time between epochs, test",
+    )
     parser.add_argument("--amp", action="store_true", help="--amp in every setup")
     parser.add_argument("--compile", action="store_true", help="--compile in `ours`")
     parser.add_argument(
@@ -294,6 +301,7 @@ def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, 
     run_dir = Path(out_dir) / kind
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, steady = epochs[0], epochs[-1]
+    parts = results["process_seconds"]
     from models import create_model
 
     size = {"img_size": args.input_size} if args.input_size and kind != "timm" else {}
@@ -309,25 +317,41 @@ def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, 
         # what the epochs' own seconds leave out: set-up, checkpoints, figures, the test
         "outside_epochs_seconds": wall - sum(e["seconds"] for e in epochs),
         "epochs": len(epochs),
+        "setup_seconds": parts["setup"],  # data, model, weights: start to the first epoch
+        "between_epochs_seconds": parts["between_epochs"] / len(epochs),  # checkpoint, figure
+        "test_seconds": parts["test"],  # the TenCrop tests, results.json
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "flops_per_image": training_flops_per_image(model, cfg["image_size"], cfg["in_chans"]),
         "test_accuracy": results["test_accuracy"] if results else None,
     }
 
 
+def projected_run_seconds(setup: dict, epochs: int) -> float:
+    """A run of `epochs` epochs from the measured parts: what is paid once (set-up, test), the
+    first epoch, steady epochs after it, and the time between epochs (checkpoints, figures)."""
+    once = setup["outside_epochs_seconds"] - setup["epochs"] * setup["between_epochs_seconds"]
+    return (
+        once
+        + setup["first_epoch_seconds"]
+        + (epochs - 1) * setup["epoch_seconds"]
+        + epochs * setup["between_epochs_seconds"]
+    )
+
+
 def run_train(args: argparse.Namespace) -> dict:
     """Each setup trains --epochs real epochs with train.py; epoch times come from metrics.jsonl.
 
     What train.py measures is what is reported: the first epoch (the set-up of each new
-    shape included) and the last, steady one; nothing is projected from a few steps.
+    shape included) and the last, steady one; nothing is projected from a few steps. The
+    --project-epochs run is projected from these and train.py's split of its wall time.
     """
     device = resolve_device(args.device)  # a --device this machine lacks fails before the data
     kinds = [k for k in args.setups.split(",") if k]
     unknown = set(kinds) - set(SETUPS)
     if unknown:
         raise SystemExit(f"error: unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
-    if args.epochs < 1:
-        raise SystemExit("error: --epochs must be at least 1")
+    if args.epochs < 1 or args.project_epochs < 1:
+        raise SystemExit("error: --epochs and --project-epochs must be at least 1")
     with tempfile.TemporaryDirectory(prefix="emonext-bench-") as tmp:
         root = args.dataset_path
         if root is None:
@@ -351,6 +375,12 @@ def run_train(args: argparse.Namespace) -> dict:
                 ratio = per_setup[other]["epoch_seconds"] / ours["epoch_seconds"]
                 result[f"ours_vs_{other}"] = round(ratio, 2)
         result["first_epoch_ratio"] = round(ours["first_epoch_seconds"] / ours["epoch_seconds"], 2)
+        # A run of E epochs against E steady epochs: what warm-up and overheads add in all.
+        projected = projected_run_seconds(ours, args.project_epochs)
+        result[f"ours_projected_{args.project_epochs}_epochs_seconds"] = round(projected, 1)
+        result[f"ours_projected_{args.project_epochs}_epochs_over_steady_seconds"] = round(
+            projected - args.project_epochs * ours["epoch_seconds"], 1
+        )
         if peak:
             used = ours["train_images_per_s"] * ours["flops_per_image"] / peak
             result["ours_flop_utilisation"] = round(used, 3)
@@ -369,9 +399,17 @@ def run_train(args: argparse.Namespace) -> dict:
         print(f"{k:<10}{v['first_epoch_seconds']:>15.1f}{v['epoch_seconds']:>16.1f}"
               f"{v['train_images_per_s']:>13.1f}{v['run_seconds']:>9.1f}"
               f"{v['outside_epochs_seconds']:>18.1f}{mem:>9}")  # fmt: skip
+    print(f"{'setup':<10}{'set-up s':>10}{'between epochs s':>18}{'test s':>8}"
+          f"{f'{args.project_epochs} epochs s (projected)':>26}")  # fmt: skip
+    for k, v in per_setup.items():
+        projected = projected_run_seconds(v, args.project_epochs)
+        print(f"{k:<10}{v['setup_seconds']:>10.1f}{v['between_epochs_seconds']:>18.2f}"
+              f"{v['test_seconds']:>8.1f}{projected:>26.1f}")  # fmt: skip
     for key in ("ours_vs_official", "ours_vs_timm", "first_epoch_ratio", "ours_flop_utilisation"):
         if key in result:
             print(f"{key}: {result[key]}")
+    for key in [k for k in result if k.startswith("ours_projected_")]:
+        print(f"{key}: {result[key]}")
     return result
 
 

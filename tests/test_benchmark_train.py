@@ -18,19 +18,21 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_ro
 
     import train
 
-    runs = {}
+    runs, results = {}, {}
     original = train.main
 
     def spy(args):  # keep what train.py itself wrote
         out = original(args)
-        metrics = Path(args.output_dir) / args.run_name / "metrics.jsonl"
-        runs[args.run_name] = [json.loads(line) for line in metrics.read_text().splitlines()]
+        run_dir = Path(args.output_dir) / args.run_name
+        metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+        runs[args.run_name] = [json.loads(line) for line in metrics]
+        results[args.run_name] = json.loads((run_dir / "results.json").read_text())
         return out
 
     monkeypatch.setattr(train, "main", spy)
     argv = ["train", "--model", "emonext_micro", "--input-size", "32", "--batch-size", "16",
             "--epochs", "2", "--device", "cpu", "--dataset-path", str(synthetic_root),
-            "--setups", "official,ours", "--json"]  # fmt: skip
+            "--setups", "official,ours", "--project-epochs", "2", "--json"]  # fmt: skip
     result = benchmark_main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["device"] == "cpu" and printed == json.loads(json.dumps(result))
@@ -47,6 +49,19 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_ro
         outside = v["run_seconds"] - epochs[0]["seconds"] - epochs[1]["seconds"]
         assert v["outside_epochs_seconds"] == pytest.approx(outside) and outside > 0
         assert printed[f"{kind}_epoch_seconds"] == round(epochs[1]["seconds"], 2)
+        # train.py's own split of its wall time: set-up, epochs, between epochs, test
+        parts = results[kind]["process_seconds"]
+        assert parts["epochs"] == pytest.approx(epochs[0]["seconds"] + epochs[1]["seconds"])
+        assert min(parts.values()) > 0 and sum(parts.values()) <= v["run_seconds"]
+        assert sum(parts.values()) == pytest.approx(v["run_seconds"], rel=0.05)
+        assert v["setup_seconds"] == parts["setup"] and v["test_seconds"] == parts["test"]
+        assert v["between_epochs_seconds"] == pytest.approx(parts["between_epochs"] / 2)
+        # projected to the 2 epochs that ran, the projection is the run itself
+        assert benchmark.projected_run_seconds(v, 2) == pytest.approx(v["run_seconds"])
+    ours = setups["ours"]
+    assert printed["ours_projected_2_epochs_over_steady_seconds"] == pytest.approx(
+        ours["run_seconds"] - 2 * ours["epoch_seconds"], abs=0.06
+    )
     assert printed["ours_vs_official"] == round(
         setups["official"]["epoch_seconds"] / setups["ours"]["epoch_seconds"], 2
     )
