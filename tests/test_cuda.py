@@ -123,6 +123,47 @@ def test_deferred_nonfinite_checks_on_the_gpu():
         assert a["step"] == b["step"] == 4
 
 
+def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monkeypatch):
+    """train.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
+    GPU (a 100M-cycle sleep kernel), the caller updates the tensors in place at once, and the
+    file holds the values of save time: the writer waited for the copies, and they ran before
+    the updates (one stream). The writer serialises pinned CPU tensors; they load as CPU ones."""
+    torch.manual_seed(0)
+    state = {
+        "model": {f"w{i}": torch.randn(256, 1024, device="cuda") for i in range(4)},  # 4 MB
+        "conv": torch.randn(64, 32, 3, 3, device="cuda").to(memory_format=torch.channels_last),
+        "step": torch.tensor(7.0, device="cuda"),
+    }
+    tensors = [*state["model"].values(), state["conv"], state["step"]]
+    expected = [t.cpu() for t in tensors]
+    pinned, real_save = [], torch.save
+
+    def save(obj, f, *args, **kwargs):
+        saved = [*obj["model"].values(), obj["conv"], obj["step"]]
+        pinned.extend((t.device.type, t.is_pinned()) for t in saved)
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    writer = train.CheckpointWriter()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the copies wait behind this kernel
+    writer.save(state, tmp_path / "last.pt")
+    for _ in range(10):
+        for t in tensors:
+            t.add_(1)
+    writer.wait()
+    assert pinned == [("cpu", True)] * len(tensors)
+    loaded = torch.load(tmp_path / "last.pt", weights_only=True)
+    saved = [*loaded["model"].values(), loaded["conv"], loaded["step"]]
+    for got, want in zip(saved, expected, strict=True):
+        assert got.device.type == "cpu" and not got.is_pinned()
+        assert torch.equal(got, want) and got.stride() == want.stride()
+    for t, want in zip(tensors, expected, strict=True):  # the updates did run, after the copy
+        for _ in range(10):
+            want = want + 1  # the same float32 additions on the CPU
+        assert torch.equal(t.cpu(), want)
+
+
 def torchrun(nproc: int, argv: list[str], repo_root) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "train.py", *argv]  # fmt: skip

@@ -1,12 +1,17 @@
 """train.py: the official schedule, outputs, exact resume, interruption, DDP, non-finite losses."""
 
+import copy
+import errno
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from torch import nn
 
 import datasets
 import engine
+import models
 import train
 from losses import EmoNeXtLoss
 from models import create_model, load_model
@@ -62,7 +68,29 @@ def test_schedule_is_the_official_one(golden_dir):
     assert official[0] == pytest.approx(1e-3 / 128) and official[1023] == 0.0
 
 
-def test_run_writes_every_output(tiny_faces, tmp_path):
+def test_run_writes_every_output(tiny_faces, tmp_path, monkeypatch):
+    # Checkpoints are written in the background. The last one's write is held (for a second,
+    # or until best.pt is read for the test): main must wait for it before reading best.pt.
+    writers, order, best_read = [], [], threading.Event()
+    real_save, real_read = torch.save, models.read_checkpoint
+
+    def save(obj, f, *args, **kwargs):
+        last_epoch = str(f).endswith(".pt.tmp") and obj["epoch"] == 1
+        if str(f).endswith(".pt.tmp"):
+            writers.append(threading.current_thread().name)
+        if last_epoch:
+            best_read.wait(timeout=1)
+        real_save(obj, f, *args, **kwargs)
+        if last_epoch:
+            order.append("epoch 1 written")
+
+    def read_checkpoint(path):
+        order.append(f"{Path(path).name} read")
+        best_read.set()
+        return real_read(path)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(models, "read_checkpoint", read_checkpoint)
     results = run(
         FAST
         + [
@@ -76,6 +104,9 @@ def test_run_writes_every_output(tiny_faces, tmp_path):
             "r",
         ]  # fmt: skip
     )
+    assert order == ["epoch 1 written", "best.pt read"]
+    assert writers and set(writers) <= {"write best.pt", "write last.pt"}, writers
+    assert not [t for t in threading.enumerate() if t.name.startswith("write ")]
     run_dir = tmp_path / "r"
     for name in (
         "best.pt",
@@ -421,6 +452,132 @@ def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
     assert torch.load(best, weights_only=True) == {"epoch": 3}
     assert torch.load(last, weights_only=True) == {"epoch": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def nested_state() -> dict:
+    """A checkpoint's shape: a state dict (channels-last), optimiser state, numbers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    return {
+        "model": conv.state_dict(),
+        "optimizer": {
+            "state": {0: {"exp_avg": torch.randn(8, 4, 3, 3), "step": torch.tensor(3.0)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
+        "rng": [{"torch": torch.get_rng_state()}],
+        "epoch": 3,
+    }
+
+
+def tensors_of(state: dict) -> list[torch.Tensor]:
+    model, opt = state["model"], state["optimizer"]["state"][0]
+    return [*model.values(), *opt.values(), state["rng"][0]["torch"]]
+
+
+def test_checkpoint_writer_writes_the_state_at_save_time(tmp_path, monkeypatch):
+    """The training loop changes weights and optimiser state in place right after save()
+    returns; the file holds them as they were at save(). The writer's torch.save is held until
+    the changes are made, so the write surely comes after them."""
+    gate, real_save = threading.Event(), torch.save
+
+    def held_save(*args, **kwargs):
+        assert gate.wait(timeout=30), "save() did not return while the file was being written"
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", held_save)
+    state = nested_state()
+    expected = copy.deepcopy(state)
+    writer = train.CheckpointWriter()
+    try:
+        writer.save(state, tmp_path / "best.pt", link=tmp_path / "last.pt")
+        (thread,) = [t for t in threading.enumerate() if t.name == "write best.pt"]
+        assert not thread.daemon  # a failing run still finishes the file
+        for t in tensors_of(state):
+            t.add_(1)
+        state["optimizer"]["param_groups"][0]["lr"] = 0.2
+        state["model"]["extra"] = torch.zeros(1)
+    finally:
+        gate.set()
+    writer.wait()
+    assert not thread.is_alive()
+    for name in ("best.pt", "last.pt"):
+        loaded = torch.load(tmp_path / name, weights_only=True)
+        torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+        assert isinstance(loaded["model"], OrderedDict)  # with its load_state_dict metadata
+        assert loaded["model"]._metadata == expected["model"]._metadata
+        assert loaded["model"]["weight"].stride() == expected["model"]["weight"].stride()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize("raised_by", ["wait", "save"])
+def test_checkpoint_writer_raises_the_writers_error_in_the_main_thread(
+    raised_by, tmp_path, monkeypatch, capsys
+):
+    """A full disk in the writer thread: the next wait() or save() raises it; last.pt stays the
+    previous complete file and no half-written temporary file is left."""
+    last = tmp_path / "last.pt"
+    writer = train.CheckpointWriter()
+    writer.save({"epoch": 1}, last)
+    writer.wait()
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    writer.save({"epoch": 2}, last)
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.wait() if raised_by == "wait" else writer.save({"epoch": 3}, last)
+    writer.wait()  # raised once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert torch.load(last, weights_only=True) == {"epoch": 1}
+
+    # leaving a `with` block (as main does) waits; an error already on its way is not hidden
+    with pytest.raises(RuntimeError, match="training failed") as raised:
+        with train.CheckpointWriter() as writer:
+            writer.save({"epoch": 2}, last)
+            raise RuntimeError("training failed")
+    assert "training failed" in str(raised.value)
+    assert "writing the checkpoint failed as well" in capsys.readouterr().err
+    with pytest.raises(OSError, match="No space left on device"):
+        with train.CheckpointWriter() as writer:
+            writer.save({"epoch": 2}, last)
+
+
+def test_checkpoint_writer_serialises_cuda_copies_once_complete(tmp_path, monkeypatch):
+    """CUDA's rules, without a GPU: save() enqueues the copies to host memory and records an
+    event on the stream of their device, in the caller's thread; the writer thread waits on the
+    event before torch.save reads the copies."""
+    log = []
+
+    def thread() -> str:
+        return "main" if threading.current_thread() is threading.main_thread() else "writer"
+
+    def enqueued_copy(t):  # host_copy's CUDA branch: a copy still running on cuda:0
+        log.append(("copy", thread()))
+        return t.clone(), torch.device("cuda", 0)
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream, thread()))
+
+        def synchronize(self):
+            log.append(("synchronize", thread()))
+
+    real_save = torch.save
+    monkeypatch.setattr(train, "host_copy", enqueued_copy)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (log.append(("save", thread())),
+                                                        real_save(*a, **k)))  # fmt: skip
+    state = nested_state()
+    writer = train.CheckpointWriter()
+    writer.save(state, tmp_path / "last.pt")
+    writer.wait()
+    copies = [("copy", "main")] * len(tensors_of(state))
+    assert log == copies + [("record", "stream of cuda:0", "main"), ("synchronize", "writer"),
+                            ("save", "writer")]  # fmt: skip
+    torch.testing.assert_close(torch.load(tmp_path / "last.pt", weights_only=True), state)
 
 
 def test_compile_compiles_nothing_after_the_first_epoch(tiny_faces, tmp_path, monkeypatch):
