@@ -1212,6 +1212,8 @@ def train_and_test(args: argparse.Namespace, writer: CheckpointWriter) -> dict |
             best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
             models.load_checkpoint(best_model, best, weights=weights)
             best_model.to(device)
+            if channels_last:  # as the EMA model, a copy of the trained one: the same kernels
+                best_model.to(memory_format=torch.channels_last)
             test_best[weights] = engine.evaluate(
                 best_model, test_loader, device, classes, amp_dtype
             )

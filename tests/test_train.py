@@ -454,6 +454,23 @@ def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
+def test_channels_last_run_tests_every_weights_in_channels_last(tiny_faces, tmp_path, monkeypatch):
+    """--channels-last (CUDA's default): validation and the three tests (final EMA, best.pt's
+    online and EMA weights) all run the model in channels-last, as it was trained: not best.pt's
+    two in NCHW (other, slower kernels, each shape set up anew)."""
+    formats, real_evaluate = [], engine.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        weight = model.downsample_layers[0][0].weight
+        formats.append(weight.is_contiguous(memory_format=torch.channels_last))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    run(FAST + ["--channels-last", "--epochs", "1", "--dataset-path", str(tiny_faces),
+                "--output-dir", str(tmp_path), "--run-name", "cl"])  # fmt: skip
+    assert formats == [True] * 4  # validation, then the three tests
+
+
 def nested_state() -> dict:
     """A checkpoint's shape: a state dict (channels-last), optimiser state, numbers."""
     torch.manual_seed(0)
