@@ -457,7 +457,7 @@ def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
 def test_channels_last_run_tests_every_weights_in_channels_last(tiny_faces, tmp_path, monkeypatch):
     """--channels-last (CUDA's default): validation and the three tests (final EMA, best.pt's
     online and EMA weights) all run the model in channels-last, as it was trained: not best.pt's
-    two in NCHW (other, slower kernels, each shape set up anew)."""
+    two in NCHW (other kernels: each test shape set up anew, about 0.7 s each on an H200)."""
     formats, real_evaluate = [], engine.evaluate
 
     def evaluate(model, *args, **kwargs):
