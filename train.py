@@ -1136,8 +1136,10 @@ def train_and_test(args: argparse.Namespace, writer: CheckpointWriter) -> dict |
             # This order keeps every state that a kill can leave resumable from last.pt: metrics
             # of an epoch that last.pt does not hold are dropped on resume, and a best.pt ahead
             # of last.pt is written again when that epoch is trained again. The checkpoint is
-            # written in the background while the next epoch trains (CheckpointWriter), so a kill
-            # can leave the metrics of two epochs that last.pt does not hold.
+            # written in the background while the next epoch trains (CheckpointWriter); the
+            # previous epoch's is on disk before this epoch's metrics line (a wait that is over
+            # long before), so a kill leaves at most one epoch that last.pt does not hold.
+            writer.wait()
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if improved:  # then last.pt: the same bytes, linked rather than written twice
