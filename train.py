@@ -13,7 +13,6 @@ it was started with; docs/RELIABILITY.md lists what may change on resume.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import difflib
 import json
@@ -25,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -565,127 +563,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: an interrupted save never leaves a broken file
-    (and a failed one, e.g. a full disk, removes its temporary file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    engine.fault_point(f"save:{path.name}")
-    os.replace(tmp, path)
-
-
-def same_file(src: Path, dst: Path) -> None:
-    """dst becomes a copy of src: a hard link where the file system allows (no second write of
-    hundreds of MB; replacing src later leaves dst as it is), else a copy; atomic either way."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    engine.fault_point(f"save:{dst.name}")
-    os.replace(tmp, dst)
-
-
-def host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.device | None]:
-    """A copy of `t` in host memory, in its layout, and the CUDA device on whose current stream
-    the copy is still running (None: the copy is done). A CUDA tensor is copied asynchronously
-    into pinned memory (PyTorch's caching host allocator reuses those blocks epoch after epoch)."""
-    if t.is_cuda:
-        pinned = torch.empty_like(t, device="cpu", pin_memory=True)
-        return pinned.copy_(t, non_blocking=True), t.device
-    return t.detach().clone(), None
-
-
-def snapshot(obj, copies_on: set):
-    """`obj` with every tensor in its dicts, lists and tuples copied by host_copy (dicts keep
-    their class and attributes, e.g. a state dict's _metadata); other values are kept as they
-    are. Adds to `copies_on` the CUDA devices whose copies are still running."""
-    if isinstance(obj, torch.Tensor):
-        out, device = host_copy(obj)
-        if device is not None:
-            copies_on.add(device)
-        return out
-    if isinstance(obj, dict):
-        out = copy.copy(obj)
-        for k, v in obj.items():
-            out[k] = snapshot(v, copies_on)
-        return out
-    if isinstance(obj, (list, tuple)):
-        items = [snapshot(v, copies_on) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple
-    return obj
-
-
-class CheckpointWriter:
-    """Writes checkpoints in a background thread while training goes on.
-
-    Written in the training loop, a Tiny checkpoint (484.6 MB: weights, EMA weights, AdamW's
-    state) kept an H200 idle for 0.46 s every epoch; torch.save releases the GIL while it writes,
-    so the loop runs on meanwhile. The next step updates weights and optimiser state in place,
-    so `save` writes a copy (snapshot): CUDA tensors are copied into pinned host memory on their
-    stream, asynchronously, and the writer waits for an event recorded after the copies before
-    it serialises (later in-place updates on that stream run after the copies). The copy costs
-    one checkpoint's size of host memory (pinned on CUDA) while it is written. One write at a
-    time: `save` waits for the previous one first. The thread is not a daemon, so a run that
-    fails meanwhile still finishes its file (written to .tmp, then renamed: a kill never leaves
-    a broken one). The writer's error is raised in the main thread by the next `save` or `wait`.
-    """
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, state: dict, path: Path, link: Path | None = None) -> None:
-        """Write `state` as it is now to `path`, then make `link` the same file (same_file)."""
-        self.wait()
-        copies_on = set()
-        state = snapshot(state, copies_on)
-        events = []
-        for device in copies_on:
-            events.append(torch.cuda.Event())
-            events[-1].record(torch.cuda.current_stream(device))
-        self._thread = threading.Thread(
-            target=self._write, args=(state, events, path, link), name=f"write {path.name}"
-        )
-        self._thread.start()
-
-    def _write(self, state: dict, events: list, path: Path, link: Path | None) -> None:
-        try:
-            for event in events:
-                event.synchronize()  # the copies to host memory are complete
-            atomic_save(state, path)
-            if link is not None:
-                same_file(path, link)
-        except BaseException as err:
-            self._error = err
-
-    def wait(self) -> None:
-        """Until the file being written is written; raises the writer's error, if any."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        """Every way out waits; the writer's error does not hide one already on its way."""
-        try:
-            self.wait()
-        except BaseException as err:
-            if exc is None:
-                raise
-            print(f"train.py: writing the checkpoint failed as well: {err!r}", file=sys.stderr)
-
-
 def drop_unsaved_metrics(path: Path, saved_epoch: int, log) -> None:
     """Remove metrics.jsonl lines of epochs after `saved_epoch` (-1: all), left by a kill
     between the metrics line and last.pt: the run trains those epochs again and writes them."""
@@ -860,11 +737,11 @@ class Interrupted:
 def main(args: argparse.Namespace) -> dict | None:
     """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
     raises only once the last checkpoint is written (in-process callers read it at once)."""
-    with CheckpointWriter() as writer:
+    with engine.CheckpointWriter() as writer:
         return train_and_test(args, writer)
 
 
-def train_and_test(args: argparse.Namespace, writer: CheckpointWriter) -> dict | None:
+def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) -> dict | None:
     """main's work; rank 0 writes the checkpoints with `writer`."""
     main_started = time.time()
     engine.reset_fault_points()
@@ -1136,7 +1013,7 @@ def train_and_test(args: argparse.Namespace, writer: CheckpointWriter) -> dict |
             # This order keeps every state that a kill can leave resumable from last.pt: metrics
             # of an epoch that last.pt does not hold are dropped on resume, and a best.pt ahead
             # of last.pt is written again when that epoch is trained again. The checkpoint is
-            # written in the background while the next epoch trains (CheckpointWriter); the
+            # written in the background while the next epoch trains (engine.CheckpointWriter); the
             # previous epoch's is on disk before this epoch's metrics line (a wait that is over
             # long before), so a kill leaves at most one epoch that last.pt does not hold.
             writer.wait()

@@ -124,7 +124,7 @@ def test_deferred_nonfinite_checks_on_the_gpu():
 
 
 def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monkeypatch):
-    """train.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
+    """engine.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
     GPU (a 100M-cycle sleep kernel), the caller updates the tensors in place at once, and the
     file holds the values of save time: the writer waited for the copies, and they ran before
     the updates (one stream). The writer serialises pinned CPU tensors; they load as CPU ones."""
@@ -144,7 +144,7 @@ def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monk
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    writer = train.CheckpointWriter()
+    writer = engine.CheckpointWriter()
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)  # the copies wait behind this kernel
     writer.save(state, tmp_path / "last.pt")

@@ -446,9 +446,9 @@ def test_wandb_offline_logs_the_run_quietly(tiny_faces, tmp_path, monkeypatch, c
 def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
     """best.pt is linked (or copied) from last.pt instead of written twice."""
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
-    train.atomic_save({"epoch": 3}, last)
-    train.same_file(last, best)
-    train.atomic_save({"epoch": 4}, last)  # the next epoch, not better
+    engine.atomic_save({"epoch": 3}, last)
+    engine.same_file(last, best)
+    engine.atomic_save({"epoch": 4}, last)  # the next epoch, not better
     assert torch.load(best, weights_only=True) == {"epoch": 3}
     assert torch.load(last, weights_only=True) == {"epoch": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
@@ -504,7 +504,7 @@ def test_checkpoint_writer_writes_the_state_at_save_time(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", held_save)
     state = nested_state()
     expected = copy.deepcopy(state)
-    writer = train.CheckpointWriter()
+    writer = engine.CheckpointWriter()
     try:
         writer.save(state, tmp_path / "best.pt", link=tmp_path / "last.pt")
         (thread,) = [t for t in threading.enumerate() if t.name == "write best.pt"]
@@ -533,7 +533,7 @@ def test_checkpoint_writer_raises_the_writers_error_in_the_main_thread(
     """A full disk in the writer thread: the next wait() or save() raises it; last.pt stays the
     previous complete file and no half-written temporary file is left."""
     last = tmp_path / "last.pt"
-    writer = train.CheckpointWriter()
+    writer = engine.CheckpointWriter()
     writer.save({"epoch": 1}, last)
     writer.wait()
 
@@ -551,13 +551,13 @@ def test_checkpoint_writer_raises_the_writers_error_in_the_main_thread(
 
     # leaving a `with` block (as main does) waits; an error already on its way is not hidden
     with pytest.raises(RuntimeError, match="training failed") as raised:
-        with train.CheckpointWriter() as writer:
+        with engine.CheckpointWriter() as writer:
             writer.save({"epoch": 2}, last)
             raise RuntimeError("training failed")
     assert "training failed" in str(raised.value)
     assert "writing the checkpoint failed as well" in capsys.readouterr().err
     with pytest.raises(OSError, match="No space left on device"):
-        with train.CheckpointWriter() as writer:
+        with engine.CheckpointWriter() as writer:
             writer.save({"epoch": 2}, last)
 
 
@@ -582,13 +582,13 @@ def test_checkpoint_writer_serialises_cuda_copies_once_complete(tmp_path, monkey
             log.append(("synchronize", thread()))
 
     real_save = torch.save
-    monkeypatch.setattr(train, "host_copy", enqueued_copy)
+    monkeypatch.setattr(engine, "host_copy", enqueued_copy)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
     monkeypatch.setattr(torch, "save", lambda *a, **k: (log.append(("save", thread())),
                                                         real_save(*a, **k)))  # fmt: skip
     state = nested_state()
-    writer = train.CheckpointWriter()
+    writer = engine.CheckpointWriter()
     writer.save(state, tmp_path / "last.pt")
     writer.wait()
     copies = [("copy", "main")] * len(tensors_of(state))
