@@ -1087,12 +1087,13 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
     if best_path.is_file():
         best = models.read_checkpoint(best_path)  # once: it holds both weights
         best_epoch = best["epoch"]
+        # One model for both: loading replaces every parameter and buffer in place.
+        best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
+        best_model.to(device)
+        if channels_last:  # as the EMA model, a copy of the trained one: the same kernels
+            best_model.to(memory_format=torch.channels_last)
         for weights in ("model", "ema"):
-            best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
             models.load_checkpoint(best_model, best, weights=weights)
-            best_model.to(device)
-            if channels_last:  # as the EMA model, a copy of the trained one: the same kernels
-                best_model.to(memory_format=torch.channels_last)
             test_best[weights] = engine.evaluate(
                 best_model, test_loader, device, classes, amp_dtype
             )
