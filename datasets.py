@@ -580,7 +580,7 @@ class ImageHashes:
     std: np.ndarray  # (N,) float32 pixel standard deviation
 
 
-def _dct_basis(n: int, k: int) -> np.ndarray:
+def dct_basis(n: int, k: int) -> np.ndarray:
     """The first k DCT-II basis vectors over n samples, (k, n)."""
     return np.cos(np.pi * (2 * np.arange(n) + 1)[None, :] * np.arange(k)[:, None] / (2 * n))
 
@@ -590,8 +590,8 @@ def hash_images(images: np.ndarray | torch.Tensor) -> ImageHashes:
     images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     n, h, w = images.shape
     pixels = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
-    rows = _dct_basis(h, _DCT_FREQUENCIES).astype(np.float32)
-    cols = _dct_basis(w, _DCT_FREQUENCIES).astype(np.float32)
+    rows = dct_basis(h, _DCT_FREQUENCIES).astype(np.float32)
+    cols = dct_basis(w, _DCT_FREQUENCIES).astype(np.float32)
     fingerprints = np.zeros((n, _DCT_FREQUENCIES**2 - 1), np.float32)
     std = np.zeros(n, np.float32)
     for start in range(0, n, _BLOCK):

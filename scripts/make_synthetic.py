@@ -31,6 +31,7 @@ from datasets import (  # noqa: E402
     DatasetError,
     check_replaceable,
     content_hash,
+    dct_basis,
     publish_dataset,
     read_manifest,
     write_manifest,
@@ -68,7 +69,7 @@ def backdrop(rng: np.random.Generator, size: int, level: float) -> Image.Image:
     k = 6
     weights = rng.normal(0.0, 1.0, (k, k)) / (1.0 + np.add.outer(np.arange(k), np.arange(k)))
     weights[0, 0] = 0.0  # the mean is `level`
-    basis = np.cos(np.pi * (2 * np.arange(size) + 1)[None, :] * np.arange(k)[:, None] / (2 * size))
+    basis = dct_basis(size, k)
     field = basis.T @ weights @ basis
     field *= BACKDROP_STD / max(float(field.std()), 1e-6)
     return Image.fromarray(np.clip(np.rint(level + field), 0, 255).astype(np.uint8))
