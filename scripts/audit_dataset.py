@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datasets  # noqa: E402
 from datasets import SPLITS, DatasetError  # noqa: E402
+from engine import write_text_atomic  # noqa: E402
 
 KEEP_FIRST = ("test", "val", "train")  # which copy of a duplicate group --dedupe keeps
 
@@ -271,9 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_summary(report, args.dataset, time.time() - started, args.show))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{args.json}.tmp"
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.dedupe:
         manifest = write_dedupe(args.dataset, report, args.dedupe)
