@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import benchmark
 import pytest
 import torch
 from conftest import CUDA_FIGURES, assert_resume_is_exact
@@ -321,9 +322,7 @@ PAPER_SIZES = ["tiny", "small", "base", "large", "xlarge"]
 
 def peak_step_memory(size: str, checkpointing: bool) -> float:
     """Peak GPU memory (GiB) of a bf16 training step at batch 64, 224 px, as train.py runs it."""
-    torch.cuda.init()  # reset_peak_memory_stats raises before CUDA is initialised
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    benchmark.reset_peak_memory(torch.device("cuda"))  # benchmark.py's, run for real
     with torch.device("cuda"):
         model = create_model(f"emonext_{size}", verbose=False)
     model.to(memory_format=torch.channels_last).set_grad_checkpointing(checkpointing)
