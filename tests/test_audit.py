@@ -166,8 +166,46 @@ def test_split_overlap_counts_copies_under_another_label(synthetic_root):
     images[0], targets[0] = train.images[5], (train.targets[5] + 1) % 7  # relabelled copy
     images[1] = torch.tensor(np.array(change(train.images[9].numpy(), "jpeg")))
     leaky = datasets.SplitData(images, targets, val.classes, val.paths, 0)
-    counts, warning = datasets.split_overlap(train, {"val": leaky, "test": val}, "FER2013")
+    counts, warning = datasets.split_overlap(train, {"val": leaky, "test": val})
     assert counts["val"] == {"images": 28, "exact": 1, "near": 1, "other_label": 1}
     assert counts["test"] == {"images": 28, "exact": 0, "near": 0, "other_label": 0}
     assert warning.startswith("warning: 2 of 28 val images also occur in train")
     assert "1 under another label" in warning
+
+
+def test_split_overlap_is_cached_by_pixels_and_labels(synthetic_root, tmp_path, monkeypatch):
+    """train.py checks at every start and resume: the second check of the same data reads the
+    counts beside the decoded splits; other pixels or labels, or a broken file, search again."""
+    train = datasets.load_split(synthetic_root, "train")
+    val = datasets.load_split(synthetic_root, "val")
+    images, targets = val.images.clone(), val.targets.clone()
+    images[0] = train.images[5]
+    leaky = datasets.SplitData(images, targets, val.classes, val.paths, 0)
+    searches = []
+    search = datasets.overlap_counts
+    monkeypatch.setattr(datasets, "overlap_counts", lambda *a: searches.append(1) or search(*a))
+    root = tmp_path / "ds"
+    root.mkdir()
+
+    first = datasets.split_overlap(train, {"val": leaky, "test": val}, root)
+    assert first[0]["val"]["exact"] == 1 and first[1].startswith("warning: 1 of 28 val")
+    assert len(list((root / ".cache").glob("overlap-*.pt"))) == 1 and len(searches) == 1
+    assert datasets.split_overlap(train, {"val": leaky, "test": val}, root) == first
+    assert len(searches) == 1  # read, not searched
+
+    other_targets = targets.clone()
+    other_targets[0] = (train.targets[5] + 1) % 7  # the same pixels under another label
+    relabelled = datasets.SplitData(images, other_targets, val.classes, val.paths, 0)
+    counts, _ = datasets.split_overlap(train, {"val": relabelled, "test": val}, root)
+    assert counts["val"]["other_label"] == 1 and len(searches) == 2
+    for f in (root / ".cache").glob("overlap-*.pt"):
+        f.write_bytes(b"garbage")
+    assert datasets.split_overlap(train, {"val": leaky, "test": val}, root) == first
+    assert len(searches) == 3
+
+    # Without a dataset folder nothing is written, anywhere.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    counts, _ = datasets.split_overlap(train, {"val": leaky, "test": val}, tmp_path / "no")
+    assert counts == first[0]
+    assert not (tmp_path / "no").exists() and not (tmp_path / "xdg").exists()
+    assert len(searches) == 4

@@ -68,6 +68,27 @@ def test_load_split_and_cache(synthetic_root, monkeypatch):
     assert torch.equal(again.images, split.images) and again.paths == split.paths
 
 
+def test_listing_takes_image_files_only(copy_root):
+    """The listing (os.scandir, no stat per file) keeps what Path.is_file() kept: image files and
+    links to them, not folders named like images, broken links or other files."""
+    happy = copy_root / "val" / "Happy"
+    originals = sorted(p.name for p in happy.iterdir())
+    (happy / "folder.png").mkdir()
+    (happy / "notes.txt").write_text("not an image")
+    (happy / "UPPER.PNG").write_bytes((happy / originals[0]).read_bytes())
+    (happy / "link.png").symlink_to(happy / originals[1])
+    (happy / "broken.png").symlink_to(happy / "nowhere.png")
+    split = load_split(copy_root, "val", cache=False)
+    listed = [Path(p).name for p in split.paths if Path(p).parent.name == "Happy"]
+    assert listed == sorted(originals + ["UPPER.PNG", "link.png"])
+    empty = copy_root / "test" / "Sad"  # a class folder with nothing but a folder named .png
+    for f in empty.iterdir():
+        f.unlink()
+    (empty / "image.png").mkdir()
+    with pytest.raises(DatasetError, match="Sad.*no images"):
+        datasets.check_dataset(copy_root)
+
+
 def test_broken_cache_is_rebuilt(copy_root):
     first = load_split(copy_root, "test")
     for f in (copy_root / ".cache").glob("test-*.pt"):
