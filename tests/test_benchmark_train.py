@@ -1,6 +1,7 @@
 """scripts/benchmark.py train: the harness runs on CPU, and our speed-ups keep the numbers."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,16 +13,36 @@ from losses import EmoNeXtLoss
 from models import create_model
 
 
-def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_root, monkeypatch):
-    """Every setup is a real train.py run; the figures are its own metrics.jsonl."""
+def test_train_harness_runs_train_py_and_reports_its_epochs(
+    capsys, synthetic_root, tmp_path, monkeypatch
+):
+    """Every setup is a real train.py run; the figures are its own metrics.jsonl. The data is
+    decoded and checked for leaks once, before the first setup: every setup starts alike."""
     import benchmark
 
+    import datasets
     import train
 
-    runs, results = {}, {}
+    root = tmp_path / "data"  # never decoded yet
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns(".cache"))
+    runs, results, one_time_work = {}, {}, []
+    phase = ["before the setups"]
     original = train.main
 
+    def counted(name):  # what the caches spare later starts
+        real = getattr(datasets, name)
+
+        def work(*args, **kwargs):
+            one_time_work.append((name, phase[0]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(datasets, name, work)
+
+    counted("_write_cache")  # a decoded split or the leak check's counts
+    counted("overlap_counts")
+
     def spy(args):  # keep what train.py itself wrote
+        phase[0] = args.run_name
         out = original(args)
         run_dir = Path(args.output_dir) / args.run_name
         metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -31,11 +52,14 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(capsys, synthetic_ro
 
     monkeypatch.setattr(train, "main", spy)
     argv = ["train", "--model", "emonext_micro", "--input-size", "32", "--batch-size", "16",
-            "--epochs", "2", "--device", "cpu", "--dataset-path", str(synthetic_root),
+            "--epochs", "2", "--device", "cpu", "--dataset-path", str(root),
             "--setups", "official,ours", "--project-epochs", "2", "--json"]  # fmt: skip
     result = benchmark_main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["device"] == "cpu" and printed == json.loads(json.dumps(result))
+    assert {phase for _, phase in one_time_work} == {"before the setups"}
+    assert {name for name, _ in one_time_work} == {"_write_cache", "overlap_counts"}
+    assert printed["data_preparation_seconds"] > 0
     setups = printed["setups"]
     assert "--official-quirks" in setups["official"]["command"]
     assert "--val-batch-size 1" in setups["official"]["command"]
