@@ -164,7 +164,7 @@ def _scan_split(root: Path, split: str) -> dict[str, Path]:
     return found
 
 
-def _image_names(class_dir: Path):
+def _image_names(class_dir: Path) -> Iterator[str]:
     """Names of the image files in a class folder, in directory order. os.scandir knows from the
     directory listing which entries are files: no stat() per file, as Path.is_file() does (FER2013
     has 35,887 images, and a start lists them)."""
@@ -719,14 +719,18 @@ def _overlap_key(train: SplitData, others: dict[str, SplitData]) -> str:
 
 
 def _read_overlap(root: Path, name: str, splits: list[str]) -> dict | None:
+    """The cached counts of overlap_counts, or None (missing or broken: searched again)."""
+    fields = {"images", "exact", "near", "other_label"}
     for cache_dir in _cache_dirs(root):
         try:
             counts = torch.load(cache_dir / name, map_location="cpu", weights_only=True)
-        except Exception:  # missing, stale or broken: searched again
+            if sorted(counts) == sorted(splits) and all(
+                set(c) == fields and all(type(v) is int for v in c.values())
+                for c in counts.values()
+            ):
+                return counts
+        except Exception:
             continue
-        fields = {"images", "exact", "near", "other_label"}
-        if sorted(counts) == sorted(splits) and all(set(c) == fields for c in counts.values()):
-            return counts
     return None
 
 

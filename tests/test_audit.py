@@ -198,14 +198,15 @@ def test_split_overlap_is_cached_by_pixels_and_labels(synthetic_root, tmp_path, 
     relabelled = datasets.SplitData(images, other_targets, val.classes, val.paths, 0)
     counts, _ = datasets.split_overlap(train, {"val": relabelled, "test": val}, root)
     assert counts["val"]["other_label"] == 1 and len(searches) == 2
-    for f in (root / ".cache").glob("overlap-*.pt"):
-        f.write_bytes(b"garbage")
-    assert datasets.split_overlap(train, {"val": leaky, "test": val}, root) == first
-    assert len(searches) == 3
+    for broken in (b"garbage", [1, 2], {"val": {"images": "28"}, "test": {}}):
+        for f in (root / ".cache").glob("overlap-*.pt"):
+            f.write_bytes(broken) if isinstance(broken, bytes) else torch.save(broken, f)
+        assert datasets.split_overlap(train, {"val": leaky, "test": val}, root) == first
+    assert len(searches) == 5
 
     # Without a dataset folder nothing is written, anywhere.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     counts, _ = datasets.split_overlap(train, {"val": leaky, "test": val}, tmp_path / "no")
     assert counts == first[0]
     assert not (tmp_path / "no").exists() and not (tmp_path / "xdg").exists()
-    assert len(searches) == 4
+    assert len(searches) == 6
