@@ -950,6 +950,7 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
     if bad_epochs >= args.patience:  # a resumed run that had stopped early stays stopped
         stop_reason, epochs = "early_stopping", range(0)
     loop_started, epochs_seconds = time.time(), 0.0
+    after_first_epoch = None  # seconds between this process's first epoch and the next one
     for epoch in epochs:
         train_loader.set_epoch(epoch)
         started = time.time()
@@ -1040,6 +1041,8 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
                 wandb_run.log(log_items, step=epoch)
         del ckpt
         saved_epoch = epoch  # once the writer is done
+        if after_first_epoch is None:
+            after_first_epoch = time.time() - started - record["seconds"]
         if bad_epochs >= args.patience:
             stop_reason = "early_stopping"
             log(f"early stopping: no better validation accuracy for {args.patience} epochs")
@@ -1047,9 +1050,11 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
         if interrupted:
             stop_reason = "interrupted"
             break
-    writer.wait()  # last.pt and best.pt hold saved_epoch from here on
-
+    # The last checkpoint's write, waited for once per run, counts with the test: after the loop.
     loop_ended = time.time()
+    writer.wait()  # last.pt and best.pt hold saved_epoch from here on
+    after_first_epoch = after_first_epoch or 0.0  # None: no epoch finished
+    between_epochs = loop_ended - loop_started - epochs_seconds - after_first_epoch
     if stop_reason == "interrupted":
         interrupted.restore()
         if saved_epoch is None:
@@ -1137,7 +1142,10 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
                 "process_seconds": {
                     "setup": loop_started - main_started,
                     "epochs": epochs_seconds,
-                    "between_epochs": loop_ended - loop_started - epochs_seconds,
+                    # checkpoint, STN figure and log after this process's first epoch, with
+                    # one-time costs (matplotlib's import), and after the later ones
+                    "after_first_epoch": after_first_epoch,
+                    "between_epochs": between_epochs,
                     "test": time.time() - loop_ended,
                 },
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
