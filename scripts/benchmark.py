@@ -11,16 +11,18 @@
 same split, mode and batch size, in one run, and their ratio. Without --dataset-path a synthetic
 dataset is drawn into a temporary folder.
 
-`train`: each setup (official, ours, timm) runs train.py itself for --epochs real epochs on the
-same data (synthetic faces at FER2013's split sizes by default) and reports train.py's own
-metrics.jsonl: the first epoch, the steady one, training images/s, the whole run's time and peak
-GPU memory, and the ratios between setups. docs/PERFORMANCE.md has the figures.
+`train`: each setup (official, ours, timm) runs `python train.py ...` in a process of its own for
+--epochs real epochs on the same data (synthetic faces at FER2013's split sizes by default) and
+reports train.py's own metrics.jsonl and results.json: the first epoch, the steady one, training
+images/s, the whole run's time and peak GPU memory, and the ratios between setups.
+docs/PERFORMANCE.md has the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -240,6 +242,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="device peak for the utilisation figure (default: by device name)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic faces")
+    parser.add_argument(
+        "--runs-dir",
+        default=None,
+        help="keep each setup's train.py run folder here (default: a temporary folder, removed)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
 
 
@@ -255,12 +262,14 @@ def training_flops_per_image(model: torch.nn.Module, size: int, in_chans: int) -
     return 3 * counter.get_total_flops() / 2
 
 
+def setup_model(kind: str, args: argparse.Namespace) -> str:
+    """The model a setup trains: timm's ConvNeXt of the same size for `timm`."""
+    return "timm:" + args.model.replace("emonext_", "convnext_") if kind == "timm" else args.model
+
+
 def setup_argv(kind: str, args: argparse.Namespace, root, out_dir) -> list[str]:
     """train.py's command line for one setup: what `python train.py ARGV` would run."""
-    model = args.model
-    if kind == "timm":
-        model = "timm:" + args.model.replace("emonext_", "convnext_")
-    argv = ["--dataset-path", str(root), "--model", model, "--pretrained", "none",
+    argv = ["--dataset-path", str(root), "--model", setup_model(kind, args), "--pretrained", "none",
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
             "--output-dir", str(out_dir), "--run-name", kind, "--wandb", "disabled",
             "--no-progress", *SETUPS[kind]]  # fmt: skip
@@ -277,40 +286,34 @@ def setup_argv(kind: str, args: argparse.Namespace, root, out_dir) -> list[str]:
     return argv
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start counting peak GPU memory. CUDA is initialised first: before that, the allocator
-    has no devices and reset_peak_memory_stats raises "Invalid device argument" (seen on an
-    H200 with torch 2.11, where nothing had used CUDA yet)."""
-    if device.type == "cuda":
-        torch.cuda.init()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 
 
-def time_setup(kind: str, args: argparse.Namespace, device: torch.device, root, out_dir) -> dict:
-    """Run train.py's main on `root` for --epochs epochs; its own metrics.jsonl is the result."""
-    import train
-
+def time_setup(kind: str, args: argparse.Namespace, root, out_dir) -> dict:
+    """`python train.py ARGV` for one setup on `root`, in a fresh process as a user starts it:
+    nothing (CUDA's set-up, cuDNN's autotuning, loaded kernels, compiled graphs) carries over
+    from the setup before it. Its own metrics.jsonl and results.json are the result."""
     argv = setup_argv(kind, args, root, out_dir)
-    train_args = train.parse_args(argv)
-    cuda = device.type == "cuda"
-    reset_peak_memory(device)
     started = time.perf_counter()
-    results = train.main(train_args)
-    wall = time.perf_counter() - started
+    # The run's log goes to stderr, so that with --json stdout holds the one JSON line only.
+    done = subprocess.run([sys.executable, str(TRAIN_PY), *argv], stdout=2)
+    wall = time.perf_counter() - started  # Python's start and imports included
+    if done.returncode != 0:
+        raise SystemExit(f"error: the {kind} setup's train.py stopped (status {done.returncode})")
     run_dir = Path(out_dir) / kind
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run_dir / "results.json").read_text())
     from models import create_model
 
     size = {"img_size": args.input_size} if args.input_size and kind != "timm" else {}
-    model = create_model(train_args.model, verbose=False, **size)
+    model = create_model(setup_model(kind, args), verbose=False, **size)
     cfg = model.data_config
     return {
         "command": "python train.py " + " ".join(argv),
         **run_figures(epochs, results["process_seconds"], wall),
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "peak_memory_gb": results["peak_gpu_memory_gb"],
         "flops_per_image": training_flops_per_image(model, cfg["image_size"], cfg["in_chans"]),
-        "test_accuracy": results["test_accuracy"] if results else None,
+        "test_accuracy": results["test_accuracy"],
     }
 
 
@@ -386,7 +389,8 @@ def run_train(args: argparse.Namespace) -> dict:
             splits = {"train": train_n, "val": val_n, "test": test_n}
             root = make_synthetic(Path(tmp) / "synthetic", seed=args.seed, splits=splits)
         preparation = prepare_data(root)
-        per_setup = {k: time_setup(k, args, device, root, Path(tmp) / "runs") for k in kinds}
+        runs = Path(args.runs_dir) if args.runs_dir else Path(tmp) / "runs"
+        per_setup = {k: time_setup(k, args, root, runs) for k in kinds}
     for v in per_setup.values():
         v["projected_run_seconds"] = projected_run_seconds(v, args.project_epochs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

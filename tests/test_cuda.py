@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import benchmark
 import pytest
 import torch
 from conftest import CUDA_FIGURES, assert_resume_is_exact
@@ -72,6 +71,8 @@ def test_train_end_to_end_then_checkpoints_load_on_the_cpu(config, synthetic_roo
     assert results["device"] == torch.cuda.get_device_name(0) and results["num_gpus"] == 1
     assert 0.0 <= results["test_accuracy"] <= 100.0
     assert sum(map(sum, results["confusion_matrix"])) == 28  # every test image, TenCrop
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert 0.1 < results["peak_gpu_memory_gb"] < total_gb  # this process's, this run's at least
     epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert epoch["nonfinite_steps"] == 0 and epoch["val_accuracy"] >= 0
     ckpt = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
@@ -322,7 +323,9 @@ PAPER_SIZES = ["tiny", "small", "base", "large", "xlarge"]
 
 def peak_step_memory(size: str, checkpointing: bool) -> float:
     """Peak GPU memory (GiB) of a bf16 training step at batch 64, 224 px, as train.py runs it."""
-    benchmark.reset_peak_memory(torch.device("cuda"))  # benchmark.py's, run for real
+    torch.cuda.init()  # before it, the allocator has no devices to reset (run alone: -k peak)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     with torch.device("cuda"):
         model = create_model(f"emonext_{size}", verbose=False)
     model.to(memory_format=torch.channels_last).set_grad_checkpointing(checkpointing)
