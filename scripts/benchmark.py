@@ -380,6 +380,15 @@ def run_train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
     if args.epochs < 1 or args.project_epochs < 1:
         raise SystemExit("error: --epochs and --project-epochs must be at least 1")
+    taken = [
+        Path(args.runs_dir) / k
+        for k in kinds
+        if args.runs_dir and (Path(args.runs_dir) / k).exists()
+    ]
+    if taken:  # train.py would refuse to start a run there, after the data's preparation
+        raise SystemExit(
+            f"error: --runs-dir {args.runs_dir} already holds {taken[0]}; give another folder"
+        )
     with tempfile.TemporaryDirectory(prefix="emonext-bench-") as tmp:
         root = args.dataset_path
         if root is None:

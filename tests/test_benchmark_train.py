@@ -82,6 +82,9 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(
         assert v["between_epochs_seconds"] == pytest.approx(parts["between_epochs"])
         # projected to the 2 epochs that ran, the projection is the run itself
         assert benchmark.projected_run_seconds(v, 2) == pytest.approx(v["run_seconds"])
+    with pytest.raises(SystemExit, match="already holds .*official; give another folder"):
+        benchmark_main(argv)  # the kept runs are not overwritten, and nothing is prepared first
+    assert len(commands) == 2 and cache_files() == cache_after_preparation
     ours = setups["ours"]
     assert printed["ours_projected_2_epochs_over_steady_seconds"] == pytest.approx(
         ours["run_seconds"] - 2 * ours["epoch_seconds"], abs=0.06
