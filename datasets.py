@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -232,19 +232,17 @@ def _cache_dirs(root: Path) -> list[Path]:
     return dirs
 
 
-def _read_cache(path: Path, n: int) -> dict | None:
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        ok = (
-            d["version"] == CACHE_VERSION
-            and d["images"].dtype == torch.uint8
-            and d["images"].shape[0] == d["targets"].shape[0] == len(d["paths"])
-            and len(d["paths"]) + int(d["skipped"]) == n
-            and len(d.get("skipped_paths", ())) == int(d["skipped"])
-        )
-        return d if ok else None
-    except Exception:  # a stale or broken cache is simply rebuilt
-        return None
+def _read_cache(root: Path, name: str, valid: Callable[[dict], bool]) -> dict | None:
+    """The cached `name` (root/.cache, then the user cache) that `valid` accepts, or None: a
+    missing, stale or broken cache is simply rebuilt (and written by _write_cache)."""
+    for cache_dir in _cache_dirs(root):
+        try:
+            d = torch.load(cache_dir / name, map_location="cpu", weights_only=True)
+            if valid(d):  # may raise too, on a file of another structure
+                return d
+        except Exception:
+            continue
+    return None
 
 
 def _write_cache(root: Path, name: str, payload: dict) -> None:
@@ -354,18 +352,27 @@ def load_split(
     classes, items = _split_listing(root, split)
     key = _cache_key(root, items, skip_bad_images)
     cache_name = f"{split}-{key}.pt"
-    if cache:
-        for cache_dir in _cache_dirs(root):
-            d = _read_cache(cache_dir / cache_name, len(items)) if cache_dir.exists() else None
-            if d is not None and list(d["classes"]) == classes:
-                return SplitData(
-                    images=d["images"],
-                    targets=d["targets"],
-                    classes=classes,
-                    paths=[str(root / p) for p in d["paths"]],
-                    skipped=int(d["skipped"]),
-                    skipped_paths=[str(root / p) for p in d["skipped_paths"]],
-                )
+
+    def valid(d: dict) -> bool:
+        return (
+            d["version"] == CACHE_VERSION
+            and d["images"].dtype == torch.uint8
+            and d["images"].shape[0] == d["targets"].shape[0] == len(d["paths"])
+            and len(d["paths"]) + int(d["skipped"]) == len(items)
+            and len(d.get("skipped_paths", ())) == int(d["skipped"])
+            and list(d["classes"]) == classes
+        )
+
+    d = _read_cache(root, cache_name, valid) if cache else None
+    if d is not None:
+        return SplitData(
+            images=d["images"],
+            targets=d["targets"],
+            classes=classes,
+            paths=[str(root / p) for p in d["paths"]],
+            skipped=int(d["skipped"]),
+            skipped_paths=[str(root / p) for p in d["skipped_paths"]],
+        )
 
     arrays, targets, rels, skipped_rels = [], [], [], []
     for rel, target in items:
@@ -718,22 +725,6 @@ def _overlap_key(train: SplitData, others: dict[str, SplitData]) -> str:
     return h.hexdigest()[:24]
 
 
-def _read_overlap(root: Path, name: str, splits: list[str]) -> dict | None:
-    """The cached counts of overlap_counts, or None (missing or broken: searched again)."""
-    fields = {"images", "exact", "near", "other_label"}
-    for cache_dir in _cache_dirs(root):
-        try:
-            counts = torch.load(cache_dir / name, map_location="cpu", weights_only=True)
-            if sorted(counts) == sorted(splits) and all(
-                set(c) == fields and all(type(v) is int for v in c.values())
-                for c in counts.values()
-            ):
-                return counts
-        except Exception:
-            continue
-    return None
-
-
 def overlap_counts(train: SplitData, others: dict[str, SplitData]) -> dict:
     """Per evaluation split: `images`, `exact` (an identical picture is in train), `near` (only
     near-duplicates are), `other_label` (of these, a copy in train has another label)."""
@@ -766,7 +757,15 @@ def split_overlap(
     counts, cached = None, bool(root) and Path(root).is_dir()
     if cached:
         cache_name = f"overlap-{_overlap_key(train, others)}.pt"
-        counts = _read_overlap(Path(root), cache_name, list(others))
+
+        def valid(cached_counts: dict) -> bool:
+            fields = {"images", "exact", "near", "other_label"}
+            return sorted(cached_counts) == sorted(others) and all(
+                set(c) == fields and all(type(v) is int for v in c.values())
+                for c in cached_counts.values()
+            )
+
+        counts = _read_cache(Path(root), cache_name, valid)
     if counts is None:
         counts = overlap_counts(train, others)
         if cached:

@@ -89,6 +89,17 @@ def test_listing_takes_image_files_only(copy_root):
         datasets.check_dataset(copy_root)
 
 
+def test_cache_falls_back_to_the_user_cache(copy_root, tmp_path, monkeypatch):
+    """Where root/.cache cannot be made (here a file is in its way; a read-only dataset folder
+    alike), the decoded split is cached under $XDG_CACHE_HOME/emonext/ and read from there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (copy_root / ".cache").write_text("not a folder")
+    first = load_split(copy_root, "val")
+    assert len(list((tmp_path / "xdg" / "emonext").glob("*/val-*.pt"))) == 1
+    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)  # read, not decoded
+    assert torch.equal(load_split(copy_root, "val").images, first.images)
+
+
 def test_broken_cache_is_rebuilt(copy_root):
     first = load_split(copy_root, "test")
     for f in (copy_root / ".cache").glob("test-*.pt"):
