@@ -111,6 +111,14 @@ def resolve_device(name: str | None = None, local_rank: int | None = None) -> to
     return torch.device("cuda", index)
 
 
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most GPU memory this process has held on `device` (GiB), None off CUDA. The device is
+    named: under torchrun each rank reads its own GPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def amp_settings(
     amp: bool, device: torch.device, official_quirks: bool = False
 ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:

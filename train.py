@@ -1150,9 +1150,7 @@ def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) ->
                 },
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 # this process's, training and tests; benchmark.py reports it
-                "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
-                if device.type == "cuda"
-                else None,
+                "peak_gpu_memory_gb": engine.peak_memory_gb(device),
                 "num_gpus": world_size if device.type == "cuda" else 0,
                 "world_size": world_size,
                 "weights_checksum_per_rank": checksums,

@@ -27,10 +27,17 @@ class FakeCuda:
         self.backends: list[str] = []
 
     def set_device(self, device) -> None:
+        self.current = self.index(device)
+
+    def index(self, device) -> int:
         index = _get_device_index(device)  # the real rule: raises for a device without index
         if not 0 <= index < self.count:
             raise RuntimeError("CUDA error: invalid device ordinal")
-        self.current = index
+        return index
+
+    def max_memory_allocated(self, device=None) -> int:
+        index = self.index(device if device is not None else (self.current or 0))
+        return (index + 1) * 2**30  # 1 GiB on GPU 0, 2 GiB on GPU 1, ...
 
 
 @pytest.fixture
@@ -42,6 +49,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setattr(torch.cuda, "set_device", fake.set_device)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake.max_memory_allocated)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Simulated GPU")
@@ -191,3 +199,15 @@ def test_torchrun_with_one_process_takes_the_nccl_path(machine):
     fake = machine(1, rank=0, world=1)
     assert setup(["--amp"])[:3] == (0, 1, torch.device("cuda", 0))
     assert fake.backends == ["nccl"] and fake.current == 0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_peak_memory_is_read_on_each_ranks_own_gpu(machine, rank):
+    """results.json's peak_gpu_memory_gb: under torchrun each rank reads its own GPU."""
+    machine(2, rank=rank, world=2)
+    device = setup(["--amp"])[2]
+    assert engine.peak_memory_gb(device) == rank + 1
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        engine.peak_memory_gb(torch.device("cuda", 2))  # the machine has two
+    machine(0)
+    assert engine.peak_memory_gb(torch.device("cpu")) is None  # nothing asked of CUDA
