@@ -258,6 +258,23 @@ def test_golden_official_logits_on_the_gpu(golden_dir, monkeypatch):
     assert (bf16_logits.argmax(1) == golden["logits"].argmax(1)).float().mean() >= 0.75
 
 
+def test_compiled_model_on_the_gpu_computes_what_eager_computes(monkeypatch):
+    """--compile's Triton kernels against the eager GPU step, in fp32 without TF32 and with
+    deterministic cuDNN kernels: logits, every gradient, BatchNorm statistics (train mode,
+    stochastic depth included; the CPU suite checks inductor's C++ kernels in both modes)."""
+    import torch._inductor.config
+    from test_models import assert_same_step, step_micro
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                    allow_tf32=False):  # fmt: skip
+        eager = step_micro("train", device="cuda")
+        with torch._inductor.config.patch(fallback_random=True):
+            compiled = step_micro("train", compiled=True, device="cuda")
+    assert compiled["logits"].device.type == "cuda"
+    assert_same_step(compiled, eager, "train")
+
+
 def test_evaluate_predict_export_on_the_gpu(synthetic_root, tmp_path):
     import evaluate
     import predict

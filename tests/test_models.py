@@ -1,10 +1,12 @@
 """The model: shapes, sizes, the official layout and numerical parity with the official code."""
 
 import re
+import shutil
 
 import pytest
 import timm
 import torch
+import torch._inductor.config
 from timm.models.convnext import checkpoint_filter_fn
 
 import models
@@ -229,22 +231,32 @@ def test_ddp_and_compile_prefixes_are_stripped():
         assert torch.equal(v, other.state_dict()[k])
 
 
-def step_micro(mode: str, channels_last: bool = False, checkpointing: bool = False) -> dict:
+def step_micro(
+    mode: str,
+    channels_last: bool = False,
+    checkpointing: bool = False,
+    compiled: bool = False,
+    device: str = "cpu",
+) -> dict:
     """One forward/backward of a seeded emonext_micro with a trained-looking STN (its identity
-    initialisation would send no gradient into it): logits, loss, gradients, buffers."""
+    initialisation would send no gradient into it) and layer scales (1e-6 would hide the blocks'
+    gradients): logits, loss, gradients, buffers."""
     x, y = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.arange(4)
     torch.manual_seed(0)
-    model = create_model("emonext_micro", img_size=32, drop_path_rate=0.5)
+    model = randomise(create_model("emonext_micro", img_size=32, drop_path_rate=0.5))
     model.fc_loc[2].weight.data.normal_(0, 0.1)
     model.set_grad_checkpointing(checkpointing)
-    model.train(mode == "train")
+    model.train(mode == "train").to(device)
+    x, y = x.to(device), y.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     calls = []
-    model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+    if not compiled:  # a hook's side effect would split the compiled graph
+        model.stages[2][0].register_forward_pre_hook(lambda *_: calls.append(1))
+    forward = torch.compile(model) if compiled else model
     torch.manual_seed(1)  # the same stochastic-depth draws
-    logits, weights = model(x, return_attention=True)
+    logits, weights = forward(x, return_attention=True)
     loss = EmoNeXtLoss()(logits, weights, y)
     loss.backward()
     return {
@@ -270,18 +282,34 @@ def test_grad_checkpointing_same_loss_and_gradients(mode):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_channels_last_same_outputs_and_gradients(mode):
     """The GPU default (channels-last, STN included) computes what NCHW computes, in fp32."""
-    nchw, cl = step_micro(mode), step_micro(mode, channels_last=True)
-    torch.testing.assert_close(cl["logits"], nchw["logits"], atol=1e-5, rtol=1e-5)
-    assert nchw["grads"]["localization.0.weight"].abs().max() > 1e-4  # the STN learns
-    for name, g in nchw["grads"].items():
+    assert_same_step(step_micro(mode, channels_last=True), step_micro(mode), mode)
+
+
+def assert_same_step(variant: dict, plain: dict, mode: str) -> None:
+    """The same logits, gradients and BatchNorm statistics as the plain fp32 step's."""
+    torch.testing.assert_close(variant["logits"], plain["logits"], atol=1e-5, rtol=1e-5)
+    assert plain["grads"]["localization.0.weight"].abs().max() > 1e-4  # the STN learns
+    assert variant["grads"].keys() == plain["grads"].keys() and len(plain["grads"]) > 50
+    for name, g in plain["grads"].items():
         if mode == "train" and name in ("localization.0.bias", "localization.4.bias"):
             # Followed by BatchNorm in train mode: their true gradient is 0 and both
-            # layouts give rounding noise around it.
-            assert cl["grads"][name].abs().max() < 1e-5 and g.abs().max() < 1e-5
+            # computations give rounding noise around it.
+            assert variant["grads"][name].abs().max() < 1e-5 and g.abs().max() < 1e-5
             continue
-        torch.testing.assert_close(cl["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
-    for name, b in nchw["buffers"].items():  # BatchNorm running statistics
-        torch.testing.assert_close(cl["buffers"][name], b, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(variant["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for name, b in plain["buffers"].items():  # BatchNorm running statistics
+        torch.testing.assert_close(variant["buffers"][name], b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compiled_model_same_outputs_and_gradients(mode):
+    """--compile's fused kernels (inductor; its C++ backend here, Triton on a GPU) compute what
+    the eager model computes: logits, every gradient and the BatchNorm statistics, with the
+    same stochastic-depth draws (fallback_random: eager's random numbers inside the graph)."""
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = step_micro(mode, compiled=True)
+    assert_same_step(compiled, step_micro(mode), mode)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
