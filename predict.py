@@ -36,8 +36,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import datasets
-from engine import DeviceError, resolve_device
-from evaluate import CLIError, load_trained_model, model_name_from_args
+import models
+import utils
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -63,7 +63,7 @@ class FaceDetector:
 
     def __init__(self, box_scale: float = 1.2, min_size: int = 30, min_neighbors: int = 5):
         if not hasattr(cv2, "CascadeClassifier"):  # seen on a GPU machine's OpenCV 5
-            raise CLIError(
+            raise utils.CLIError(
                 f"OpenCV {cv2.__version__} has no face detector (CascadeClassifier was removed "
                 "in 5.0): pip install 'opencv-python-headless<5', or pass --no-detect with "
                 "cropped faces"
@@ -71,7 +71,7 @@ class FaceDetector:
         path = os.path.join(cv2.data.haarcascades, HAAR_CASCADE)
         self.cascade = cv2.CascadeClassifier(path)
         if self.cascade.empty():
-            raise CLIError(f"could not load {path}: install opencv-python-headless<5")
+            raise utils.CLIError(f"could not load {path}: install opencv-python-headless<5")
         self.box_scale, self.min_size, self.min_neighbors = box_scale, min_size, min_neighbors
 
     def __call__(self, rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -98,7 +98,7 @@ def read_image(path: str) -> np.ndarray:
     try:
         return datasets.decode_image(path, "RGB")
     except datasets.UnreadableImageError as err:
-        raise CLIError(str(err)) from None
+        raise utils.CLIError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -129,10 +129,10 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
     try:
         session = ort.InferenceSession(path, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types
-        raise CLIError(f"{path} is not a readable ONNX model ({err})") from err
+        raise utils.CLIError(f"{path} is not a readable ONNX model ({err})") from err
     meta = session.get_modelmeta().custom_metadata_map
     if "classes" not in meta or "data_config" not in meta:
-        raise CLIError(f"{path} lacks the classes/data_config metadata of scripts/export.py")
+        raise utils.CLIError(f"{path} lacks the classes/data_config metadata of scripts/export.py")
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> np.ndarray:
@@ -146,10 +146,10 @@ def load_classifier(
 ) -> Classifier:
     """A Classifier from this project's or the official trainer's .pt, or an exported .onnx."""
     if not os.path.isfile(checkpoint):
-        raise CLIError(f"checkpoint {checkpoint} does not exist")
+        raise utils.CLIError(f"checkpoint {checkpoint} does not exist")
     if checkpoint.endswith(".onnx"):
         return load_onnx(checkpoint, device)
-    model, classes, data_config, _ = load_trained_model(checkpoint, weights, model_name)
+    model, classes, data_config, _ = models.load_trained_model(checkpoint, weights, model_name)
     model.to(device)
 
     @torch.no_grad()
@@ -290,10 +290,12 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
         if os.path.isdir(path):
             files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
-                raise CLIError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise utils.CLIError(
+                    f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
             items += [(str(p), "image") for p in files]
         elif not os.path.isfile(path):
-            raise CLIError(f"input {path} does not exist")
+            raise utils.CLIError(f"input {path} does not exist")
         elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
             items.append((path, "image"))
         elif Path(path).suffix.lower() in VIDEO_EXTENSIONS:
@@ -318,7 +320,7 @@ def sniff(path: str) -> str:
     capture.release()
     if ok:
         return "video"
-    raise CLIError(f"{path} is neither an image nor a video that PIL or OpenCV can read")
+    raise utils.CLIError(f"{path} is neither an image nor a video that PIL or OpenCV can read")
 
 
 def video_frames(
@@ -348,16 +350,13 @@ def chunks(frames, size: int) -> Iterator[list]:
 # --------------------------------------------------------------------------- command line
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Facial expressions in images, videos and a webcam"
+def get_args_parser() -> utils.ArgumentParser:
+    parser = utils.ArgumentParser(
+        prog="predict.py", description="Facial expressions in images, videos and a webcam"
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder or video files")
-    parser.add_argument("--checkpoint", required=True, help=".pt checkpoint or exported .onnx")
-    parser.add_argument("--model-size", default=None, help="tiny, small, ...: emonext_SIZE")
-    parser.add_argument("--model", default=None, help="full model name, e.g. convnext_tiny")
-    parser.add_argument(
-        "--weights", default="auto", choices=["auto", "ema", "model"], help="auto: EMA if any"
+    utils.add_model_arguments(
+        parser, models.SIZES, checkpoint_help=".pt checkpoint or exported .onnx"
     )
     parser.add_argument(
         "--webcam",
@@ -384,12 +383,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", default=32, type=int, help="frames per model batch")
     parser.add_argument("--max-frames", default=None, type=int, help="stop videos after N frames")
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N (default: a GPU if there is one, else cpu)",
-    )
+    utils.add_device_argument(parser)
     return parser
+
+
+# What each numeric flag must be: parse_args refuses anything else in one line.
+ARG_RULES = {
+    "batch_size": ("at least 1", lambda v: v >= 1),
+    "box_scale": ("greater than 0", lambda v: v > 0),
+    "min_face": ("at least 1", lambda v: v >= 1),
+    "max_frames": ("at least 1", lambda v: v >= 1),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
+    return get_args_parser().parse_checked(argv, ARG_RULES)
 
 
 def emit(records: list[dict], as_json: bool) -> None:
@@ -415,7 +424,7 @@ def write_image(path: str, bgr: np.ndarray) -> None:
     """Written under a temporary name, then renamed: never half a file."""
     tmp = f"{path}.tmp{Path(path).suffix}"  # OpenCV picks the format by the extension
     if not cv2.imwrite(tmp, bgr):
-        raise CLIError(f"could not write {path}")
+        raise utils.CLIError(f"could not write {path}")
     os.replace(tmp, path)
 
 
@@ -469,7 +478,7 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
         writer.release()
         os.replace(path + ".tmp.mp4", path)
     if count == 0:
-        raise CLIError(f"{source}: no frame could be read")
+        raise utils.CLIError(f"{source}: no frame could be read")
     seconds = time.perf_counter() - start
     print(
         f"{source}: {count} frames in {seconds:.1f} s, {count / seconds:.1f} fps", file=sys.stderr
@@ -479,17 +488,15 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
 
 def main(args: argparse.Namespace) -> list[dict]:
     if not args.inputs and args.webcam is None:
-        raise CLIError("give at least one INPUT (image, folder, video) or --webcam")
-    device = resolve_device(args.device)
+        raise utils.CLIError("give at least one INPUT (image, folder, video) or --webcam")
+    model_name = get_args_parser().model_name(args)  # --model NAME or emonext_SIZE, or None
+    device = utils.resolve_device(args.device)
     items = expand_inputs(args.inputs)
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise CLIError(f"--output {args.output} is a file; give a folder for annotated images")
-    classifier = load_classifier(
-        args.checkpoint,
-        args.weights,
-        model_name_from_args(args.model, args.model_size),
-        str(device),
-    )
+        raise utils.CLIError(
+            f"--output {args.output} is a file; give a folder for annotated images"
+        )
+    classifier = load_classifier(args.checkpoint, args.weights, model_name, str(device))
     detector = None if args.no_detect else FaceDetector(args.box_scale, args.min_face)
     out = []
 
@@ -502,23 +509,16 @@ def main(args: argparse.Namespace) -> list[dict]:
         for path in paths:
             capture = cv2.VideoCapture(path)
             if not capture.isOpened():
-                raise CLIError(f"OpenCV cannot open the video {path}")
+                raise utils.CLIError(f"OpenCV cannot open the video {path}")
             out += run_video(capture, path, Path(path).stem, classifier, detector, args)
     if args.webcam is not None:
         capture = cv2.VideoCapture(args.webcam)
         if not capture.isOpened():
-            raise CLIError(f"cannot open camera {args.webcam}")
+            raise utils.CLIError(f"cannot open camera {args.webcam}")
         source = f"webcam:{args.webcam}"
         out += run_video(capture, source, f"webcam{args.webcam}", classifier, detector, args)
     return out
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except CLIError as err:
-        sys.exit(f"predict.py: error: {err}")
-    except DeviceError as err:
-        print(f"predict.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    utils.run_command("predict.py", main, parse_args())

@@ -13,28 +13,27 @@ it was started with; docs/RELIABILITY.md lists what may change on resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import difflib
 import json
 import math
 import os
-import random
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import datasets
 import engine
 import models
+import utils
 from ema import EMA
 from losses import EmoNeXtLoss
 
@@ -42,7 +41,7 @@ DEMO_DATA = "data/synthetic"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(prog="train.py", description=__doc__)
+    p = utils.ArgumentParser(prog="train.py", description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset-path",
@@ -79,30 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="input side in pixels (default: the model's, 224 for EmoNeXt)",
     )
 
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model-size",
-        default="tiny",
-        choices=[
-            "tiny",
-            "small",
-            "base",
-            "large",
-            "xlarge",
-            "atto",
-            "femto",
-            "pico",
-            "nano",
-            "micro",
-        ],
-        help="EmoNeXt size, i.e. --model emonext_SIZE",
-    )
-    g.add_argument(
-        "--model",
-        default=None,
-        help="any create_model name (emonext_tiny, convnext_base, resemotenet, "
-        "timm:NAME, ...); overrides --model-size",
-    )
+    g = utils.add_model_arguments(p, models.SIZES, default_size="tiny")
     g.add_argument(
         "--pretrained",
         default="auto",
@@ -217,11 +193,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deterministic cuDNN kernels (slower); otherwise cudnn.benchmark",
     )
-    g.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N (default: a GPU if there is one; cuda:LOCAL_RANK under torchrun)",
-    )
+    utils.add_device_argument(g)
     g.add_argument(
         "--compile",
         action="store_true",
@@ -278,15 +250,11 @@ def apply_demo_defaults(args: argparse.Namespace, explicit: set[str]) -> None:
         "device": "cpu",
         "wandb": "disabled",
     }
-    if "model_size" in explicit:
+    if explicit & {"model", "model_size"}:
         del demo["model"]
     for key, value in demo.items():
         if key not in explicit:
             setattr(args, key, value)
-
-
-def model_name(args: argparse.Namespace) -> str:
-    return args.model or f"emonext_{args.model_size}"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -338,7 +306,7 @@ RESUMABLE = {
 }
 
 
-def check_args(parser: engine.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(parser: utils.ArgumentParser, args: argparse.Namespace) -> None:
     """Every value in range and every combination possible, or one line and exit status 2."""
     parser.check(args, ARG_RULES)
     if args.warmup_steps >= args.cycle_steps:
@@ -348,7 +316,7 @@ def check_args(parser: engine.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr}: must not exceed --lr {args.lr}")
-    name = model_name(args)
+    name = args.model
     if name.startswith("timm:"):
         import timm
 
@@ -382,7 +350,7 @@ def check_args(parser: engine.ArgumentParser, args: argparse.Namespace) -> None:
         )
 
 
-def peek_checkpoint(parser: engine.ArgumentParser, path: str | Path) -> dict:
+def peek_checkpoint(parser: utils.ArgumentParser, path: str | Path) -> dict:
     """A last.pt's entries, its tensors mapped from the file rather than read (cheap)."""
     if not os.path.isfile(path):
         parser.error(f"--resume {path}: no such file; give the last.pt of the run to continue")
@@ -400,7 +368,8 @@ def peek_checkpoint(parser: engine.ArgumentParser, path: str | Path) -> dict:
     return ckpt
 
 
-def describe(flag: str, value) -> str:
+def describe_flag(flag: str, value) -> str:
+    """How a flag's value reads in an error: "--amp", "no --amp", "--lr 0.001"."""
     if value is True:
         return flag
     if value is False or value is None:
@@ -409,7 +378,7 @@ def describe(flag: str, value) -> str:
 
 
 def resume_args(
-    parser: engine.ArgumentParser, args: argparse.Namespace, explicit: set[str]
+    parser: utils.ArgumentParser, args: argparse.Namespace, explicit: set[str]
 ) -> argparse.Namespace:
     """The run's recorded arguments, with the RESUMABLE flags that the command line gives.
 
@@ -422,15 +391,17 @@ def resume_args(
     merged.update({k: v for k, v in ckpt["args"].items() if k in merged})
     run = argparse.Namespace(**merged)
     changed = [
-        (describe(parser.flag(d), getattr(args, d)), describe(parser.flag(d), merged[d]))
+        (describe_flag(parser.flag(d), getattr(args, d)), describe_flag(parser.flag(d), merged[d]))
         for d in sorted(explicit - RESUMABLE - {"resume", "model", "model_size"})
         if getattr(args, d) != merged[d]
     ]
-    if explicit & {"model", "model_size"} and model_name(args) != model_name(run):
-        given = (
-            f"--model {args.model}" if "model" in explicit else f"--model-size {args.model_size}"
-        )
-        changed.insert(0, (given, f"model {model_name(run)}"))
+    if run.model:  # a run records its resolved model; older runs kept the default size beside it
+        run.model_size = None
+    run.model = parser.model_name(run, default_size="tiny")
+    given = parser.model_name(args)
+    if given is not None and given != run.model:
+        flag = f"--model {args.model}" if args.model else f"--model-size {args.model_size}"
+        changed.insert(0, (flag, f"model {run.model}"))
     if changed:
         given, recorded = changed[0]
         may_change = ", ".join(parser.flag(d) for d in sorted(RESUMABLE))
@@ -469,8 +440,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.check(args, ARG_RULES)  # the values given, before a resumed run's replace them
     if args.resume:
         args = resume_args(parser, args, explicit)
-    elif args.demo:
-        apply_demo_defaults(args, explicit)
+    else:
+        if args.demo:
+            apply_demo_defaults(args, explicit)
+        args.model = parser.model_name(args, default_size="tiny")
     check_args(parser, args)
     return args
 
@@ -512,83 +485,59 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- set-up
 
 
-def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """Rank, world size and device, from torchrun's environment (one process when absent).
+def fail(message: str) -> None:
+    """A user's mistake found while setting up: one line, exit status 1."""
+    raise SystemExit(f"error: {message}")
 
-    Each process uses cuda:LOCAL_RANK on a GPU machine (engine.resolve_device); a --device the
-    machine cannot honour is a one-line error.
-    """
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+def open_run(args: argparse.Namespace, world_size: int) -> tuple[Path, dict | None]:
+    """The run's folder, and the checkpoint it continues (None for a new run)."""
+    if not args.resume:
+        name = args.model.replace(":", "_")
+        # Recorded in the checkpoints: the run's folder, as --run-name would give it.
+        args.run_name = args.run_name or f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(args.output_dir) / args.run_name, None
+    ckpt = models.read_checkpoint(args.resume)
+    processes = len(ckpt["rng"])
+    if processes != world_size:  # the batch, the data shards and the random streams differ
+        fail(
+            f"{args.resume} was trained by {processes} process(es), not {world_size}; resume it "
+            f"with `{resume_command(args.resume, processes)}`"
+        )
+    return Path(args.resume).parent, ckpt
+
+
+def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
+    """The dataset's class names; --demo makes its synthetic faces first when they are missing."""
+    if args.demo and not Path(args.dataset_path).is_dir():
+        if master:
+            log(f"making synthetic faces in {args.dataset_path}")
+            datasets.make_synthetic(args.dataset_path, seed=0)
+        if utils.is_distributed():
+            dist.barrier()
+    if not Path(args.dataset_path).is_dir():
+        fail(
+            f"no dataset at {args.dataset_path}. Get FER2013 with "
+            "`python scripts/download_dataset.py --csv fer2013.csv` (or --kaggle, --gdrive, "
+            "--folder), or run `python train.py --demo`, which needs no data."
+        )
     try:
-        device = engine.resolve_device(args.device, local_rank)
-    except engine.DeviceError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return datasets.check_dataset(args.dataset_path)
+    except datasets.DatasetError as err:
+        fail(str(err))
+
+
+def set_determinism(args: argparse.Namespace, device: torch.device) -> None:
+    """The seed, and cuDNN's and TF32's settings: autotuned kernels unless --deterministic."""
+    utils.seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.backends.cudnn.deterministic = args.deterministic
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ:  # started by torchrun: DDP, even for one process
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":  # this process's GPU only: under DDP each rank saves its own
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate((3, tuple(state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    cuda_state = state.get("cuda")
-    if device.type == "cuda" and isinstance(cuda_state, torch.Tensor):
-        torch.cuda.set_rng_state(cuda_state, device)
-
-
-def drop_unsaved_metrics(path: Path, saved_epoch: int, log) -> None:
-    """Remove metrics.jsonl lines of epochs after `saved_epoch` (-1: all), left by a kill
-    between the metrics line and last.pt: the run trains those epochs again and writes them."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["epoch"] <= saved_epoch]
-    if len(kept) < len(lines):
-        engine.write_text_atomic(path, "".join(kept))
-        log(
-            f"{path}: dropped {len(lines) - len(kept)} line(s) of epochs that last.pt does not hold"
-        )
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def resolve_pretrained(args: argparse.Namespace, model_name: str) -> str | None:
@@ -604,12 +553,25 @@ def resolve_pretrained(args: argparse.Namespace, model_name: str) -> str | None:
     return None
 
 
-def build_model(args: argparse.Namespace, num_classes: int, load_weights: bool = True):
-    """(model, the name of its pretrained weights); without load_weights (a resumed run, whose
-    checkpoint has the weights) nothing is downloaded or read."""
-    name = model_name(args)
+def freeze_unused_attention(model: nn.Module) -> None:
+    """EmoNeXt's attended output is unused (as in the official code), so `attention.value` never
+    gets a gradient and AdamW never changes it; freezing it says so and lets DDP run without
+    find_unused_parameters."""
+    if getattr(model, "has_attention", False):
+        model.attention.value.requires_grad_(False)
+
+
+def build_model(
+    args: argparse.Namespace, num_classes: int, device: torch.device, load_weights: bool = True
+) -> tuple[nn.Module, str | None, bool]:
+    """(model on `device`, the name of its pretrained weights, whether it is channels-last).
+
+    Without `load_weights` (a resumed run, whose checkpoint has the weights) nothing is
+    downloaded or read. --checkpoint's weights are loaded here; the frozen attention.value,
+    channels-last and gradient checkpointing are set.
+    """
     overrides = {}
-    if name.startswith(("emonext_", "convnext_")):
+    if args.model.startswith(("emonext_", "convnext_")):
         overrides["drop_path_rate"] = args.drop_path
         if args.input_size:
             overrides["img_size"] = args.input_size
@@ -617,11 +579,266 @@ def build_model(args: argparse.Namespace, num_classes: int, load_weights: bool =
             overrides["stn"] = False
         if args.no_se:
             overrides["se"] = False
-    pretrained = resolve_pretrained(args, name)
-    model = models.create_model(
-        name, num_classes=num_classes, pretrained=pretrained if load_weights else None, **overrides
+    pretrained = resolve_pretrained(args, args.model)
+    try:
+        model = models.create_model(
+            args.model,
+            num_classes=num_classes,
+            pretrained=pretrained if load_weights else None,
+            **overrides,
+        )
+        if args.checkpoint and load_weights:
+            models.load_checkpoint(model, args.checkpoint, weights="auto")
+    except models.WeightsError as err:
+        fail(str(err))
+    freeze_unused_attention(model)
+    model.to(device)
+    # None: the device decides (faster on CUDA, slower on CPUs); the run keeps "auto" on resume
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            fail(f"{model.model_name} has no --grad-checkpointing support")
+        model.set_grad_checkpointing(True)
+    return model, pretrained, channels_last
+
+
+def build_loaders(
+    args: argparse.Namespace, data_config: dict, device: torch.device, rank: int, world_size: int
+) -> dict[str, datasets.Loader]:
+    """train (augmented, sharded across ranks), val (centre crop) and test (TenCrop) loaders."""
+    augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
+    batch_sizes = {"train": args.batch_size, "val": args.val_batch_size}
+    try:
+        return {
+            split: datasets.build_loader(
+                args.dataset_path,
+                split,
+                mode=split,
+                pipeline=args.data_pipeline,
+                # TenCrop: each test image is 10 views, so a tenth of the validation batch
+                batch_size=batch_sizes.get(split, max(1, args.val_batch_size // 10)),
+                data_config=datasets.DataConfig.from_dict(data_config),
+                device=device,
+                num_workers=args.num_workers,
+                seed=args.seed,
+                rank=rank,
+                world_size=world_size,
+                skip_bad_images=args.skip_bad_images,
+                augment=augment if split == "train" else None,
+            )
+            for split in datasets.SPLITS
+        }
+    except datasets.DatasetError as err:
+        fail(str(err))
+
+
+def check_data(
+    args: argparse.Namespace, loaders: dict, resume_ckpt: dict | None, master: bool, log
+) -> tuple[dict, dict, dict]:
+    """(images per split, skipped unreadable images per split, the splits' overlap): a resumed
+    run must find its own data; skipped images and evaluation images that also occur in
+    training (they inflate every reported figure) are said."""
+    data_sizes = {split: x.dataset_size for split, x in loaders.items()}
+    if resume_ckpt is not None and resume_ckpt.get("data_sizes", data_sizes) != data_sizes:
+        fail(
+            f"the dataset at {args.dataset_path} is not the run's: it has {data_sizes} images, "
+            f"the run had {resume_ckpt['data_sizes']}; give the run's data with --dataset-path"
+        )
+    skipped = {split: x.split.skipped_paths for split, x in loaders.items()}
+    for split, paths in skipped.items():
+        if paths:
+            more = f" and {len(paths) - 3} more (all in results.json)" if len(paths) > 3 else ""
+            log(f"skipped {len(paths)} unreadable {split} images: {', '.join(paths[:3])}{more}")
+    overlap, warning = {}, ""
+    if master:
+        evaluation = {"val": loaders["val"].split, "test": loaders["test"].split}
+        overlap, warning = datasets.split_overlap(
+            loaders["train"].split, evaluation, args.dataset_path
+        )
+    if warning:
+        log(warning)
+    return data_sizes, skipped, overlap
+
+
+@dataclasses.dataclass
+class Training:
+    """What the loop updates: the model (saved), the module it calls (DDP and/or compiled around
+    the model), the EMA, the optimiser and its schedule, and the precision settings."""
+
+    model: nn.Module
+    train_model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+
+def build_training(
+    args: argparse.Namespace, model: nn.Module, device: torch.device, channels_last: bool
+) -> Training:
+    """AdamW over the trainable parameters (fused on CUDA), the warm-restart schedule, the EMA,
+    the loss, AMP, and the DDP and --compile wrappers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
-    return model, pretrained
+    amp_dtype, scaler = engine.amp_settings(args.amp, device, args.official_quirks)
+    train_model = model
+    if utils.is_distributed():
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if args.compile:
+        train_model = engine.CompileTrainingBatches(train_model, args.batch_size)
+    return Training(
+        model=model,
+        train_model=train_model,
+        ema=EMA(model, beta=args.ema_beta, update_every=args.ema_update_every),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, args),
+        scaler=scaler,
+        criterion=EmoNeXtLoss(args.label_smoothing, args.sa_weight),
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands: saved in every checkpoint, restored on resume, advanced by
+    `end_epoch` once per epoch. `epoch` is the last finished epoch, `saved_epoch` the one that
+    last.pt holds (None: none yet)."""
+
+    epoch: int = -1
+    step: int = 0
+    best_accuracy: float = -1.0
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    saved_epoch: int | None = None
+    wandb_id: str | None = None
+
+    def state_dict(self) -> dict:
+        """The checkpoint's entries (the keys of every last.pt this trainer wrote)."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_accuracy": self.best_accuracy,
+            "bad_epochs": self.bad_epochs,
+            "train_seconds": self.train_seconds,
+            "wandb_id": self.wandb_id,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.epoch = self.saved_epoch = ckpt["epoch"]
+        self.step, self.best_accuracy = ckpt["step"], ckpt["best_accuracy"]
+        self.bad_epochs, self.train_seconds = ckpt["bad_epochs"], ckpt["train_seconds"]
+        self.wandb_id = ckpt.get("wandb_id")
+
+    def end_epoch(self, epoch: int, val_accuracy: float, seconds: float) -> bool:
+        """Count `epoch` as finished; whether its validation accuracy is the best so far."""
+        improved = val_accuracy > self.best_accuracy
+        self.epoch = epoch
+        self.best_accuracy = max(self.best_accuracy, val_accuracy)
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        self.train_seconds += seconds
+        return improved
+
+
+def restore(
+    training: Training, state: TrainState, ckpt: dict, path: str, device: torch.device
+) -> None:
+    """A resumed run exactly where last.pt left it: weights, EMA, optimiser, schedule, scaler,
+    run state and this rank's random generators."""
+    try:
+        training.model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        fail(
+            f"{path}: its weights do not fit the model its arguments describe "
+            f"({str(err).splitlines()[0]})"
+        )
+    training.ema.load_state_dict(ckpt["ema"])
+    training.optimizer.load_state_dict(ckpt["optimizer"])
+    training.scheduler.load_state_dict(ckpt["scheduler"])
+    if training.scaler is not None and ckpt.get("scaler"):
+        training.scaler.load_state_dict(ckpt["scaler"])
+    state.load_state_dict(ckpt)
+    rank = dist.get_rank() if utils.is_distributed() else 0
+    utils.set_rng_state(ckpt["rng"][rank], device)
+
+
+def make_checkpoint(
+    training: Training, state: TrainState, run_info: dict, device: torch.device
+) -> dict:
+    """Everything a resume needs (weights, EMA, optimiser, schedule, scaler, run state, every
+    rank's random generators) and everything a reader of the file needs (`run_info`: the
+    arguments, the model's name, classes and preprocessing, versions). Collective under DDP:
+    every rank calls it."""
+    scaler = training.scaler
+    return {
+        "model": training.model.state_dict(),
+        "ema": training.ema.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        **state.state_dict(),
+        "rng": utils.all_gather(utils.rng_state(device)),
+        **run_info,
+    }
+
+
+class RunClock:
+    """This process's wall time in the parts results.json's `process_seconds` reports (a resumed
+    run's from its resume), for benchmark.py: what a run costs besides its epochs' own seconds."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.loop_started = self.loop_ended = self.started
+        self.epochs = 0.0  # the epochs' own seconds: training and validation
+        self.after_first_epoch: float | None = None  # checkpoint, figure, log after the first
+
+    def start_loop(self) -> None:
+        self.loop_started = time.time()
+
+    def end_epoch(self, epoch_started: float, epoch_seconds: float) -> None:
+        self.epochs += epoch_seconds
+        if self.after_first_epoch is None:  # with one-time costs (matplotlib's import)
+            self.after_first_epoch = time.time() - epoch_started - epoch_seconds
+
+    def end_loop(self) -> None:
+        self.loop_ended = time.time()
+
+    def process_seconds(self) -> dict:
+        after_first = self.after_first_epoch or 0.0  # None: no epoch finished
+        loop = self.loop_ended - self.loop_started
+        return {
+            "setup": self.loop_started - self.started,
+            "epochs": self.epochs,
+            "after_first_epoch": after_first,
+            "between_epochs": loop - self.epochs - after_first,
+            "test": time.time() - self.loop_ended,
+        }
+
+
+def drop_unsaved_metrics(path: Path, saved_epoch: int, log) -> None:
+    """Remove metrics.jsonl lines of epochs after `saved_epoch` (-1: all), left by a kill
+    between the metrics line and last.pt: the run trains those epochs again and writes them."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["epoch"] <= saved_epoch]
+    if len(kept) < len(lines):
+        utils.write_text_atomic(path, "".join(kept))
+        log(
+            f"{path}: dropped {len(lines) - len(kept)} line(s) of epochs that last.pt does not hold"
+        )
 
 
 def stn_examples(val_loader: datasets.Loader) -> tuple[torch.Tensor, list[str]]:
@@ -632,562 +849,379 @@ def stn_examples(val_loader: datasets.Loader) -> tuple[torch.Tensor, list[str]]:
     return val_loader.examples(first), [val_loader.classes[targets[i]] for i in first]
 
 
-def stn_figure(model: torch.nn.Module, images: torch.Tensor, labels: list[str], title: str = ""):
-    """A matplotlib Figure: one column per face, labelled with its class; the top row is the
-    face given to the model ("input"), the bottom row what the STN makes of it ("STN output").
-    Each face is stretched to its own range, as torchvision's save_image(scale_each=True)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    was_training = model.training
-    model.eval()  # in train mode the STN's BatchNorm would learn from these images
-    with torch.no_grad():
-        warped = model.stn(images)
-    model.train(was_training)
-    rows = []
-    for batch in (images, warped):
-        faces = batch[:, 0].float().cpu()  # every channel holds the same grayscale face
-        low = faces.amin((1, 2), keepdim=True)
-        faces = (faces - low) / (faces.amax((1, 2), keepdim=True) - low).clamp_min(1e-8)
-        rows.append(torch.cat(list(faces), dim=1))
-    size, n = images.shape[-1], len(labels)
-    # One image with tick labels, not 2 x n axes: a quarter of the drawing time.
-    fig = Figure(figsize=(1.2 + 1.1 * n, 2.8))
-    ax = fig.add_subplot()
-    ax.imshow(torch.cat(rows).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([(i + 0.5) * size - 0.5 for i in range(n)], labels)
-    ax.set_yticks([0.5 * size - 0.5, 1.5 * size - 0.5], ["input", "STN output"])
-    ax.xaxis.tick_top()
-    ax.tick_params(length=0)
-    if title:
-        ax.set_xlabel(title)
-    return fig
+# --------------------------------------------------------------------------- one epoch's outputs
 
 
-def save_stn_grid(
-    model: torch.nn.Module, images: torch.Tensor, labels: list[str], path: Path, title: str = ""
+def epoch_record(
+    epoch: int, state: TrainState, stats: dict, val: dict, lr: float, seconds: float
+) -> dict:
+    """The epoch's line of metrics.jsonl."""
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "lr": lr,
+        "train_loss": stats["loss"],
+        "train_ce": stats["ce"],
+        "train_sa": stats["sa"],
+        "train_accuracy": stats["accuracy"],
+        "val_accuracy": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "best_val_accuracy": state.best_accuracy,
+        "nonfinite_steps": stats["nonfinite"],
+        "images_per_s": stats["images_per_s"],
+        "seconds": seconds,
+    }
+
+
+def write_epoch(
+    run_dir: Path,
+    writer: utils.CheckpointWriter,
+    ckpt: dict,
+    record: dict,
+    improved: bool,
+    stn: tuple | None,
+    model: nn.Module,
+    wandb_run,
 ) -> None:
-    """stn_figure as a PNG, written atomically."""
-    tmp = path.with_name(path.name + ".tmp.png")
-    stn_figure(model, images, labels, title).savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Rank 0's outputs of a finished epoch: its metrics line, last.pt (and best.pt), the STN
+    figure, the log line and wandb.
 
-
-def init_wandb(args: argparse.Namespace, run_dir: Path, run_name: str, run_id: str | None):
-    mode = args.wandb
-    if mode == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("wandb is not installed: not logging to it")
-        return None
-    if mode == "auto":  # verify=False: no network needed to know whether a key is stored
-        mode = "online" if wandb.login(prompt=False, verify=False) else "offline"
-    not_logged_in = args.wandb == "auto" and mode == "offline"
-    print(f"wandb: logging {mode}" + (" (not logged in)" if not_logged_in else ""))
-    run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes into it from the start
-    return wandb.init(
-        project="EmoNeXt",
-        name=run_name,
-        id=run_id,  # a resumed run goes on logging into its own wandb run
-        dir=str(run_dir.resolve()),
-        mode=mode,
-        config=vars(args),
-        resume="allow",
-        # Quiet: its banners and end-of-run summary are ~40 lines; ours is one.
-        settings=wandb.Settings(silent=True),
-    )
-
-
-# --------------------------------------------------------------------------- main
-
-
-class Interrupted:
-    """SIGTERM / Ctrl-C: finish the current step, keep last.pt (last finished epoch), exit.
-
-    Once `exit_message` is set (training is over), a signal exits at once with that message.
+    This order keeps every state that a kill can leave resumable from last.pt: metrics of an
+    epoch that last.pt does not hold are dropped on resume, and a best.pt ahead of last.pt is
+    written again when that epoch is trained again. The checkpoint is written in the background
+    while the next epoch trains (utils.CheckpointWriter); the previous epoch's is on disk before
+    this epoch's metrics line (a wait that is over long before), so a kill leaves at most one
+    epoch that last.pt does not hold.
     """
-
-    def __init__(self):
-        self.signum = 0
-        self.exit_message: str | None = None
-        self.previous = {
-            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-
-    def restore(self) -> None:
-        """The handlers from before (matters when main runs in-process)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.exit_message is not None:
-            self.restore()
-            if self.exit_message:
-                print(self.exit_message)
-            raise SystemExit(128 + signum)
-        if self.signum:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __bool__(self) -> bool:
-        return bool(self.signum)
-
-
-def main(args: argparse.Namespace) -> dict | None:
-    """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
-    raises only once the last checkpoint is written (in-process callers read it at once)."""
-    with engine.CheckpointWriter() as writer:
-        return train_and_test(args, writer)
-
-
-def train_and_test(args: argparse.Namespace, writer: engine.CheckpointWriter) -> dict | None:
-    """main's work; rank 0 writes the checkpoints with `writer`."""
-    main_started = time.time()
-    engine.reset_fault_points()
-    rank, world_size, device = setup_distributed(args)
-    distributed = engine.is_distributed()
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-
-    resume_ckpt = None
-    if args.resume:
-        resume_ckpt = models.read_checkpoint(args.resume)
-        run_dir = Path(args.resume).parent
-        processes = len(resume_ckpt["rng"])
-        if processes != world_size:  # the batch, the data shards and the random streams differ
-            raise SystemExit(
-                f"error: {args.resume} was trained by {processes} process(es), not "
-                f"{world_size}; resume it with `{resume_command(args.resume, processes)}`"
-            )
+    # Made now, not at the start: a run that ends before its first epoch leaves nothing.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer.wait()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if improved:  # then last.pt: the same bytes, linked rather than written twice
+        writer.save(ckpt, run_dir / "best.pt", link=run_dir / "last.pt")
     else:
-        name = model_name(args).replace(":", "_")
-        # Recorded in the checkpoints: the run's folder, as --run-name would give it.
-        args.run_name = args.run_name or f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.output_dir) / args.run_name
-
-    if args.demo and not Path(args.dataset_path).is_dir():
-        if master:
-            from scripts.make_synthetic import make_synthetic
-
-            log(f"making synthetic faces in {args.dataset_path}")
-            make_synthetic(args.dataset_path, seed=0)
-        if distributed:
-            dist.barrier()
-    if not Path(args.dataset_path).is_dir():
-        raise SystemExit(
-            f"error: no dataset at {args.dataset_path}. Get FER2013 with "
-            "`python scripts/download_dataset.py --csv fer2013.csv` (or --kaggle, --gdrive, "
-            "--folder), or run `python train.py --demo`, which needs no data."
-        )
-    try:
-        classes = datasets.check_dataset(args.dataset_path)
-    except datasets.DatasetError as err:
-        raise SystemExit(f"error: {err}") from None
-
-    seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.backends.cudnn.deterministic = args.deterministic
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    try:
-        model, pretrained = build_model(args, len(classes), load_weights=resume_ckpt is None)
-        if args.checkpoint and resume_ckpt is None:
-            models.load_checkpoint(model, args.checkpoint, weights="auto")
-            log(f"initialised from {args.checkpoint}")
-    except models.WeightsError as err:
-        raise SystemExit(f"error: {err}") from None
-    model.to(device)
-    # None: the device decides (faster on CUDA, slower on CPUs); the run keeps "auto" on resume
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise SystemExit(f"error: {model.model_name} has no --grad-checkpointing support")
-        model.set_grad_checkpointing(True)
-    data_config = datasets.DataConfig.from_dict(model.data_config)
-
-    augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
-
-    def loader(split: str, mode: str, batch_size: int):
-        return datasets.build_loader(
-            args.dataset_path,
-            split,
-            mode=mode,
-            pipeline=args.data_pipeline,
-            batch_size=batch_size,
-            data_config=data_config,
-            device=device,
-            num_workers=args.num_workers,
-            seed=args.seed,
-            rank=rank,
-            world_size=world_size,
-            skip_bad_images=args.skip_bad_images,
-            augment=augment if mode == "train" else None,
-        )
-
-    try:
-        train_loader = loader("train", "train", args.batch_size)
-        val_loader = loader("val", "val", args.val_batch_size)
-        test_loader = loader("test", "test", max(1, args.val_batch_size // 10))
-    except datasets.DatasetError as err:
-        raise SystemExit(f"error: {err}") from None
-    loaders = {"train": train_loader, "val": val_loader, "test": test_loader}
-    data_sizes = {split: x.dataset_size for split, x in loaders.items()}
-    if resume_ckpt is not None and resume_ckpt.get("data_sizes", data_sizes) != data_sizes:
-        raise SystemExit(
-            f"error: the dataset at {args.dataset_path} is not the run's: it has "
-            f"{data_sizes} images, the run had {resume_ckpt['data_sizes']}; give the run's data "
-            "with --dataset-path"
-        )
-    skipped = {split: x.split.skipped_paths for split, x in loaders.items()}
-    for split, paths in skipped.items():
-        if paths:
-            more = f" and {len(paths) - 3} more (all in results.json)" if len(paths) > 3 else ""
-            log(f"skipped {len(paths)} unreadable {split} images: {', '.join(paths[:3])}{more}")
-    # Evaluation images that also occur in training inflate every reported figure: say so.
-    overlap, warning = {}, ""
-    if master:
-        evaluation = {"val": val_loader.split, "test": test_loader.split}
-        overlap, warning = datasets.split_overlap(train_loader.split, evaluation, args.dataset_path)
-    if warning:
-        log(warning)
-
-    ema = EMA(model, beta=args.ema_beta, update_every=args.ema_update_every)
-    params = engine.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
+        writer.save(ckpt, run_dir / "last.pt")
+    epoch = record["epoch"]
+    stn_path = run_dir / f"stn_epoch_{epoch:03d}.png"
+    if stn is not None:
+        utils.save_stn_grid(model, *stn, stn_path, f"epoch {epoch}")
+    print(
+        f"epoch {epoch}: loss {record['train_loss']:.4f} train {record['train_accuracy']:.2f} % "
+        f"val {record['val_accuracy']:.2f} % (best {record['best_val_accuracy']:.2f} %) "
+        f"{record['images_per_s']:.0f} img/s"
     )
-    scheduler = build_scheduler(optimizer, args)
-    amp_dtype, scaler = engine.amp_settings(args.amp, device, args.official_quirks)
-    criterion = EmoNeXtLoss(args.label_smoothing, args.sa_weight)
+    if wandb_run is not None:
+        import wandb
 
-    train_model = model
-    if distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if args.compile:
-        train_model = engine.CompileTrainingBatches(train_model, args.batch_size)
+        log_items = {k: v for k, v in record.items() if k != "epoch"}
+        if stn is not None:
+            log_items["stn"] = wandb.Image(str(stn_path))
+        wandb_run.log(log_items, step=epoch)
 
-    start_epoch, step, best_acc, bad_epochs = 0, 0, -1.0, 0
-    train_seconds = 0.0
-    saved_epoch = None  # the epoch that last.pt holds
-    if resume_ckpt is not None:
-        try:
-            model.load_state_dict(resume_ckpt["model"])
-        except RuntimeError as err:
-            raise SystemExit(
-                f"error: {args.resume}: its weights do not fit the model its arguments describe "
-                f"({str(err).splitlines()[0]})"
-            ) from None
-        ema.load_state_dict(resume_ckpt["ema"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if scaler is not None and resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch = resume_ckpt["epoch"] + 1
-        step, best_acc = resume_ckpt["step"], resume_ckpt["best_accuracy"]
-        bad_epochs, train_seconds = resume_ckpt["bad_epochs"], resume_ckpt["train_seconds"]
-        set_rng_state(resume_ckpt["rng"][rank], device)
-        saved_epoch = resume_ckpt["epoch"]
-        log(f"resumed from {args.resume} at epoch {start_epoch}")
-    if master:
-        drop_unsaved_metrics(
-            run_dir / "metrics.jsonl", -1 if saved_epoch is None else saved_epoch, log
-        )
 
-    if master:
+def exit_interrupted(
+    interrupted: utils.Interrupted, state: TrainState, run_dir: Path, world_size: int, log
+) -> None:
+    """Say where the run stands and how to continue it, then exit with 128 + the signal."""
+    if state.saved_epoch is None:
         log(
-            f"run folder {run_dir}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-            f"parameters; {train_loader.dataset_size} train images, device {device}, "
-            f"{world_size} process(es), amp {amp_dtype}"
+            f"interrupted in epoch {state.epoch + 1}, before any epoch finished: no checkpoint "
+            "was saved. Run the same command again to start over."
         )
-    commit = git_commit()  # recorded in every checkpoint and in results.json
-    wandb_id = resume_ckpt.get("wandb_id") if resume_ckpt is not None else None
-    wandb_run = init_wandb(args, run_dir, run_dir.name, wandb_id) if master else None
-
-    def checkpoint(epoch: int) -> dict:
-        rngs = [rng_state(device)]
-        if distributed:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state(device))
-        return {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "epoch": epoch,
-            "step": step,
-            "best_accuracy": best_acc,
-            "bad_epochs": bad_epochs,
-            "train_seconds": train_seconds,
-            "rng": rngs,
-            "args": {k: v for k, v in vars(args).items()},
-            "data_sizes": data_sizes,
-            "wandb_id": wandb_run.id if wandb_run is not None else None,
-            "model_name": model.model_name,
-            "model_kwargs": model.model_kwargs,
-            "classes": classes,
-            "data_config": model.data_config,
-            "pretrained": pretrained,
-            "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
-            "git_commit": commit,
-        }
-
-    interrupted = Interrupted()
-    stn_images = None
-    if master and getattr(model, "has_stn", False):
-        stn_images, stn_labels = stn_examples(val_loader)  # one face of each class
-    metrics_path = run_dir / "metrics.jsonl"
-    epoch = start_epoch - 1
-    stop_reason = "epochs"
-    epochs = range(start_epoch, args.epochs)
-    if bad_epochs >= args.patience:  # a resumed run that had stopped early stays stopped
-        stop_reason, epochs = "early_stopping", range(0)
-    loop_started, epochs_seconds = time.time(), 0.0
-    after_first_epoch = None  # seconds between this process's first epoch and the next one
-    for epoch in epochs:
-        train_loader.set_epoch(epoch)
-        started = time.time()
-        stats = engine.train_one_epoch(
-            train_model,
-            criterion,
-            train_loader,
-            optimizer,
-            scheduler,
-            device,
-            ema=ema,
-            scaler=scaler,
-            amp_dtype=amp_dtype,
-            accumulation_steps=args.gradient_accumulation_steps,
-            clip_grad=args.clip_grad,
-            clip_scaled=args.official_quirks,
-            channels_last=channels_last,
-            max_nonfinite=args.max_nonfinite_steps,
-            progress=master and not args.no_progress,
-            desc=f"epoch {epoch}",
-            stop=interrupted,
-        )
-        step += stats["steps"]
-        if stats["stopped"] == "interrupted":
-            stop_reason = "interrupted"
-            break
-        if stats["stopped"] == "nonfinite":
-            stop_reason = "nonfinite"
-            log(
-                f"stopping: {args.max_nonfinite_steps} consecutive steps had a non-finite loss. "
-                "Try a lower --lr, --clip-grad, or --amp off (or bf16 instead of fp16)."
-            )
-            break
-        engine.sync_buffers(model)  # rank 0's BatchNorm statistics, as saved in last.pt
-        engine.sync_buffers(ema.ema_model)
-        val = engine.evaluate(train_model, val_loader, device, classes, amp_dtype)
-        train_seconds += time.time() - started
-        improved = val["accuracy"] > best_acc
-        best_acc = max(best_acc, val["accuracy"])
-        bad_epochs = 0 if improved else bad_epochs + 1
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": stats["loss"],
-            "train_ce": stats["ce"],
-            "train_sa": stats["sa"],
-            "train_accuracy": stats["accuracy"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "best_val_accuracy": best_acc,
-            "nonfinite_steps": stats["nonfinite"],
-            "images_per_s": stats["images_per_s"],
-            "seconds": time.time() - started,
-        }
-        epochs_seconds += record["seconds"]
-        ckpt = checkpoint(epoch)  # collective under DDP: every rank builds it
-        if master:
-            # Made now, not at the start: a run that ends before its first epoch leaves nothing.
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # This order keeps every state that a kill can leave resumable from last.pt: metrics
-            # of an epoch that last.pt does not hold are dropped on resume, and a best.pt ahead
-            # of last.pt is written again when that epoch is trained again. The checkpoint is
-            # written in the background while the next epoch trains (engine.CheckpointWriter); the
-            # previous epoch's is on disk before this epoch's metrics line (a wait that is over
-            # long before), so a kill leaves at most one epoch that last.pt does not hold.
-            writer.wait()
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved:  # then last.pt: the same bytes, linked rather than written twice
-                writer.save(ckpt, run_dir / "best.pt", link=run_dir / "last.pt")
-            else:
-                writer.save(ckpt, run_dir / "last.pt")
-            if stn_images is not None:
-                stn_path = run_dir / f"stn_epoch_{epoch:03d}.png"
-                save_stn_grid(model, stn_images, stn_labels, stn_path, f"epoch {epoch}")
-            log(
-                f"epoch {epoch}: loss {stats['loss']:.4f} train {stats['accuracy']:.2f} % "
-                f"val {val['accuracy']:.2f} % (best {best_acc:.2f} %) "
-                f"{stats['images_per_s']:.0f} img/s"
-            )
-            if wandb_run is not None:
-                import wandb
-
-                log_items = {k: v for k, v in record.items() if k != "epoch"}
-                if stn_images is not None:
-                    log_items["stn"] = wandb.Image(str(stn_path))
-                wandb_run.log(log_items, step=epoch)
-        del ckpt
-        saved_epoch = epoch  # once the writer is done
-        if after_first_epoch is None:
-            after_first_epoch = time.time() - started - record["seconds"]
-        if bad_epochs >= args.patience:
-            stop_reason = "early_stopping"
-            log(f"early stopping: no better validation accuracy for {args.patience} epochs")
-            break
-        if interrupted:
-            stop_reason = "interrupted"
-            break
-    # The last checkpoint's write, waited for once per run, counts with the test: after the loop.
-    loop_ended = time.time()
-    writer.wait()  # last.pt and best.pt hold saved_epoch from here on
-    after_first_epoch = after_first_epoch or 0.0  # None: no epoch finished
-    between_epochs = loop_ended - loop_started - epochs_seconds - after_first_epoch
-    if stop_reason == "interrupted":
-        interrupted.restore()
-        if saved_epoch is None:
-            log(
-                f"interrupted in epoch {start_epoch}, before any epoch finished: no checkpoint "
-                "was saved. Run the same command again to start over."
-            )
-        else:
-            log(
-                f"interrupted: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the last "
-                f"finished one; continue with `{resume_command(run_dir / 'last.pt', world_size)}`"
-            )
-        if distributed:
-            dist.destroy_process_group()
-        raise SystemExit(128 + interrupted.signum)
-    if not master:
-        interrupted.exit_message = ""
-    elif saved_epoch is None:  # stopped by non-finite losses in its first epoch
-        interrupted.exit_message = "interrupted while testing; no checkpoint was saved"
     else:
-        interrupted.exit_message = (
-            f"interrupted while testing: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the "
-            f"last one; `{resume_command(run_dir / 'last.pt', world_size)}` tests it again"
+        log(
+            f"interrupted: {run_dir / 'last.pt'} holds epoch {state.saved_epoch}, the last "
+            f"finished one; continue with `{resume_command(run_dir / 'last.pt', world_size)}`"
         )
+    raise SystemExit(128 + interrupted.signum)
 
-    # The official protocol: the final EMA weights, TenCrop, logits averaged over the crops.
-    results = {"stop_reason": stop_reason}
+
+def testing_exit_message(state: TrainState, run_dir: Path, world_size: int, master: bool) -> str:
+    """What a signal during the test prints before it exits."""
+    if not master:
+        return ""
+    if state.saved_epoch is None:  # stopped by non-finite losses in its first epoch
+        return "interrupted while testing; no checkpoint was saved"
+    return (
+        f"interrupted while testing: {run_dir / 'last.pt'} holds epoch {state.saved_epoch}, the "
+        f"last one; `{resume_command(run_dir / 'last.pt', world_size)}` tests it again"
+    )
+
+
+# --------------------------------------------------------------------------- test and report
+
+
+def test_models(
+    training: Training, loaders: dict, run_dir: Path, device: torch.device, classes: list[str]
+) -> tuple[dict, dict, int | None]:
+    """(test metrics of the final EMA weights, the official protocol: TenCrop, logits averaged
+    over the crops, with bootstrap intervals; best.pt's online and EMA weights' metrics; best.pt's
+    epoch)."""
+    test_loader, amp_dtype = loaders["test"], training.amp_dtype
     test = engine.evaluate(
-        ema.ema_model, test_loader, device, classes, amp_dtype, engine.BOOTSTRAP_RESAMPLES
+        training.ema.ema_model, test_loader, device, classes, amp_dtype, engine.BOOTSTRAP_RESAMPLES
     )
     best_path = run_dir / "best.pt"
-    if distributed:
+    if utils.is_distributed():
         dist.barrier()
-    test_best, best_epoch = {}, None  # best.pt's online ("model") and EMA weights
+    test_best, best_epoch = {}, None
     if best_path.is_file():
         best = models.read_checkpoint(best_path)  # once: it holds both weights
         best_epoch = best["epoch"]
+        model = training.model
         # One model for both: loading replaces every parameter and buffer in place.
         best_model = models.create_model(model.model_name, verbose=False, **model.model_kwargs)
         best_model.to(device)
-        if channels_last:  # as the EMA model, a copy of the trained one: the same kernels
+        if training.channels_last:  # as the EMA model, a copy of the trained one: same kernels
             best_model.to(memory_format=torch.channels_last)
         for weights in ("model", "ema"):
             models.load_checkpoint(best_model, best, weights=weights)
             test_best[weights] = engine.evaluate(
                 best_model, test_loader, device, classes, amp_dtype
             )
-    weights_checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    checksums = [float(weights_checksum)]
-    if distributed:
-        checksums = [None] * world_size
-        dist.all_gather_object(checksums, float(weights_checksum))
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped in its first epoch has none
-        engine.save_confusion_matrix(
-            test,
-            str(run_dir / "confusion_matrix.png"),
-            f"test, EMA weights, TenCrop: {test['accuracy']:.2f} %",
+    return test, test_best, best_epoch
+
+
+def test_and_report(
+    training: Training,
+    state: TrainState,
+    loaders: dict,
+    run_dir: Path,
+    device: torch.device,
+    facts: dict,
+    clock: RunClock,
+    wandb_run,
+) -> dict | None:
+    """Test the final EMA weights and best.pt's; rank 0 writes results.json (`facts`: what the
+    run knows besides the tests) and the confusion matrix, logs, closes wandb and returns the
+    results (None on the other ranks)."""
+    classes = loaders["test"].classes
+    test, test_best, best_epoch = test_models(training, loaders, run_dir, device, classes)
+    weights_sum = torch.stack([p.detach().double().sum() for p in training.model.parameters()])
+    checksums = utils.all_gather(float(weights_sum.sum()))
+    if utils.is_distributed() and dist.get_rank() != 0:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)  # a run stopped in its first epoch has none
+    utils.save_confusion_matrix(
+        test,
+        run_dir / "confusion_matrix.png",
+        f"test, EMA weights, TenCrop: {test['accuracy']:.2f} %",
+    )
+    best_accuracy = {w: m["accuracy"] for w, m in test_best.items()}
+    results = {
+        "stop_reason": facts["stop_reason"],
+        "test_accuracy": test["accuracy"],
+        "test_accuracy_best_online": best_accuracy.get("model"),
+        "test_accuracy_best_ema": best_accuracy.get("ema"),
+        "test_weights": {
+            "test_accuracy": "final EMA weights (last.pt's ema): the official protocol",
+            "test_accuracy_best_online": f"best.pt's online weights (epoch {best_epoch})",
+            "test_accuracy_best_ema": f"best.pt's EMA weights (epoch {best_epoch})",
+        },
+        "test_accuracy_ci95": test["accuracy_ci95"],
+        "macro_f1": test["macro_f1"],
+        "macro_f1_ci95": test["macro_f1_ci95"],
+        "per_class": test["per_class"],
+        "confusion_matrix": test["confusion_matrix"],
+        "classes": list(classes),
+        "best_val_accuracy": state.best_accuracy,
+        "best_epoch": best_epoch,
+        "steps": state.step,
+        "train_seconds": state.train_seconds,
+        **facts,
+        # This process's wall time, for benchmark.py: what a run costs besides its epochs.
+        "process_seconds": clock.process_seconds(),
+        # this process's, training and tests; benchmark.py reports it
+        "peak_gpu_memory_gb": utils.peak_memory_gb(device),
+        "weights_checksum_per_rank": checksums,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    utils.write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    print(engine.format_report(test))
+    print(
+        f"test accuracy, TenCrop: final EMA weights {test['accuracy']:.2f} % (the official "
+        "protocol)"
+        + (
+            f"; best.pt (epoch {best_epoch}): online weights {best_accuracy['model']:.2f} %, "
+            f"EMA weights {best_accuracy['ema']:.2f} %"
+            if test_best
+            else ""
         )
-        best_accuracy = {w: m["accuracy"] for w, m in test_best.items()}
-        results.update(
-            {
-                "test_accuracy": test["accuracy"],
-                "test_accuracy_best_online": best_accuracy.get("model"),
-                "test_accuracy_best_ema": best_accuracy.get("ema"),
-                "test_weights": {
-                    "test_accuracy": "final EMA weights (last.pt's ema): the official protocol",
-                    "test_accuracy_best_online": f"best.pt's online weights (epoch {best_epoch})",
-                    "test_accuracy_best_ema": f"best.pt's EMA weights (epoch {best_epoch})",
-                },
-                "test_accuracy_ci95": test["accuracy_ci95"],
-                "macro_f1": test["macro_f1"],
-                "macro_f1_ci95": test["macro_f1_ci95"],
+    )
+    if wandb_run is not None:
+        finish_wandb(wandb_run, results, run_dir)
+    return results
+
+
+def finish_wandb(wandb_run, results: dict, run_dir: Path) -> None:
+    import wandb
+
+    wandb_run.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+    wandb_run.log({"confusion_matrix": wandb.Image(str(run_dir / "confusion_matrix.png"))})
+    wandb_run.finish()
+    if wandb_run.settings.mode == "offline":
+        print(f"wandb: logged offline; upload with `wandb sync {Path(wandb_run.dir).parent}`")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def setup_devices(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """utils.setup_distributed, with a --device this machine cannot honour as one line."""
+    try:
+        return utils.setup_distributed(args.device)
+    except utils.DeviceError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train_epoch(
+    training: Training, loader, args: argparse.Namespace, device, epoch: int, progress: bool, stop
+) -> dict:
+    """engine.train_one_epoch with the run's objects and flags."""
+    return engine.train_one_epoch(
+        training.train_model,
+        training.criterion,
+        loader,
+        training.optimizer,
+        training.scheduler,
+        device,
+        ema=training.ema,
+        scaler=training.scaler,
+        amp_dtype=training.amp_dtype,
+        accumulation_steps=args.gradient_accumulation_steps,
+        clip_grad=args.clip_grad,
+        clip_scaled=args.official_quirks,
+        channels_last=training.channels_last,
+        max_nonfinite=args.max_nonfinite_steps,
+        progress=progress,
+        desc=f"epoch {epoch}",
+        stop=stop,
+    )
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
+    raises only once the last checkpoint is written (in-process callers read it at once), with
+    the signal handlers it found restored and the process group destroyed."""
+    clock = RunClock()
+    utils.reset_fault_points()
+    rank, world_size, device = setup_devices(args)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    with utils.process_group_destroyed_on_exit(), utils.CheckpointWriter() as writer:
+        # ---- set up: the run's folder, the data, the model and everything that trains it
+        run_dir, resume_ckpt = open_run(args, world_size)
+        classes = prepare_dataset(args, master, log)
+        set_determinism(args, device)
+        model, pretrained, channels_last = build_model(
+            args, len(classes), device, load_weights=resume_ckpt is None
+        )
+        if args.checkpoint and resume_ckpt is None:
+            log(f"initialised from {args.checkpoint}")
+        loaders = build_loaders(args, model.data_config, device, rank, world_size)
+        data_sizes, skipped, overlap = check_data(args, loaders, resume_ckpt, master, log)
+        training = build_training(args, model, device, channels_last)
+        run_info = {  # what every checkpoint says besides the training state
+            "args": dict(vars(args)),
+            "data_sizes": data_sizes,
+            "model_name": model.model_name,
+            "model_kwargs": model.model_kwargs,
+            "classes": classes,
+            "data_config": model.data_config,
+            "pretrained": pretrained,
+            "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
+            "git_commit": utils.git_commit(),
+        }
+
+        # ---- restore: a resumed run goes on exactly where its last.pt left it
+        state = TrainState()
+        if resume_ckpt is not None:
+            restore(training, state, resume_ckpt, args.resume, device)
+            log(f"resumed from {args.resume} at epoch {state.epoch + 1}")
+        wandb_run = None
+        if master:
+            drop_unsaved_metrics(run_dir / "metrics.jsonl", state.epoch, log)
+            log(
+                f"run folder {run_dir}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} "
+                f"M parameters; {data_sizes['train']} train images, device {device}, "
+                f"{world_size} process(es), amp {training.amp_dtype}"
+            )
+            wandb_run = utils.init_wandb(args.wandb, run_dir, state.wandb_id, dict(vars(args)))
+            state.wandb_id = wandb_run.id if wandb_run is not None else None
+        stn = None
+        if master and getattr(model, "has_stn", False):
+            stn = stn_examples(loaders["val"])  # one face of each class
+
+        # ---- loop: train, validate, save; until the epochs, patience, bad losses or a signal
+        with utils.Interrupted() as interrupted:
+            stop_reason = "epochs"
+            epochs = range(state.epoch + 1, args.epochs)
+            if state.bad_epochs >= args.patience:  # a resumed run that stopped early stays so
+                stop_reason, epochs = "early_stopping", range(0)
+            epoch = state.epoch
+            clock.start_loop()
+            for epoch in epochs:
+                loaders["train"].set_epoch(epoch)
+                started = time.time()
+                progress = master and not args.no_progress
+                stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
+                                    interrupted)  # fmt: skip
+                state.step += stats["steps"]
+                if stats["stopped"]:
+                    stop_reason = stats["stopped"]
+                    if stop_reason == "nonfinite":
+                        log(
+                            f"stopping: {args.max_nonfinite_steps} consecutive steps had a "
+                            "non-finite loss. Try a lower --lr, --clip-grad, or --amp off (or "
+                            "bf16 instead of fp16)."
+                        )
+                    break
+                utils.sync_buffers(model)  # rank 0's BatchNorm statistics, as last.pt saves them
+                utils.sync_buffers(training.ema.ema_model)
+                val = engine.evaluate(
+                    training.train_model, loaders["val"], device, classes, training.amp_dtype
+                )
+                improved = state.end_epoch(epoch, val["accuracy"], time.time() - started)
+                lr = training.optimizer.param_groups[0]["lr"]
+                record = epoch_record(epoch, state, stats, val, lr, time.time() - started)
+                ckpt = make_checkpoint(training, state, run_info, device)  # collective in DDP
+                if master:
+                    write_epoch(run_dir, writer, ckpt, record, improved, stn, model, wandb_run)
+                del ckpt
+                state.saved_epoch = epoch  # once the writer is done
+                clock.end_epoch(started, record["seconds"])
+                if state.bad_epochs >= args.patience:
+                    stop_reason = "early_stopping"
+                    log(f"early stopping: no better validation accuracy for {args.patience} epochs")
+                    break
+                if interrupted:
+                    stop_reason = "interrupted"
+                    break
+            # The last checkpoint's write, waited for once per run, counts with the test.
+            clock.end_loop()
+            writer.wait()  # last.pt and best.pt hold state.saved_epoch from here on
+            if stop_reason == "interrupted":
+                exit_interrupted(interrupted, state, run_dir, world_size, log)
+
+            # ---- test and report: a signal from here on exits at once, with its message
+            interrupted.exit_message = testing_exit_message(state, run_dir, world_size, master)
+            facts = {
+                "stop_reason": stop_reason,
                 "split_overlap": overlap,
-                "per_class": test["per_class"],
-                "confusion_matrix": test["confusion_matrix"],
-                "classes": classes,
-                "best_val_accuracy": best_acc,
-                "best_epoch": best_epoch,
                 "epochs_run": epoch + 1,
-                "steps": step,
-                "train_seconds": train_seconds,
-                # This process's wall time (a resumed run's from its resume), for
-                # benchmark.py: what a run costs besides its epochs' own seconds.
-                "process_seconds": {
-                    "setup": loop_started - main_started,
-                    "epochs": epochs_seconds,
-                    # checkpoint, STN figure and log after this process's first epoch, with
-                    # one-time costs (matplotlib's import), and after the later ones
-                    "after_first_epoch": after_first_epoch,
-                    "between_epochs": between_epochs,
-                    "test": time.time() - loop_ended,
-                },
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                # this process's, training and tests; benchmark.py reports it
-                "peak_gpu_memory_gb": engine.peak_memory_gb(device),
                 "num_gpus": world_size if device.type == "cuda" else 0,
                 "world_size": world_size,
-                "weights_checksum_per_rank": checksums,
                 "model": model.model_name,
                 "skipped_images_count": sum(len(paths) for paths in skipped.values()),
                 "skipped_images": skipped,
-                "git_commit": commit,
-                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "git_commit": run_info["git_commit"],
             }
-        )
-        engine.write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-        log(engine.format_report(test))
-        log(
-            f"test accuracy, TenCrop: final EMA weights {test['accuracy']:.2f} % (the official "
-            "protocol)"
-            + (
-                f"; best.pt (epoch {best_epoch}): online weights {best_accuracy['model']:.2f} %, "
-                f"EMA weights {best_accuracy['ema']:.2f} %"
-                if test_best
-                else ""
+            return test_and_report(
+                training, state, loaders, run_dir, device, facts, clock, wandb_run
             )
-        )
-        if wandb_run is not None:
-            import wandb
-
-            wandb_run.summary.update(
-                {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
-            )
-            wandb_run.log({"confusion_matrix": wandb.Image(str(run_dir / "confusion_matrix.png"))})
-            wandb_run.finish()
-            if wandb_run.settings.mode == "offline":
-                offline = Path(wandb_run.dir).parent
-                log(f"wandb: logged offline; upload with `wandb sync {offline}`")
-    interrupted.restore()
-    if distributed:
-        dist.destroy_process_group()
-    return results if master else None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(path)`.
+"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(path)`,
+`load_trained_model(path)` (with its class names and data config, as the inference commands use).
 
 Names: `emonext_<size>`, `convnext_<size>` (models/emonext.py), `resemotenet`, `simple_cnn` and
 `timm:<any timm model>` (models/baselines.py). Every model has `model_name`, `model_kwargs`
@@ -17,6 +18,7 @@ from models.baselines import TimmModel, create_timm_model
 from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
 from models.weights import (
+    OFFICIAL_CLASSES,
     LoadReport,
     WeightsError,
     infer_architecture,
@@ -29,6 +31,8 @@ from models.weights import (
 __all__ = [
     "EmoNeXt",
     "MIN_IMG_SIZE",
+    "OFFICIAL_CLASSES",
+    "SIZES",
     "LoadReport",
     "TimmModel",
     "WeightsError",
@@ -37,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_pretrained",
+    "load_trained_model",
     "register_model",
 ]
 
@@ -127,3 +132,31 @@ def load_model(
     if isinstance(ckpt.get("data_config"), dict):  # what the model was trained with
         model.data_config = dict(ckpt["data_config"])
     return model.eval(), ckpt
+
+
+def load_trained_model(
+    checkpoint: str | os.PathLike, weights: str = "auto", model_name: str | None = None
+) -> tuple[nn.Module, list[str], dict, dict]:
+    """(model in eval mode on the CPU, class names, data config, checkpoint) of a trained model:
+    what evaluate.py, predict.py and scripts/export.py run.
+
+    `weights` and `model_name` are as in `load_model`. Class names and data config come from the
+    checkpoint where it records them (this project's checkpoints do); the official trainer's
+    checkpoints get OFFICIAL_CLASSES and the model's default config (224 input, resize 236, no
+    normalisation), which is how the official code trained. Every mistake is a WeightsError.
+    """
+    try:
+        model, ckpt = load_model(checkpoint, weights, model_name)
+    except ValueError as err:  # e.g. a --model name that is not registered
+        raise WeightsError(str(err)) from err
+    classes = list(ckpt.get("classes") or OFFICIAL_CLASSES)
+    if len(classes) != model.num_classes:
+        raise WeightsError(
+            f"{checkpoint}: the model has {model.num_classes} outputs but the checkpoint names "
+            f"{len(classes)} classes"
+        )
+    # What the checkpoint records wins; a key it lacks keeps the model's default.
+    data_config = dict(model.data_config)
+    data_config.update(ckpt.get("data_config") or {})
+    model.data_config = data_config
+    return model, classes, data_config, ckpt

@@ -4,8 +4,9 @@
   downloaded through the torch hub cache, so `TORCH_HOME` works), local files or URLs in the
   official layout, and timm-layout state dicts. The STN, SE, attention and head are expected to be
   missing; anything else missing or mis-shaped is an error that names it.
-- Whole models (`load_checkpoint`, `load_model`): this project's checkpoints, the official EmoNeXt
-  trainer's (`model` plus an ema-pytorch `ema`), and bare state dicts, loaded strictly.
+- Whole models (`load_checkpoint`, `load_model`, `load_trained_model`): this project's
+  checkpoints, the official EmoNeXt trainer's (`model` plus an ema-pytorch `ema`), and bare
+  state dicts, loaded strictly.
 
 Every file is read with `torch.load(..., weights_only=True)`: a checkpoint can never run code.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
+
+from utils import CLIError
 
 _FB = "https://dl.fbaipublicfiles.com/convnext"
 PRETRAINED_URLS = {
@@ -43,8 +46,16 @@ _NEW_MODULES = {
 }
 
 
-class WeightsError(RuntimeError):
-    """Weights that cannot be had or do not fit; the message says which file and what to do."""
+# The official trainer's class order, which its checkpoints do not record: torchvision's
+# ImageFolder over FER2013's train/ folder, i.e. the folder names sorted.
+OFFICIAL_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")
+
+
+class WeightsError(CLIError):
+    """Weights that cannot be had or do not fit; the message says which file and what to do.
+
+    A CLIError: a command prints it as one line (`utils.run_command`), without a traceback.
+    """
 
 
 def _group(key: str) -> str:

@@ -17,7 +17,6 @@ training loses its leaked copies. OUT/manifest.json lists each removed file and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datasets  # noqa: E402
 from datasets import SPLITS, DatasetError  # noqa: E402
-from engine import write_text_atomic  # noqa: E402
+from utils import ArgumentParser, write_text_atomic  # noqa: E402
 
 KEEP_FIRST = ("test", "val", "train")  # which copy of a duplicate group --dedupe keeps
 
@@ -55,6 +54,17 @@ def _groups(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], n: int) -> list[li
     return sorted(members.values())
 
 
+def load_splits(root: Path, splits: tuple[str, ...]) -> dict[str, datasets.SplitData]:
+    """Every image of `splits`, decoded (or read from the cache train.py fills)."""
+    try:
+        return {s: datasets.load_split(root, s) for s in splits}
+    except datasets.UnreadableImageError as err:
+        # load_split advises train.py's --skip-bad-images; the audit compares every image with
+        # every other, so it has no such flag: the image must go or be replaced.
+        reason = str(err).removesuffix(f"; {datasets.SKIP_BAD_IMAGES_HINT}")
+        raise DatasetError(f"{reason}; replace or delete it, then audit again") from None
+
+
 def audit(root: str | os.PathLike, similarity: float = datasets.NEAR_DUPLICATE_SIMILARITY) -> dict:
     """The report: settings, summary counts, every duplicate group and every blank image."""
     root = Path(root)
@@ -64,7 +74,7 @@ def audit(root: str | os.PathLike, similarity: float = datasets.NEAR_DUPLICATE_S
     if not present:
         raise DatasetError(f"no train/, val/ or test/ folder in {root}; pass a dataset folder")
     classes = datasets.check_dataset(root, present)
-    data = {s: datasets.load_split(root, s) for s in present}
+    data = load_splits(root, present)
     sizes = {s: tuple(d.images.shape[1:]) for s, d in data.items()}
     if len(set(sizes.values())) > 1:
         raise DatasetError(f"the splits of {root} have different image sizes {sizes}")
@@ -237,9 +247,10 @@ def format_summary(report: dict, name: str, seconds: float, show: int) -> str:
     return "\n".join(lines)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Find duplicates, train/val/test leaks, label conflicts and blank images."
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="audit_dataset.py",
+        description="Find duplicates, train/val/test leaks, label conflicts and blank images.",
     )
     parser.add_argument("dataset", help="dataset folder with train/ val/ test/ class folders")
     parser.add_argument("--json", default=None, help="write the full report (every group) here")
@@ -260,8 +271,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not 0.0 < args.near_threshold <= 1.0:
-        parser.error(f"--near-threshold must be in (0, 1], got {args.near_threshold}")
+    parser.check(
+        args,
+        {
+            "near_threshold": ("in (0, 1]", lambda t: 0.0 < t <= 1.0),
+            "show": ("a non-negative integer", lambda n: n >= 0),
+        },
+    )
     if args.dedupe and Path(args.dedupe).exists():
         parser.error(f"--dedupe {args.dedupe} exists; choose a new folder")
     started = time.time()

@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datasets  # noqa: E402
-from engine import DeviceError, resolve_device  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,9 +107,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="transform mode (default: train for the train split, else val)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument(
-        "--device", default=None, help="device of the fast pipeline's output (default: a GPU)"
-    )
+    utils.add_device_argument(parser)  # where the fast pipeline's batches go
     parser.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader workers of the pil pipeline"
     )
@@ -124,7 +123,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def run_data(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     mode = args.mode or ("train" if args.split == "train" else "val")
     tmp = None
     root = args.dataset_path
@@ -190,7 +189,7 @@ SETUPS = {
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="emonext_tiny", help="EmoNeXt/ConvNeXt model name")
+    utils.add_model_arguments(parser, models.SIZES, default_size="tiny")
     parser.add_argument(
         "--dataset-path",
         default=None,
@@ -208,7 +207,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-size", type=int, default=None, help="input side (default: the model's, 224)"
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU)")
+    utils.add_device_argument(parser)
     parser.add_argument(
         "--epochs",
         type=int,
@@ -299,7 +298,7 @@ def time_setup(kind: str, args: argparse.Namespace, root, out_dir) -> dict:
     done = subprocess.run([sys.executable, str(TRAIN_PY), *argv], stdout=2)
     wall = time.perf_counter() - started  # Python's start and imports included
     if done.returncode != 0:
-        raise SystemExit(f"error: the {kind} setup's train.py stopped (status {done.returncode})")
+        raise utils.CLIError(f"the {kind} setup's train.py stopped (status {done.returncode})")
     run_dir = Path(out_dir) / kind
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((run_dir / "results.json").read_text())
@@ -373,21 +372,23 @@ def run_train(args: argparse.Namespace) -> dict:
     shape included) and the last, steady one; nothing is projected from a few steps. The
     --project-epochs run is projected from these and train.py's split of its wall time.
     """
-    device = resolve_device(args.device)  # a --device this machine lacks fails before the data
+    device = utils.resolve_device(
+        args.device
+    )  # a --device this machine lacks fails before the data
     kinds = [k for k in args.setups.split(",") if k]
     unknown = set(kinds) - set(SETUPS)
     if unknown:
-        raise SystemExit(f"error: unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
+        raise utils.CLIError(f"unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
     if args.epochs < 1 or args.project_epochs < 1:
-        raise SystemExit("error: --epochs and --project-epochs must be at least 1")
+        raise utils.CLIError("--epochs and --project-epochs must be at least 1")
     taken = [
         Path(args.runs_dir) / k
         for k in kinds
         if args.runs_dir and (Path(args.runs_dir) / k).exists()
     ]
     if taken:  # train.py would refuse to start a run there, after the data's preparation
-        raise SystemExit(
-            f"error: --runs-dir {args.runs_dir} already holds {taken[0]}; give another folder"
+        raise utils.CLIError(
+            f"--runs-dir {args.runs_dir} already holds {taken[0]}; give another folder"
         )
     with tempfile.TemporaryDirectory(prefix="emonext-bench-") as tmp:
         root = args.dataset_path
@@ -458,8 +459,8 @@ def run_train(args: argparse.Namespace) -> dict:
     return result
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="EmoNeXt throughput benchmarks")
+def get_args_parser() -> utils.ArgumentParser:
+    parser = utils.ArgumentParser(prog="benchmark.py", description="EmoNeXt throughput benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="pil vs fast data pipeline, images per second")
     add_data_args(data)
@@ -472,17 +473,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None); `train`'s --model becomes the model it names
+    (--model NAME or emonext_SIZE, default emonext_tiny)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        args.model = parser.model_name(args, default_size="tiny")
+    return args
+
+
 def main(args: argparse.Namespace | list[str] | None = None):
+    """`args` from `parse_args`, or the command line to parse."""
     if not isinstance(args, argparse.Namespace):
-        args = get_args_parser().parse_args(args)
-    return args.func(args)
+        args = parse_args(args)
+    try:
+        return args.func(args)
+    except datasets.DatasetError as err:  # a dataset a user gave, unreadable: one line
+        raise utils.CLIError(str(err)) from None
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except datasets.DatasetError as e:
-        sys.exit(f"error: {e}")
-    except DeviceError as e:
-        print(f"benchmark.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    utils.run_command("benchmark.py", main, parse_args())

@@ -54,6 +54,7 @@ from datasets import (  # noqa: E402
     read_manifest,
     write_manifest,
 )
+from utils import ArgumentParser, CLIError, run_command  # noqa: E402
 
 KAGGLE_COMPETITION = "challenges-in-representation-learning-facial-expression-recognition-challenge"
 KAGGLE_FILE = "fer2013.tar.gz"
@@ -82,9 +83,10 @@ KAGGLE_HELP = (
 )
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Download or convert FER2013 into FER2013/{train,val,test}/<Class>/."
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="download_dataset.py",
+        description="Download or convert FER2013 into FER2013/{train,val,test}/<Class>/.",
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -506,9 +508,24 @@ def settings(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (the carved split's seed goes to numpy, which refuses negative
+    ones)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    parser.check(
+        args,
+        {
+            "val_fraction": ("in (0, 1)", lambda f: 0 < f < 1),
+            "seed": ("a non-negative integer", lambda n: n >= 0),
+        },
+    )
+    return args
+
+
 def main(args: argparse.Namespace | list[str] | None = None) -> Path:
     if not isinstance(args, argparse.Namespace):
-        args = get_args_parser().parse_args(args)
+        args = parse_args(args)
     out = Path(args.out)
     source = source_description(args)
     if out.exists() or out.is_symlink():
@@ -594,8 +611,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def run(args: argparse.Namespace) -> Path:
+    """main for the command line: a DatasetError (bad input, a failed download, a folder in the
+    way) becomes a CLIError, which run_command prints as one line (exit status 1)."""
     try:
-        main(get_args_parser().parse_args())
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+        return main(args)
+    except DatasetError as err:
+        raise CLIError(str(err)) from None
+
+
+if __name__ == "__main__":
+    run_command("download_dataset.py", run, parse_args())

@@ -10,7 +10,8 @@ channels, to logits (N, classes); the batch size is free. Its preprocessing trav
 (image_size, resize_size, in_chans, mean, std) and a sentence saying how to build the input.
 The export is compared with the PyTorch model on random inputs and on a real face (the astronaut
 photograph of tests/data, through predict.py's detector and transform); a mismatch above
-`--tolerance` is an error and leaves no file behind.
+`--tolerance` is an error and leaves no file behind. The model is traced and checked on
+`--device`; the export runs on the CPU.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import DeviceError, resolve_device  # noqa: E402
-from evaluate import CLIError, load_trained_model, model_name_from_args  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
 from predict import FaceDetector, face_tensor, read_image  # noqa: E402
 
 REAL_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "data" / "astronaut.png"
@@ -64,11 +65,13 @@ def export_metadata(model: nn.Module, classes: list[str], data_config: dict, sou
 def real_input(data_config: dict, image: Path = REAL_IMAGE) -> torch.Tensor:
     """The first face found in `image`, preprocessed as predict.py does (1, C, S, S)."""
     if not image.is_file():
-        raise CLIError(f"real test image {image} is missing; pass --real-image")
+        raise utils.CLIError(f"real test image {image} is missing; pass --real-image")
     rgb = read_image(str(image))
     try:
         boxes = FaceDetector()(rgb)
-    except CLIError:  # an OpenCV without its face detector (5.x): the whole photo checks as well
+    except (
+        utils.CLIError
+    ):  # an OpenCV without its face detector (5.x): the whole photo checks as well
         boxes = []
     x, y, w, h = boxes[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
     return face_tensor([rgb[y : y + h, x : x + w]], data_config)
@@ -124,20 +127,17 @@ def max_difference(
     return worst
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Export an EmoNeXt checkpoint to ONNX or TorchScript"
+def get_args_parser() -> utils.ArgumentParser:
+    parser = utils.ArgumentParser(
+        prog="export.py", description="Export an EmoNeXt checkpoint to ONNX or TorchScript"
     )
-    parser.add_argument("--checkpoint", required=True, help="this project's or the official .pt")
+    utils.add_model_arguments(
+        parser, models.SIZES, checkpoint_help="this project's or the official trainer's .pt"
+    )
     parser.add_argument(
         "--format", required=True, choices=["onnx", "torchscript"], help="file format to write"
     )
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt / .ts)")
-    parser.add_argument("--model-size", default=None, help="tiny, small, ...: emonext_SIZE")
-    parser.add_argument("--model", default=None, help="full model name, e.g. convnext_tiny")
-    parser.add_argument(
-        "--weights", default="auto", choices=["auto", "ema", "model"], help="auto: EMA if any"
-    )
     parser.add_argument(
         "--opset", default=20, type=int, help="ONNX opset; the STN's affine_grid needs >= 20"
     )
@@ -147,20 +147,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--real-image", default=str(REAL_IMAGE), help="photo with a face for the real-input check"
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N: where the model is traced and checked against the export "
-        "(default: a GPU if there is one)",
-    )
+    utils.add_device_argument(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> float:
     """Writes the export; returns the largest logit difference found by the check."""
-    device = resolve_device(args.device)
-    model, classes, data_config, ckpt = load_trained_model(
-        args.checkpoint, args.weights, model_name_from_args(args.model, args.model_size)
+    model_name = get_args_parser().model_name(args)  # --model NAME or emonext_SIZE, or None
+    device = utils.resolve_device(args.device)
+    model, classes, data_config, ckpt = models.load_trained_model(
+        args.checkpoint, args.weights, model_name
     )
     model.eval().to(device)
     size, chans = data_config["image_size"], data_config["in_chans"]
@@ -189,7 +185,7 @@ def main(args: argparse.Namespace) -> float:
                 export_torchscript(model, example.to(device), tmp, meta)
                 diff = max_difference(model, run_torchscript(tmp), checks, device)
         if not np.isfinite(diff) or diff > args.tolerance:
-            raise CLIError(
+            raise utils.CLIError(
                 f"the {args.format} export differs from PyTorch by {diff:.2e} (more than "
                 f"{args.tolerance:.0e}); nothing written"
             )
@@ -206,11 +202,4 @@ def main(args: argparse.Namespace) -> float:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except CLIError as err:
-        sys.exit(f"export.py: error: {err}")
-    except DeviceError as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    utils.run_command("export.py", main, get_args_parser().parse_args())

@@ -28,6 +28,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from anywhere, like the other scripts of the repo
 
+from utils import ArgumentParser, CLIError, run_command  # noqa: E402
+
 # The paper's table. `paper` is the published FER2013 PrivateTest accuracy (percent) or None;
 # `source` says where a number comes from, or why there is none; `paper_note`, if any, is shown
 # beside the number in the results table. EmoNeXt and ConvNeXt rows start from ImageNet-22k
@@ -83,10 +85,8 @@ ROWS: list[dict] = [
 ROW_IDS = [r["row"] for r in ROWS]
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "EmoNeXt reproduction suite", description=__doc__.split("\n")[0]
-    )
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--dataset-path",
         default="FER2013",
@@ -131,6 +131,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    parser.check(args, {"seeds": ("at least 1", lambda v: v >= 1)})
+    return args
+
+
 def select_rows(spec: str) -> list[dict]:
     """The rows named in a comma-separated `spec`, in the table's order; all rows if empty."""
     if not spec:
@@ -138,7 +146,7 @@ def select_rows(spec: str) -> list[dict]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in ROW_IDS]
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(unknown)}; known: {', '.join(ROW_IDS)}")
+        raise CLIError(f"unknown rows: {', '.join(unknown)}; known: {', '.join(ROW_IDS)}")
     return [r for r in ROWS if r["row"] in names]
 
 
@@ -274,8 +282,6 @@ def write_table(output_dir: str | Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     rows = select_rows(args.rows)
-    if args.seeds < 1:
-        get_args_parser().error(f"--seeds must be 1 or more, got {args.seeds}")
     if args.dry_run:
         for row in rows:
             paper = f"{row['paper']:.2f} %" if row["paper"] is not None else "no number"
@@ -310,4 +316,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_command("reproduce.py", main, parse_args()))

@@ -41,7 +41,7 @@ def synthetic_root(tmp_path_factory) -> Path:
     Session-scoped and shared: treat it as read-only (copy it to modify; the loaders' cache
     under <root>/.cache is fine).
     """
-    from make_synthetic import make_synthetic
+    from datasets import make_synthetic
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
     return make_synthetic(out, seed=0, splits={"train": 16, "val": 4, "test": 4})

@@ -41,6 +41,16 @@ def make_official_checkpoint(golden_dir: Path, path: Path) -> Path:
     return path
 
 
+def command_error(capsys, path: Path, argv: list) -> tuple[int, str]:
+    """(exit status, stderr) of a command's `__main__` block (`run_script`) that must fail."""
+    import pytest
+
+    capsys.readouterr()  # what came before is not this command's
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(path, argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def run_script(path: Path, argv: list) -> None:
     """Run a command's `__main__` block in this process, as `python path argv...` would."""
     import runpy

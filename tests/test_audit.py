@@ -97,14 +97,44 @@ def test_dedupe_writes_a_clean_copy(planted, tmp_path):
     assert not list(tmp_path.glob(".clean*"))  # no temporary folder left
 
 
+def one_line_error(err: str) -> str:
+    """The message of a one-line command error (no usage block, no traceback)."""
+    assert err.count("\n") == 1 and err.startswith("audit_dataset.py: error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    return err.removeprefix("audit_dataset.py: error: ").strip()
+
+
 def test_audit_errors_are_one_line(tmp_path, planted, capsys):
+    root = str(planted[0])
+    cases = [
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([root, "--dedupe", str(tmp_path)], f"--dedupe {tmp_path} exists; choose a new folder"),
+        ([root, "--near-threshold", "0"], "--near-threshold 0.0: must be in (0, 1]"),
+        ([root, "--near-threshold", "1.5"], "--near-threshold 1.5: must be in (0, 1]"),
+        ([root, "--show", "-1"], "--show -1: must be a non-negative integer"),
+        ([root, "--show", "all"], "argument --show: invalid int value: 'all'"),
+        ([root, "--skip-bad-images"], "unrecognized arguments: --skip-bad-images"),
+        ([], "the following arguments are required: dataset"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            audit_dataset.main(argv)
+        assert exit_info.value.code == 2, argv
+        assert message in one_line_error(capsys.readouterr().err), argv
+
+
+def test_unreadable_image_advice_is_the_audits_own(planted, tmp_path, capsys):
+    """load_split advises --skip-bad-images, which train.py has and the audit has not."""
+    root = tmp_path / "data"
+    shutil.copytree(planted[0], root, ignore=shutil.ignore_patterns(".cache"))
+    (root / "val" / "Sad" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit) as exit_info:
-        audit_dataset.main([str(tmp_path / "missing")])
+        audit_dataset.main([str(root)])
     assert exit_info.value.code == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        audit_dataset.main([str(planted[0]), "--dedupe", str(tmp_path)])
-    assert exit_info.value.code == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert message.startswith(f"cannot read image {root / 'val' / 'Sad' / 'broken.png'} (")
+    assert message.endswith("; replace or delete it, then audit again")
+    assert "--skip-bad-images" not in message
 
 
 def test_train_reports_leaks_at_start_and_in_results(planted, tmp_path, capsys, repo_root):

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from benchmark import get_args_parser, main
+from benchmark import get_args_parser, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"pil_images_per_s", "fast_images_per_s", "ratio", "batch_size", "device"}
@@ -15,6 +15,21 @@ def test_parser_has_data_subcommand():
     assert (args.batch_size, args.device, args.num_workers, args.image_size) == (64, None, 0, 224)
     with pytest.raises(SystemExit):
         get_args_parser().parse_args([])  # a subcommand is required
+
+
+def test_train_model_flags(capsys):
+    """train's model: --model NAME or --model-size SIZE (emonext_SIZE), emonext_tiny without."""
+    assert parse_args(["train"]).model == "emonext_tiny"
+    assert parse_args(["train", "--model-size", "small"]).model == "emonext_small"
+    assert parse_args(["train", "--model", "emonext_micro"]).model == "emonext_micro"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["train", "--model", "emonext_micro", "--model-size", "tiny"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "benchmark.py: error: --model emonext_micro and --model-size tiny name different models; "
+        "give one\n"
+    )
 
 
 def test_data_json_in_process(synthetic_root, capsys):

@@ -12,6 +12,7 @@ from benchmark import main as benchmark_main
 import engine
 from losses import EmoNeXtLoss
 from models import create_model
+from utils import CLIError
 
 
 def test_train_harness_runs_train_py_and_reports_its_epochs(
@@ -82,7 +83,7 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(
         assert v["between_epochs_seconds"] == pytest.approx(parts["between_epochs"])
         # projected to the 2 epochs that ran, the projection is the run itself
         assert benchmark.projected_run_seconds(v, 2) == pytest.approx(v["run_seconds"])
-    with pytest.raises(SystemExit, match="already holds .*official; give another folder"):
+    with pytest.raises(CLIError, match="already holds .*official; give another folder"):
         benchmark_main(argv)  # the kept runs are not overwritten, and nothing is prepared first
     assert len(commands) == 2 and cache_files() == cache_after_preparation
     ours = setups["ours"]
@@ -94,7 +95,7 @@ def test_train_harness_runs_train_py_and_reports_its_epochs(
     )
     assert printed["first_epoch_ratio"] > 0 and setups["ours"]["flops_per_image"] > 0
     # the timm setup is timm's ConvNeXt of the same size through the same train.py
-    args = benchmark.get_args_parser().parse_args(["train", "--model", "emonext_tiny", "--amp"])
+    args = benchmark.parse_args(["train", "--model-size", "tiny", "--amp"])
     timm_argv = benchmark.setup_argv("timm", args, "FER2013", "out")
     assert timm_argv[timm_argv.index("--model") + 1] == "timm:convnext_tiny"
     assert "--amp" in timm_argv and "--official-quirks" not in timm_argv

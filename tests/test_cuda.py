@@ -21,6 +21,7 @@ from inference_utils import ASTRONAUT, make_project_checkpoint
 import datasets
 import engine
 import train
+import utils
 from losses import EmoNeXtLoss
 from models import create_model, load_model
 
@@ -126,7 +127,7 @@ def test_deferred_nonfinite_checks_on_the_gpu():
 
 
 def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monkeypatch):
-    """engine.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
+    """utils.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
     GPU (a 100M-cycle sleep kernel), the caller updates the tensors in place at once, and the
     file holds the values of save time: the writer waited for the copies, and they ran before
     the updates (one stream). The writer serialises pinned CPU tensors; they load as CPU ones."""
@@ -146,7 +147,7 @@ def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monk
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    writer = engine.CheckpointWriter()
+    writer = utils.CheckpointWriter()
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)  # the copies wait behind this kernel
     writer.save(state, tmp_path / "last.pt")
@@ -346,7 +347,9 @@ def peak_step_memory(size: str, checkpointing: bool) -> float:
     with torch.device("cuda"):
         model = create_model(f"emonext_{size}", verbose=False)
     model.to(memory_format=torch.channels_last).set_grad_checkpointing(checkpointing)
-    opt = torch.optim.AdamW(engine.trainable_parameters(model), lr=1e-3, fused=True)
+    train.freeze_unused_attention(model)  # as train.build_model does
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     x = torch.rand(64, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (64,), device="cuda")
     for _ in range(2):  # the second step holds the optimiser's state too

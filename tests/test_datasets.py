@@ -467,4 +467,6 @@ def test_epoch_plan_equals_batch_by_batch_drawing(synthetic_root):
     for (x, y), idx in zip(got, batches, strict=True):
         theta, outside = loader._random_theta(len(idx), g)
         expected = datasets.fast_warp(loader.images[idx], theta, size, mask_outside=outside)
-        assert torch.equal(x, loader._finish(expected)) and torch.equal(y, loader.targets[idx])
+        assert torch.equal(x, loader._to_model_channels(expected)) and torch.equal(
+            y, loader.targets[idx]
+        )

@@ -16,6 +16,7 @@ from torch.cuda._utils import _get_device_index
 
 import engine
 import train
+import utils
 
 
 class FakeCuda:
@@ -67,7 +68,7 @@ def machine(monkeypatch):
 
 def setup(argv: list[str]):
     args = train.get_args_parser().parse_args(argv)
-    rank, world, device = train.setup_distributed(args)
+    rank, world, device = train.setup_devices(args)
     dtype, scaler = engine.amp_settings(args.amp, device, args.official_quirks)
     return rank, world, device, dtype, scaler
 
@@ -184,15 +185,15 @@ def test_checkpoints_keep_this_processs_cuda_rng_state(machine, monkeypatch):
     monkeypatch.setattr(
         torch.cuda, "set_rng_state", lambda state, device: restored.update({device.index: state})
     )
-    state = train.rng_state(torch.device("cuda", 1))
+    state = utils.rng_state(torch.device("cuda", 1))
     assert torch.equal(state["cuda"], saved[1])
-    train.set_rng_state(state, torch.device("cuda", 1))
+    utils.set_rng_state(state, torch.device("cuda", 1))
     assert list(restored) == [1] and torch.equal(restored[1], saved[1])
     # on a CPU, or from a checkpoint of the old layout (a list for every GPU), nothing to restore
     restored.clear()
-    train.set_rng_state(state, torch.device("cpu"))
-    train.set_rng_state({**state, "cuda": [saved[0], saved[1]]}, torch.device("cuda", 0))
-    assert restored == {} and "cuda" not in train.rng_state(torch.device("cpu"))
+    utils.set_rng_state(state, torch.device("cpu"))
+    utils.set_rng_state({**state, "cuda": [saved[0], saved[1]]}, torch.device("cuda", 0))
+    assert restored == {} and "cuda" not in utils.rng_state(torch.device("cpu"))
 
 
 def test_torchrun_with_one_process_takes_the_nccl_path(machine):
@@ -206,8 +207,8 @@ def test_peak_memory_is_read_on_each_ranks_own_gpu(machine, rank):
     """results.json's peak_gpu_memory_gb: under torchrun each rank reads its own GPU."""
     machine(2, rank=rank, world=2)
     device = setup(["--amp"])[2]
-    assert engine.peak_memory_gb(device) == rank + 1
+    assert utils.peak_memory_gb(device) == rank + 1
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
-        engine.peak_memory_gb(torch.device("cuda", 2))  # the machine has two
+        utils.peak_memory_gb(torch.device("cuda", 2))  # the machine has two
     machine(0)
-    assert engine.peak_memory_gb(torch.device("cpu")) is None  # nothing asked of CUDA
+    assert utils.peak_memory_gb(torch.device("cpu")) is None  # nothing asked of CUDA

@@ -306,5 +306,35 @@ def test_subprocess_cli(tmp_path):
         env=env,
         stdin=subprocess.DEVNULL,
     )
-    assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert r.returncode == 1 and one_line_error(r.stderr).startswith("no Kaggle API credentials")
     assert not (tmp_path / "k").exists()
+    r = subprocess.run(  # a parser error: exit status 2, one line too
+        [sys.executable, script, "--csv", "a.csv", "--kaggle"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "not allowed with argument" in one_line_error(r.stderr)
+
+
+def one_line_error(err: str) -> str:
+    """The message of a one-line command error (no usage block, no traceback)."""
+    assert err.count("\n") == 1 and err.startswith("download_dataset.py: error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    return err.removeprefix("download_dataset.py: error: ").strip()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "one of the arguments --kaggle --gdrive --csv --folder is required"),
+        (["--csv", "x.csv", "--format", "gif"], "argument --format: invalid choice: 'gif'"),
+        (["--folder", "src", "--val-fraction", "1.5"], "--val-fraction 1.5: must be in (0, 1)"),
+        (["--folder", "src", "--val-fraction", "0"], "--val-fraction 0.0: must be in (0, 1)"),
+        (["--folder", "src", "--seed", "-2"], "--seed -2: must be a non-negative integer"),
+    ],
+    ids=["no-source", "format", "fraction-above", "fraction-zero", "seed"],
+)
+def test_parser_errors_are_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys.readouterr().err).startswith(message)  # argparse adds to some
+    assert_nothing_left(tmp_path, set())

@@ -4,9 +4,11 @@ import torch
 from torch import nn
 
 import engine
-from engine import compute_metrics, format_report, predict, save_confusion_matrix
+import train
+from engine import compute_metrics, format_report, predict
 from losses import EmoNeXtLoss
 from models import create_model
+from utils import save_confusion_matrix
 
 
 class Mean(nn.Module):
@@ -61,7 +63,9 @@ def train_micro(
 ):
     torch.manual_seed(0)
     model = create_model("emonext_micro", img_size=32).to(device)
-    opt = torch.optim.AdamW(engine.trainable_parameters(model), lr=1e-3, fused=True)
+    train.freeze_unused_attention(model)  # as train.build_model does
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     g = torch.Generator().manual_seed(1)
     loader = [(torch.rand(4, 3, 32, 32, generator=g), torch.arange(4)) for _ in range(steps)]

@@ -10,13 +10,14 @@ import torch
 from inference_utils import (
     ASTRONAUT,
     CLASSES,
+    command_error,
     make_official_checkpoint,
     make_project_checkpoint,
-    run_script,
 )
 
 import predict
-from evaluate import CLIError, load_trained_model
+from models import load_trained_model
+from utils import CLIError
 
 
 def export(argv: list) -> float:
@@ -80,7 +81,7 @@ def test_torchscript_of_official_checkpoint(golden_dir, tmp_path):
         assert (loaded(x) - model(x)).abs().max() <= 1e-4
 
 
-def test_failed_check_leaves_no_file(tmp_path, repo_root):
+def test_failed_check_leaves_no_file(tmp_path, repo_root, capsys):
     checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
     path = tmp_path / "model.ts"
     with pytest.raises(CLIError, match="differs from PyTorch"):
@@ -89,12 +90,13 @@ def test_failed_check_leaves_no_file(tmp_path, repo_root):
             + ["--tolerance", "-1"]
         )
     assert list(tmp_path.iterdir()) == [checkpoint]
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(
-            repo_root / "scripts" / "export.py",
-            ["--checkpoint", ASTRONAUT, "--format", "onnx", "--output", path],
-        )
-    assert "not a readable PyTorch checkpoint" in str(exit_info.value.code)
+    argv = ["--checkpoint", ASTRONAUT, "--format", "onnx", "--output", path]
+    status, message = command_error(capsys, repo_root / "scripts" / "export.py", argv)
+    assert status == 1 and message.count("\n") == 1
+    assert (
+        message.startswith("export.py: error: ") and "not a readable PyTorch checkpoint" in message
+    )
+    assert list(tmp_path.iterdir()) == [checkpoint]
 
 
 def test_real_input_without_the_face_detector(monkeypatch):

@@ -10,13 +10,13 @@ import pytest
 from inference_utils import (
     ASTRONAUT,
     CLASSES,
+    command_error,
     make_official_checkpoint,
     make_project_checkpoint,
-    run_script,
 )
 
 import predict
-from evaluate import CLIError
+from utils import CLIError
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_widen_box_is_clamped():
     assert predict.widen_box((0, 0, 20, 20), 2.0, 25, 25) == (0, 0, 25, 25)
 
 
-def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, repo_root):
+def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, repo_root, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(CLIError, match="neither an image nor a video"):
@@ -165,13 +165,50 @@ def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, repo_root):
         (tmp_path / "bad.onnx").write_text("nope")
         run([ASTRONAUT, "--checkpoint", tmp_path / "bad.onnx"])
     # The command itself (its __main__ block, in this process: no second interpreter start).
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(repo_root / "predict.py", [text, "--checkpoint", checkpoint])
-    assert "neither an image nor a video" in str(exit_info.value.code)
+    status, message = command_error(
+        capsys, repo_root / "predict.py", [text, "--checkpoint", checkpoint]
+    )
+    assert status == 1 and message.count("\n") == 1
+    assert message.startswith("predict.py: error: ") and "neither an image nor a video" in message
+    # A bad flag value or contradicting flags: one line, exit status 2, before any work.
+    for argv, expected in [
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--box-scale", "x"], "argument --box-scale: invalid float value: 'x'"),
+        (["--model-size", "huge"], "argument --model-size: invalid choice: 'huge'"),
+        (["--model", "emonext_tiny", "--model-size", "micro"], "name different models"),
+    ]:
+        argv = [ASTRONAUT, "--checkpoint", checkpoint, *argv]
+        status, message = command_error(capsys, repo_root / "predict.py", argv)
+        assert status == 2 and message.count("\n") == 1, message
+        assert message.startswith("predict.py: error: ") and expected in message, message
+
+
+def test_help_and_parsing_load_neither_scikit_learn_nor_matplotlib(repo_root):
+    """predict.py imports neither engine.py nor evaluate.py, and so neither scikit-learn nor
+    matplotlib: --help and a mistyped flag answer without their second of imports."""
+    code = (
+        "import runpy, sys\n"
+        "import predict\n"
+        "args = predict.parse_args(['face.png', '--checkpoint', 'c.pt', '--device', 'cpu'])\n"
+        "assert args.device == 'cpu' and args.weights == 'auto' and args.model is None\n"
+        "sys.argv = ['predict.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path('predict.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "heavy = {'sklearn', 'matplotlib', 'engine', 'evaluate'}\n"
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint CHECKPOINT" in result.stdout and "--device DEVICE" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_opencv_without_the_face_detector_is_one_line(monkeypatch):
     """OpenCV 5 (found on a GPU machine) has no CascadeClassifier: say what to install."""
     monkeypatch.delattr(cv2, "CascadeClassifier")
-    with pytest.raises(predict.CLIError, match=r"opencv-python-headless<5.*--no-detect"):
+    with pytest.raises(CLIError, match=r"opencv-python-headless<5.*--no-detect"):
         predict.FaceDetector()

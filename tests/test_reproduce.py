@@ -9,6 +9,7 @@ import pytest
 
 import models
 from scripts import reproduce
+from utils import CLIError
 
 
 def args_for(tmp_path, *argv: str):
@@ -87,12 +88,27 @@ def test_without_epochs_train_py_keeps_its_default(tmp_path):
 
 
 def test_unknown_rows_are_refused():
-    with pytest.raises(SystemExit, match="unknown rows: emonext_huge"):
+    with pytest.raises(CLIError, match="unknown rows: emonext_huge"):
         reproduce.select_rows("emonext_tiny,emonext_huge")
     assert [r["row"] for r in reproduce.select_rows("resemotenet,emonext_tiny")] == [
         "emonext_tiny",
         "resemotenet",
     ]
+
+
+def test_bad_arguments_are_one_line(repo_root):
+    for argv, status, line in [
+        (["--seeds", "0"], 2, "reproduce.py: error: --seeds 0: must be at least 1"),
+        (["--rows", "emonext_huge", "--dry-run"], 1, "reproduce.py: error: unknown rows: "),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "scripts/reproduce.py", *argv],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == status and result.stderr.startswith(line), result.stderr
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
 
 
 def fake_results(output_dir, row: str, seed: int = 2001, **values) -> None:

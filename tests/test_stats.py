@@ -1,4 +1,5 @@
-"""engine.py's statistics: bootstrap intervals, the paired comparison, McNemar's exact test."""
+"""The statistics: engine.py's bootstrap intervals, evaluate.py's paired comparison and
+McNemar's exact test."""
 
 import time
 
@@ -9,6 +10,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
 import engine
+import evaluate
 
 
 def predictions(n: int, accuracy: float, classes: int = 7, seed: int = 0):
@@ -65,7 +67,7 @@ def test_bootstrap_on_fer2013_test_size_is_fast_and_about_1_5_points_wide():
 )
 def test_mcnemar_matches_scipy_binomtest(a_only, b_only):
     expected = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
-    assert engine.mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert evaluate.mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-9, abs=1e-300)
 
 
 def test_paired_comparison_on_a_hand_made_table():
@@ -74,7 +76,7 @@ def test_paired_comparison_on_a_hand_made_table():
     right_a = np.r_[np.ones(60), np.ones(15), np.zeros(5), np.zeros(20)].astype(bool)
     right_b = np.r_[np.ones(60), np.zeros(15), np.ones(5), np.zeros(20)].astype(bool)
     preds_a, preds_b = np.where(right_a, 0, 1), np.where(right_b, 0, 2)
-    result = engine.paired_comparison(preds_a, preds_b, targets, 3, resamples=500, seed=3)
+    result = evaluate.paired_comparison(preds_a, preds_b, targets, 3, resamples=500, seed=3)
     assert (result["accuracy_a"], result["accuracy_b"]) == (75.0, 65.0)
     assert result["accuracy_difference"] == pytest.approx(10.0)
     assert result["mcnemar"]["a_only_correct"] == 15 and result["mcnemar"]["b_only_correct"] == 5

@@ -5,9 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from make_synthetic import EXPRESSIONS, draw_face, main, make_synthetic
+from make_synthetic import main
 
 import datasets
+from datasets import EXPRESSIONS, draw_face, make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +105,58 @@ def test_main_in_process_and_subprocess(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert datasets.content_hash(tmp_path / "a") == datasets.content_hash(tmp_path / "b")
+
+
+def test_old_import_still_works():
+    import make_synthetic as script
+
+    assert script.make_synthetic is make_synthetic
+
+
+def one_line_error(err: str, prog: str = "make_synthetic.py") -> str:
+    """The message of a one-line command error (no usage block, no traceback)."""
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    return err.removeprefix(f"{prog}: error: ").strip()
+
+
+@pytest.mark.parametrize("flag", ["--per-class", "--val-per-class", "--test-per-class"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_images_per_class_must_be_positive(tmp_path, capsys, flag, value):
+    """A split without images cannot be loaded: no "wrote 840 images" for such a dataset."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "s"), flag, value])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert one_line_error(err) == f"{flag} {value}: must be a positive integer"
+    assert "wrote" not in out and not (tmp_path / "s").exists()
+
+
+def test_make_synthetic_refuses_empty_splits(tmp_path):
+    with pytest.raises(ValueError, match="at least 1 image per class"):
+        make_synthetic(tmp_path / "a", per_class=0)
+    with pytest.raises(ValueError, match="at least 1 image per class"):
+        make_synthetic(tmp_path / "b", splits={"train": 2, "val": 0, "test": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """As a command: a parser error exits with 2, a folder in the way with 1; one line each."""
+    script = str(ROOT / "scripts" / "make_synthetic.py")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    cases = [
+        (["--out", str(tmp_path / "s"), "--per-class", "0"], 2, "--per-class 0: must be"),
+        (["--out", str(tmp_path / "s"), "--per-class", "many"], 2, "invalid int value: 'many'"),
+        (["--out", str(tmp_path / "s"), "--seed", "-1"], 2, "--seed -1: must be a non-negative"),
+        (["--per-class", "2"], 2, "the following arguments are required: --out"),
+        (["--out", str(mine), "--per-class", "1"], 1, "never replaced"),
+    ]
+    for argv, status, message in cases:
+        r = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+        assert r.returncode == status, (argv, r.stderr)
+        assert message in one_line_error(r.stderr), argv
+        assert r.stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -23,6 +23,7 @@ import datasets
 import engine
 import models
 import train
+import utils
 from losses import EmoNeXtLoss
 from models import create_model, load_model
 
@@ -255,13 +256,13 @@ def test_gradient_accumulation_equals_a_big_batch():
 
 
 def test_stn_pictures_show_one_labelled_face_of_each_class(tiny_faces, tmp_path, monkeypatch):
-    seen, real = [], train.save_stn_grid
+    seen, real = [], utils.save_stn_grid
 
     def spy(model, images, labels, path, title=""):
         seen.append((model, images.clone(), list(labels), path))
         real(model, images, labels, path, title)
 
-    monkeypatch.setattr(train, "save_stn_grid", spy)
+    monkeypatch.setattr(utils, "save_stn_grid", spy)
     run(FAST + ["--epochs", "1", "--dataset-path", str(tiny_faces), "--output-dir",
                 str(tmp_path), "--run-name", "stn"])  # fmt: skip
     ((model, images, labels, path),) = seen
@@ -272,7 +273,7 @@ def test_stn_pictures_show_one_labelled_face_of_each_class(tiny_faces, tmp_path,
     for face, name in zip(images, datasets.CLASSES, strict=True):
         first = sorted((tiny_faces / "val" / name).glob("*.png"))[0]
         assert (face - transform(Image.open(first))).abs().max() < 1.5 / 255, name
-    axes = train.stn_figure(model, images, labels).axes
+    axes = utils.stn_figure(model, images, labels).axes
     assert len(axes) == 1 and axes[0].images[0].get_array().shape == (2 * 32, 7 * 32)
     assert [t.get_text() for t in axes[0].get_xticklabels()] == datasets.CLASSES
     assert [t.get_text() for t in axes[0].get_yticklabels()] == ["input", "STN output"]
@@ -446,9 +447,9 @@ def test_wandb_offline_logs_the_run_quietly(tiny_faces, tmp_path, monkeypatch, c
 def test_best_pt_is_a_copy_that_outlives_the_next_last_pt(tmp_path):
     """best.pt is linked (or copied) from last.pt instead of written twice."""
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
-    engine.atomic_save({"epoch": 3}, last)
-    engine.same_file(last, best)
-    engine.atomic_save({"epoch": 4}, last)  # the next epoch, not better
+    utils.atomic_save({"epoch": 3}, last)
+    utils.link_or_copy(last, best)
+    utils.atomic_save({"epoch": 4}, last)  # the next epoch, not better
     assert torch.load(best, weights_only=True) == {"epoch": 3}
     assert torch.load(last, weights_only=True) == {"epoch": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
@@ -504,7 +505,7 @@ def test_checkpoint_writer_writes_the_state_at_save_time(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", held_save)
     state = nested_state()
     expected = copy.deepcopy(state)
-    writer = engine.CheckpointWriter()
+    writer = utils.CheckpointWriter()
     try:
         writer.save(state, tmp_path / "best.pt", link=tmp_path / "last.pt")
         (thread,) = [t for t in threading.enumerate() if t.name == "write best.pt"]
@@ -533,7 +534,7 @@ def test_checkpoint_writer_raises_the_writers_error_in_the_main_thread(
     """A full disk in the writer thread: the next wait() or save() raises it; last.pt stays the
     previous complete file and no half-written temporary file is left."""
     last = tmp_path / "last.pt"
-    writer = engine.CheckpointWriter()
+    writer = utils.CheckpointWriter()
     writer.save({"epoch": 1}, last)
     writer.wait()
 
@@ -551,13 +552,13 @@ def test_checkpoint_writer_raises_the_writers_error_in_the_main_thread(
 
     # leaving a `with` block (as main does) waits; an error already on its way is not hidden
     with pytest.raises(RuntimeError, match="training failed") as raised:
-        with engine.CheckpointWriter() as writer:
+        with utils.CheckpointWriter() as writer:
             writer.save({"epoch": 2}, last)
             raise RuntimeError("training failed")
     assert "training failed" in str(raised.value)
     assert "writing the checkpoint failed as well" in capsys.readouterr().err
     with pytest.raises(OSError, match="No space left on device"):
-        with engine.CheckpointWriter() as writer:
+        with utils.CheckpointWriter() as writer:
             writer.save({"epoch": 2}, last)
 
 
@@ -582,13 +583,13 @@ def test_checkpoint_writer_serialises_cuda_copies_once_complete(tmp_path, monkey
             log.append(("synchronize", thread()))
 
     real_save = torch.save
-    monkeypatch.setattr(engine, "host_copy", enqueued_copy)
+    monkeypatch.setattr(utils, "host_copy", enqueued_copy)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
     monkeypatch.setattr(torch, "save", lambda *a, **k: (log.append(("save", thread())),
                                                         real_save(*a, **k)))  # fmt: skip
     state = nested_state()
-    writer = engine.CheckpointWriter()
+    writer = utils.CheckpointWriter()
     writer.save(state, tmp_path / "last.pt")
     writer.wait()
     copies = [("copy", "main")] * len(tensors_of(state))

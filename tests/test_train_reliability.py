@@ -132,9 +132,9 @@ def test_bad_resume_files(tmp_path, capsys):
 
 
 def test_demo_keeps_the_flags_given():
-    assert train.model_name(train.parse_args(["--demo"])) == "emonext_atto"
+    assert train.parse_args(["--demo"]).model == "emonext_atto"
     args = train.parse_args(["--demo", "--model-size", "femto", "--epochs", "300"])
-    assert train.model_name(args) == "emonext_femto" and args.input_size == 48
+    assert args.model == "emonext_femto" and args.input_size == 48
     assert args.epochs == 300  # given, even though it is the default without --demo
 
 
@@ -293,6 +293,38 @@ def test_interrupt_messages_are_true(synthetic_root, tmp_path, monkeypatch, caps
     monkeypatch.delenv("EMONEXT_FAULT")
     assert run(command[2:])["epochs_run"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's, restored
+
+
+@pytest.mark.parametrize("where", ["train_one_epoch", "evaluate"])
+def test_an_error_inside_training_restores_the_signal_handlers(
+    where, synthetic_root, tmp_path, monkeypatch
+):
+    """main installs its SIGINT/SIGTERM handlers for the loop; an exception raised inside it (a
+    bug, an out-of-memory error) must hand the caller its own handlers back, else an in-process
+    caller (a test, a notebook) silently swallows its next Ctrl-C."""
+
+    def mine(signum, frame):  # the caller's own handlers
+        raise AssertionError("not called")
+
+    seen = {}
+
+    def broken(*args, **kwargs):
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        raise RuntimeError("a bug inside training")
+
+    monkeypatch.setattr(engine, where, broken)
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        argv = SMALL + ["--epochs", "1", "--dataset-path", synthetic_root, "--output-dir",
+                        tmp_path]  # fmt: skip
+        with pytest.raises(RuntimeError, match="a bug inside training"):
+            run(argv)
+        assert seen and all(handler is not mine for handler in seen.values())  # the trainer's
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- faults

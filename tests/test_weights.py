@@ -10,8 +10,16 @@ import pytest
 import timm
 import torch
 
-from models import WeightsError, create_model
-from models.weights import PRETRAINED_URLS, load_pretrained, read_checkpoint, resolve_pretrained
+import datasets
+from models import WeightsError, create_model, load_trained_model
+from models.weights import (
+    OFFICIAL_CLASSES,
+    PRETRAINED_URLS,
+    load_pretrained,
+    read_checkpoint,
+    resolve_pretrained,
+)
+from utils import CLIError
 
 
 def convnext_checkpoint(name: str, num_classes: int = 1000, seed: int = 0) -> dict:
@@ -144,8 +152,6 @@ class RunsCode:
 
 
 def test_unsafe_or_broken_checkpoints_are_refused_without_unsafe_advice(tmp_path):
-    import evaluate
-
     marker = tmp_path / "code-ran"
     files = {"zip": tmp_path / "evil.pt", "legacy": tmp_path / "evil_legacy.pt"}
     torch.save({"model": RunsCode(marker)}, files["zip"])
@@ -156,8 +162,8 @@ def test_unsafe_or_broken_checkpoints_are_refused_without_unsafe_advice(tmp_path
     torch.save({"w": torch.zeros(1000)}, files["truncated"])
     files["truncated"].write_bytes(files["truncated"].read_bytes()[:2000])
     for kind, path in files.items():
-        for load in (read_checkpoint, evaluate.load_trained_model):
-            with pytest.raises((WeightsError, evaluate.CLIError)) as err:
+        for load in (read_checkpoint, load_trained_model):
+            with pytest.raises(WeightsError) as err:
                 load(str(path))
             message = str(err.value)
             assert str(path) in message and "\n" not in message, message
@@ -175,3 +181,30 @@ def test_load_pretrained_reports_unexpected_keys(tmp_path):
     torch.save(sd, path)
     report = load_pretrained(create_model("emonext_atto"), str(path))
     assert report.unexpected == ["extra.thing"]
+
+
+def test_official_class_order_is_the_datasets():
+    """The official trainer's checkpoints record no classes: their outputs are ImageFolder's
+    sorted folder names, which must be the order datasets.py reads FER2013 in."""
+    assert list(OFFICIAL_CLASSES) == datasets.CLASSES == sorted(datasets.CLASSES)
+
+
+def test_weights_errors_are_one_line_command_errors(tmp_path, capsys):
+    """A WeightsError is a CLIError: a command prints it as `prog: error: message`, status 1."""
+    from utils import run_command
+
+    assert issubclass(WeightsError, CLIError)
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(CLIError, match="does not exist"):
+        load_trained_model(missing)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("evaluate.py", load_trained_model, missing)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"evaluate.py: error: checkpoint {missing} does not exist\n"
+    path = tmp_path / "atto.pt"
+    torch.save({"model": create_model("emonext_atto", img_size=64).state_dict()}, path)
+    with pytest.raises(WeightsError, match="unknown model 'emonext_huge'"):
+        load_trained_model(path, model_name="emonext_huge")
+    model, classes, data_config, ckpt = load_trained_model(path)
+    assert classes == list(OFFICIAL_CLASSES) and ckpt["weights_used"] == "model"
+    assert model.model_name == "emonext_atto" and data_config["image_size"] == 64

@@ -1,0 +1,630 @@
+"""Plumbing shared by every command, in the role of ConvNeXt's and DeiT's utils.py.
+
+Command-line pieces (one-line errors, one --device flag, one model group and its resolver),
+devices and distributed set-up, seeding and RNG state, atomic files and the background checkpoint
+writer, interrupts, fault points for the reliability tests, wandb and figures. It imports nothing
+else of the project, so a command pays only for what it uses: `predict.py --help` loads neither
+scikit-learn nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# --------------------------------------------------------------------------- command line
+
+
+class CLIError(RuntimeError):
+    """A mistake in a command's input: the command prints `prog: error: message`, no traceback."""
+
+    exit_status = 1
+
+
+class DeviceError(CLIError, ValueError):
+    """A --device value this machine cannot honour; the message names the flag."""
+
+    exit_status = 2
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default (where it has one) and the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # `is`, not `in (None, False)`: a default of 0 equals False and is worth showing
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every command: an error is one line (exit status 2, no usage block, which
+    for train.py is 20 lines that bury the message); `check` validates ranges; `explicit` tells
+    which flags the command line gave; `model_name` resolves the model group's flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def flag(self, dest: str) -> str:
+        """The option string of `dest` ("gradient_accumulation_steps" -> "--gradient-...")."""
+        return next(a.option_strings[0] for a in self._actions if a.dest == dest)
+
+    def check(self, args: argparse.Namespace, rules: dict[str, tuple[str, Callable]]) -> None:
+        """`rules`: dest -> (what the value must be, predicate). None values are not checked;
+        a float must also be finite."""
+        for dest, (requirement, ok) in rules.items():
+            value = getattr(args, dest)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                self.error(f"{self.flag(dest)} {value}: must be a finite number")
+            if not ok(value):
+                self.error(f"{self.flag(dest)} {value}: must be {requirement}")
+
+    def parse_checked(
+        self, argv: list[str] | None, rules: dict[str, tuple[str, Callable]]
+    ) -> argparse.Namespace:
+        """parse_args (sys.argv when `argv` is None), then `check` with `rules`."""
+        args = self.parse_args(argv)
+        self.check(args, rules)
+        return args
+
+    def explicit(self, argv: list[str] | None) -> set[str]:
+        """The dests that `argv` gives a value to (parsed again with every default suppressed)."""
+        saved = [(a, a.default) for a in self._actions]
+        try:
+            for action, _ in saved:
+                action.default = argparse.SUPPRESS
+            return set(vars(self.parse_args(argv)))
+        finally:
+            for action, default in saved:
+                action.default = default
+
+    def model_name(self, args: argparse.Namespace, default_size: str | None = None) -> str | None:
+        """The model that --model / --model-size name (`add_model_arguments`): --model NAME, or
+        emonext_SIZE; `default_size` when neither is given (None: the checkpoint decides)."""
+        model, size = args.model, args.model_size
+        if model and size and model != f"emonext_{size}":
+            self.error(f"--model {model} and --model-size {size} name different models; give one")
+        size = size or default_size
+        return model or (f"emonext_{size}" if size else None)
+
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: a GPU if there is one; cuda:LOCAL_RANK under torchrun)"
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device, parsed by `resolve_device` when the command runs (not at import: no CUDA call)."""
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    sizes: Iterable[str],
+    default_size: str | None = None,
+    checkpoint_help: str | None = None,
+) -> argparse._ArgumentGroup:
+    """The model group: --model-size (one of `sizes`, models.SIZES) and --model, resolved by
+    `ArgumentParser.model_name`; with `checkpoint_help`, also --checkpoint (required) and --weights
+    for the commands that run a trained model. Returns the group for the command's own flags."""
+    group = parser.add_argument_group("model")
+    default = f"default: {default_size}" if default_size else "default: what the checkpoint says"
+    group.add_argument(
+        "--model-size",
+        default=None,
+        choices=list(sizes),
+        help=f"EmoNeXt size, i.e. --model emonext_SIZE ({default})",
+    )
+    group.add_argument(
+        "--model",
+        default=None,
+        help="any create_model name (emonext_tiny, convnext_base, resemotenet, timm:NAME, ...) "
+        "instead of --model-size",
+    )
+    if checkpoint_help:
+        group.add_argument("--checkpoint", required=True, help=checkpoint_help)
+        group.add_argument(
+            "--weights",
+            default="auto",
+            choices=["auto", "ema", "model"],
+            help="which weights of the checkpoint: auto = the EMA weights where it has them "
+            "(the official test protocol)",
+        )
+    return group
+
+
+def run_command(prog: str, main: Callable, args) -> object:
+    """main(args); a CLIError (a DeviceError among them) ends the process with one line."""
+    try:
+        return main(args)
+    except CLIError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_status) from None
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
+    """The torch.device for `--device NAME`: None (a GPU if there is one), cpu, cuda or cuda:N.
+
+    CUDA devices always come back with an index (torch.cuda.set_device rejects a bare "cuda"):
+    cuda:LOCAL_RANK under torchrun, else cuda:0. An explicit cuda:N under a multi-process
+    torchrun would put every rank on one GPU, so it is refused there.
+    """
+    text = "auto" if name is None else str(name).strip().lower()
+    if text in ("auto", ""):
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise DeviceError(f"--device {name!r}: expected cpu, cuda or cuda:N (N a GPU index)")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {name}: no CUDA GPU is visible to PyTorch {torch.__version__} on this "
+            "machine; use --device cpu (or install a CUDA build of torch)"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None:
+        index = int(match.group(1))
+        if local_rank is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise DeviceError(
+                f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; "
+                "pass --device cuda (or leave it out)"
+            )
+    else:
+        index = local_rank or 0
+    if index >= count:
+        raise DeviceError(
+            f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            + ("" if match.group(1) is not None else f" (LOCAL_RANK {index})")
+        )
+    return torch.device("cuda", index)
+
+
+def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """Rank, world size and device, from torchrun's environment (one process when absent).
+
+    Each process uses cuda:LOCAL_RANK on a GPU machine (`resolve_device`); a --device the
+    machine cannot honour raises DeviceError before any process group is made.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: DDP, even for one process
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+@contextmanager
+def process_group_destroyed_on_exit() -> Iterator[None]:
+    """torch.distributed's process group (if any) is destroyed on every way out."""
+    try:
+        yield
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_gather(value) -> list:
+    """`value` of every rank, in rank order (a one-element list outside torch.distributed)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def sync_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm statistics drift apart under DDP)."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most GPU memory this process has held on `device` (GiB), None off CUDA. The device is
+    named: under torchrun each rank reads its own GPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+# --------------------------------------------------------------------------- seeds and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python's, NumPy's, torch's and this process's GPU's generators, as plain tensors and lists
+    (a checkpoint loads with weights_only=True)."""
+    state = {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":  # this process's GPU only: under DDP each rank saves its own
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    cuda_state = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda_state, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+# --------------------------------------------------------------------------- fault points
+
+_FAULT_COUNTS: Counter = Counter()
+
+
+def fault_point(name: str) -> None:
+    """A named point where the fault-injection tests stop the process (docs/RELIABILITY.md).
+
+    EMONEXT_FAULT="NAME:N:SIGNAL" (e.g. "step:10:SIGKILL") sends SIGNAL to this process the N-th
+    time it reaches NAME, so that a test kills it at an exact point instead of after a guessed
+    delay. Unset, this is one dictionary look-up.
+    """
+    spec = os.environ.get("EMONEXT_FAULT")
+    if not spec:
+        return
+    point, count, sig = spec.rsplit(":", 2)
+    if point == name:
+        _FAULT_COUNTS[name] += 1
+        if _FAULT_COUNTS[name] == int(count):
+            os.kill(os.getpid(), getattr(signal, sig))
+
+
+def reset_fault_points() -> None:
+    """Count from zero again (each run of train.main in one process counts its own points)."""
+    _FAULT_COUNTS.clear()
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+class Interrupted:
+    """SIGTERM / Ctrl-C while training: the loop finishes its step and stops (truthy once a signal
+    came); a second Ctrl-C stops at once. Once `exit_message` is set (training is over), a signal
+    exits at once with that message.
+
+    A context manager: the handlers are installed on entry and the previous ones restored on
+    every way out, so an in-process caller (a test, a notebook) gets its own Ctrl-C back.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self.exit_message: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> Interrupted:
+        self.previous = {
+            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """The handlers from before."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.exit_message is not None:
+            self.restore()
+            if self.exit_message:
+                print(self.exit_message)
+            raise SystemExit(128 + signum)
+        if self.signum:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return bool(self.signum)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", newline="") as f:  # newline="": CSV text keeps its own line ends
+            f.write(text)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: an interrupted save never leaves a broken
+    file (and a failed one, e.g. a full disk, removes its temporary file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fault_point(f"save:{path.name}")
+    os.replace(tmp, path)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src: a hard link where the file system allows (no second write of
+    hundreds of MB; replacing src later leaves dst as it is), else a copy; atomic either way."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    fault_point(f"save:{dst.name}")
+    os.replace(tmp, dst)
+
+
+def host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.device | None]:
+    """A copy of `t` in host memory, in its layout, and the CUDA device on whose current stream
+    the copy is still running (None: the copy is done). A CUDA tensor is copied asynchronously
+    into pinned memory (PyTorch's caching host allocator reuses those blocks epoch after epoch)."""
+    if t.is_cuda:
+        pinned = torch.empty_like(t, device="cpu", pin_memory=True)
+        return pinned.copy_(t, non_blocking=True), t.device
+    return t.detach().clone(), None
+
+
+def snapshot(obj, copies_on: set):
+    """`obj` with every tensor in its dicts, lists and tuples copied by host_copy (dicts keep
+    their class and attributes, e.g. a state dict's _metadata); other values are kept as they
+    are. Adds to `copies_on` the CUDA devices whose copies are still running."""
+    if isinstance(obj, torch.Tensor):
+        out, device = host_copy(obj)
+        if device is not None:
+            copies_on.add(device)
+        return out
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = snapshot(v, copies_on)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [snapshot(v, copies_on) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread while training goes on.
+
+    Written in the training loop, a Tiny checkpoint (484.6 MB: weights, EMA weights, AdamW's
+    state) kept an H200 idle for 0.46 s every epoch; torch.save releases the GIL while it writes,
+    so the loop runs on meanwhile. The next step updates weights and optimiser state in place,
+    so `save` writes a copy (snapshot): CUDA tensors are copied into pinned host memory on their
+    stream, asynchronously, and the writer waits for an event recorded after the copies before
+    it serialises (later in-place updates on that stream run after the copies). The copy costs
+    one checkpoint's size of host memory (pinned on CUDA) while it is written. One write at a
+    time: `save` waits for the previous one first. The thread is not a daemon, so a run that
+    fails meanwhile still finishes its file (written to .tmp, then renamed: a kill never leaves
+    a broken one). The writer's error is raised in the main thread by the next `save` or `wait`.
+    A context manager: every way out of the `with` waits for the last file.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: Path, link: Path | None = None) -> None:
+        """Write `state` as it is now to `path`, then make `link` the same file (link_or_copy)."""
+        self.wait()
+        copies_on = set()
+        state = snapshot(state, copies_on)
+        events = []
+        for device in copies_on:
+            events.append(torch.cuda.Event())
+            events[-1].record(torch.cuda.current_stream(device))
+        self._thread = threading.Thread(
+            target=self._write, args=(state, events, path, link), name=f"write {path.name}"
+        )
+        self._thread.start()
+
+    def _write(self, state: dict, events: list, path: Path, link: Path | None) -> None:
+        try:
+            for event in events:
+                event.synchronize()  # the copies to host memory are complete
+            atomic_save(state, path)
+            if link is not None:
+                link_or_copy(path, link)
+        except BaseException as err:
+            self._error = err
+
+    def wait(self) -> None:
+        """Until the file being written is written; raises the writer's error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Every way out waits; the writer's error does not hide one already on its way."""
+        try:
+            self.wait()
+        except BaseException as err:
+            if exc is None:
+                raise
+            print(f"writing the checkpoint failed as well: {err!r}", file=sys.stderr)
+
+
+def git_commit() -> str:
+    """The short commit of the code that runs ("unknown" outside a git clone)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- wandb
+
+
+def init_wandb(mode: str, run_dir: Path, run_id: str | None, config: dict):
+    """A wandb run logging into `run_dir` (None for mode "disabled" or without wandb); `run_id`
+    continues a resumed run's own wandb run. auto: online when logged in, offline otherwise."""
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: not logging to it")
+        return None
+    chosen = mode
+    if mode == "auto":  # verify=False: no network needed to know whether a key is stored
+        chosen = "online" if wandb.login(prompt=False, verify=False) else "offline"
+    not_logged_in = mode == "auto" and chosen == "offline"
+    print(f"wandb: logging {chosen}" + (" (not logged in)" if not_logged_in else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes into it from the start
+    return wandb.init(
+        project="EmoNeXt",
+        name=run_dir.name,
+        id=run_id,
+        dir=str(run_dir.resolve()),
+        mode=chosen,
+        config=config,
+        resume="allow",
+        # Quiet: its banners and end-of-run summary are ~40 lines; ours is one.
+        settings=wandb.Settings(silent=True),
+    )
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """A matplotlib Figure as a PNG, written under a temporary name and renamed (a full disk
+    leaves neither half a PNG nor the temporary file)."""
+    tmp = f"{path}.tmp.png"  # matplotlib picks the format by the extension
+    try:
+        fig.savefig(tmp, dpi=100, **savefig_kwargs)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def confusion_matrix_figure(metrics: dict, title: str = ""):
+    """Row-normalised colours, counts written in the cells."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    classes = metrics["classes"]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(1.1 * len(classes) + 2, 1.1 * len(classes) + 1.5))
+    ax = fig.add_subplot()
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            color = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.2f} %")
+    fig.tight_layout()
+    return fig
+
+
+def save_confusion_matrix(metrics: dict, path: str | os.PathLike, title: str = "") -> None:
+    """`confusion_matrix_figure` of `metrics` (compute_metrics') as a PNG."""
+    save_figure(confusion_matrix_figure(metrics, title), path)
+
+
+def stn_figure(model: nn.Module, images: torch.Tensor, labels: list[str], title: str = ""):
+    """One column per face, labelled with its class; the top row is the face given to the model
+    ("input"), the bottom row what its Spatial Transformer (`model.stn`) makes of it. Each face is
+    stretched to its own range, as torchvision's save_image(scale_each=True)."""
+    from matplotlib.figure import Figure
+
+    was_training = model.training
+    model.eval()  # in train mode the STN's BatchNorm would learn from these images
+    with torch.no_grad():
+        warped = model.stn(images)
+    model.train(was_training)
+    rows = []
+    for batch in (images, warped):
+        faces = batch[:, 0].float().cpu()  # every channel holds the same grayscale face
+        low = faces.amin((1, 2), keepdim=True)
+        faces = (faces - low) / (faces.amax((1, 2), keepdim=True) - low).clamp_min(1e-8)
+        rows.append(torch.cat(list(faces), dim=1))
+    size, n = images.shape[-1], len(labels)
+    # One image with tick labels, not 2 x n axes: a quarter of the drawing time.
+    fig = Figure(figsize=(1.2 + 1.1 * n, 2.8))
+    ax = fig.add_subplot()
+    ax.imshow(torch.cat(rows).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([(i + 0.5) * size - 0.5 for i in range(n)], labels)
+    ax.set_yticks([0.5 * size - 0.5, 1.5 * size - 0.5], ["input", "STN output"])
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    if title:
+        ax.set_xlabel(title)
+    return fig
+
+
+def save_stn_grid(
+    model: nn.Module, images: torch.Tensor, labels: list[str], path: Path, title: str = ""
+) -> None:
+    """`stn_figure` as a PNG, written atomically."""
+    save_figure(stn_figure(model, images, labels, title), path, bbox_inches="tight")
