@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,9 @@ from losses import EmoNeXtLoss
 DEMO_DATA = "data/synthetic"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = utils.ArgumentParser(prog="train.py", description=__doc__)
+def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
+    """train.py's flags; scripts/submit.py adds its own to them (add_help=False there)."""
+    p = utils.ArgumentParser(prog="train.py", description=__doc__, add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset-path",
@@ -1101,10 +1103,14 @@ def train_epoch(
     )
 
 
-def main(args: argparse.Namespace) -> dict | None:
+def main(
+    args: argparse.Namespace, stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+) -> dict | None:
     """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
     raises only once the last checkpoint is written (in-process callers read it at once), with
-    the signal handlers it found restored and the process group destroyed."""
+    the signal handlers it found restored and the process group destroyed. A signal of
+    `stop_signals` stops the loop after its step and exits with 128 + the signal (a SLURM job
+    launched by scripts/submit.py stops on submitit's preemption signal instead of SIGTERM)."""
     clock = RunClock()
     utils.reset_fault_points()
     rank, world_size, device = setup_devices(args)
@@ -1155,7 +1161,7 @@ def main(args: argparse.Namespace) -> dict | None:
             stn = stn_examples(loaders["val"])  # one face of each class
 
         # ---- loop: train, validate, save; until the epochs, patience, bad losses or a signal
-        with utils.Interrupted() as interrupted:
+        with utils.Interrupted(stop_signals) as interrupted:
             stop_reason = "epochs"
             epochs = range(state.epoch + 1, args.epochs)
             if state.bad_epochs >= args.patience:  # a resumed run that stopped early stays so

@@ -323,23 +323,22 @@ def reset_fault_points() -> None:
 
 
 class Interrupted:
-    """SIGTERM / Ctrl-C while training: the loop finishes its step and stops (truthy once a signal
-    came); a second Ctrl-C stops at once. Once `exit_message` is set (training is over), a signal
-    exits at once with that message.
+    """SIGTERM / Ctrl-C (or the `signals` given) while training: the loop finishes its step and
+    stops (truthy once a signal came); a second one stops at once. Once `exit_message` is set
+    (training is over), a signal exits at once with that message.
 
     A context manager: the handlers are installed on entry and the previous ones restored on
     every way out, so an in-process caller (a test, a notebook) gets its own Ctrl-C back.
     """
 
-    def __init__(self):
+    def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = tuple(signals)
         self.signum = 0
         self.exit_message: str | None = None
         self.previous: dict = {}
 
     def __enter__(self) -> Interrupted:
-        self.previous = {
-            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.signals}
         return self
 
     def __exit__(self, *exc) -> None:

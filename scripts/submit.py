@@ -1,0 +1,257 @@
+"""Launch train.py on SLURM with submitit, one task per GPU, requeued on preemption and timeout.
+
+    python scripts/submit.py --nodes 2 --gpus-per-node 8 --partition gpu --timeout 2880 \\
+        --model-size base --amp --in_22k --output-dir /shared/emonext
+    python scripts/submit.py --cluster local --tasks-per-node 2 --wait --demo --epochs 3
+
+Every train.py flag is accepted and passed on; the run folder gets a fixed name at submission
+(--run-name, default MODEL_DATE-TIME), so that a requeued job finds it. Each task runs
+train.py's main with torch.distributed's environment from submitit (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT; NCCL on GPUs, gloo on CPUs). When SLURM signals a
+preemption or an approaching time limit (submitit's USR2, `--signal-delay` seconds before the
+limit), every task finishes its step and stops; the first task then hands the signal to submitit,
+which requeues the same job with the same number of tasks, and every (re)start resumes exactly
+from the run's last.pt (docs/CLUSTERS.md). The way ConvNeXt's run_with_submitit.py wraps main.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+import utils  # noqa: E402
+
+# submit.py's own flags (dest names): everything else on the command line is train.py's.
+CLUSTER_FLAGS = ["cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+                 "mem_gb", "partition", "timeout", "signal_delay", "max_timeouts", "slurm",
+                 "job_dir", "wait"]  # fmt: skip
+
+
+def get_args_parser() -> utils.ArgumentParser:
+    parser = utils.ArgumentParser(
+        prog="submit.py", description=__doc__, parents=[train.get_args_parser(add_help=False)]
+    )
+    g = parser.add_argument_group("cluster (submitit)")
+    g.add_argument(
+        "--cluster",
+        choices=["slurm", "local"],
+        default="slurm",
+        help="slurm: sbatch through submitit; local: submitit's local executor, the same job "
+        "as processes on this machine (to try it; gloo on CPUs)",
+    )
+    g.add_argument("--nodes", type=int, default=1, help="nodes (local: 1)")
+    g.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node, 0 for CPUs only (default: 8 on SLURM; local: this machine's)",
+    )
+    g.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="processes per node (default: one per GPU, 1 without GPUs)",
+    )
+    g.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per task (SLURM)")
+    g.add_argument("--mem-gb", type=int, default=None, help="memory per node (default 40 per GPU)")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    g.add_argument("--timeout", type=int, default=2880, help="time limit of a job, minutes")
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which SLURM signals the job (USR2): time to "
+        "finish a step and write nothing new, since last.pt is already on disk",
+    )
+    g.add_argument(
+        "--max-timeouts",
+        type=int,
+        default=30,
+        help="requeues after reaching the time limit (preemptions are not counted)",
+    )
+    g.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch parameter, e.g. --slurm account=vision --slurm qos=high "
+        "(repeatable; default: none)",
+    )
+    g.add_argument(
+        "--job-dir",
+        default=None,
+        help="submitit's folder: job pickles and logs, on a filesystem every node sees "
+        "(default: OUTPUT_DIR/RUN_NAME/submitit)",
+    )
+    g.add_argument("--wait", action="store_true", help="wait for the job and print its results")
+    return parser
+
+
+CLUSTER_RULES = {
+    "nodes": ("at least 1", lambda v: v >= 1),
+    "gpus_per_node": ("at least 0", lambda v: v >= 0),
+    "tasks_per_node": ("at least 1", lambda v: v >= 1),
+    "cpus_per_task": ("at least 1", lambda v: v >= 1),
+    "mem_gb": ("at least 1", lambda v: v >= 1),
+    "timeout": ("at least 1 minute", lambda v: v >= 1),
+    "signal_delay": ("at least 0", lambda v: v >= 0),
+    "max_timeouts": ("at least 0", lambda v: v >= 0),
+}
+
+
+def split_argv(parser: utils.ArgumentParser, argv: list[str]) -> list[str]:
+    """The part of `argv` that is train.py's: argv without submit.py's own flags and values."""
+    own = {s for a in parser._actions if a.dest in CLUSTER_FLAGS for s in a.option_strings}
+    out, skip = [], 0
+    for i, token in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in own:
+            action = next(a for a in parser._actions if flag in a.option_strings)
+            skip = 0 if "=" in token or action.nargs == 0 else 1
+            continue
+        out.append(argv[i])
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(the cluster flags, train.py's command line with a fixed --run-name), both checked:
+    train.py's flags exactly as train.py checks them, before anything is submitted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_checked(argv, CLUSTER_RULES)
+    if args.cluster == "local" and args.nodes != 1:
+        parser.error(f"--nodes {args.nodes}: the local executor runs on one machine; give 1")
+    for item in args.slurm:
+        if "=" not in item:
+            parser.error(f"--slurm {item}: expected KEY=VALUE, e.g. --slurm account=vision")
+    if args.gpus_per_node is None:
+        args.gpus_per_node = 8 if args.cluster == "slurm" else torch.cuda.device_count()
+    if args.tasks_per_node is None:
+        args.tasks_per_node = max(args.gpus_per_node, 1)
+    train_argv = split_argv(parser, argv)
+    train_args = train.parse_args(train_argv)  # train.py's own checks, one line each
+    if train_args.resume:
+        run_dir = Path(train_args.resume).parent
+    else:  # a fixed name: a requeued job must find its run
+        if train_args.run_name is None:
+            name = f"{train_args.model.replace(':', '_')}_{time.strftime('%Y%m%d-%H%M%S')}"
+            train_argv += ["--run-name", name]
+            train_args.run_name = name
+        run_dir = Path(train_args.output_dir) / train_args.run_name
+    args.job_dir = args.job_dir or str(run_dir / "submitit")
+    args.run_dir = str(run_dir)
+    return args, train_argv
+
+
+class Trainer:
+    """The job: train.py's main in each task. Every start, the first one and each requeue,
+    resumes from the run's last.pt when there is one, so a job stopped anywhere goes on exactly
+    from the last finished epoch. submitit calls `checkpoint` on preemption or timeout and
+    requeues what it returns: the same job."""
+
+    def __init__(self, train_argv: list[str], run_dir: str):
+        self.train_argv, self.run_dir = train_argv, run_dir
+        self.repo_root = str(Path(__file__).resolve().parents[1])  # where the job finds train.py
+
+    def __call__(self) -> dict | None:
+        sys.path.insert(0, self.repo_root)
+        import submitit
+
+        import train
+
+        # One task per GPU, each seeing every GPU of its node: train.py takes cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
+        argv = list(self.train_argv)
+        last = Path(self.run_dir) / "last.pt"
+        if last.is_file() and "--resume" not in argv:
+            argv += ["--resume", str(last)]
+        preempted = submitit.JobEnvironment._usr_sig()
+        # Preemption and the time limit arrive as submitit's signal (USR2): train.py stops
+        # after its step, as it does on SIGTERM outside a job. SIGTERM stays with submitit, which
+        # ignores it (SLURM sends it with preemptions, before its own signal).
+        try:
+            return train.main(train.parse_args(argv), stop_signals=(signal.SIGINT, preempted))
+        except SystemExit as stop:
+            handler = signal.getsignal(preempted)  # submitit's, restored by train.main
+            if stop.code == 128 + preempted and callable(handler):
+                handler(preempted, None)  # task 0: checkpoint, requeue and exit; others: return
+            raise
+
+    def checkpoint(self) -> object:
+        import submitit
+
+        print(f"requeued: the job resumes from {Path(self.run_dir) / 'last.pt'}", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.train_argv, self.run_dir))
+
+
+def make_executor(args: argparse.Namespace):
+    """submitit's executor for --cluster, with the job's resources; a one-line error without
+    SLURM."""
+    import submitit
+
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise utils.CLIError(
+            "sbatch is not on PATH: submit from a SLURM login node, or pass --cluster local to "
+            "run the job on this machine"
+        )
+    executor = submitit.AutoExecutor(
+        folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=args.max_timeouts
+    )
+    executor.update_parameters(
+        name="emonext",
+        nodes=args.nodes,
+        tasks_per_node=args.tasks_per_node,
+        gpus_per_node=args.gpus_per_node,
+        timeout_min=args.timeout,
+        slurm_signal_delay_s=args.signal_delay,
+        slurm_additional_parameters=dict(item.split("=", 1) for item in args.slurm),
+    )
+    if args.cluster == "slurm":
+        executor.update_parameters(
+            cpus_per_task=args.cpus_per_task,
+            mem_gb=args.mem_gb or 40 * max(args.gpus_per_node, 1),
+            slurm_partition=args.partition,
+        )
+    return executor
+
+
+def main(argv: list[str] | None = None):
+    """Submit; with --wait, wait and return the results of task 0 (train.main's dict)."""
+    args, train_argv = parse_args(argv)
+    executor = make_executor(args)
+    # The job unpickles Trainer by value: it need not import this script, only train.py.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    job = executor.submit(Trainer(train_argv, args.run_dir))
+    tasks = args.nodes * args.tasks_per_node
+    print(f"submitted job {job.job_id} ({tasks} task(s)): run folder {args.run_dir}, logs in "
+          f"{args.job_dir}")  # fmt: skip
+    if not args.wait:
+        return None
+    try:
+        results = job.results()[0]
+    except Exception as err:  # submitit re-raises the job's failure with its log's tail
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise utils.CLIError(
+            f"job {job.job_id} failed ({reason}); its logs are in {args.job_dir}"
+        ) from None
+    print(f"job {job.job_id} done: test accuracy {results['test_accuracy']:.2f} %")
+    return results
+
+
+if __name__ == "__main__":
+    utils.run_command("submit.py", main, None)

@@ -1,0 +1,108 @@
+"""scripts/submit.py with submitit's local executor: the same job a SLURM cluster runs, as two
+CPU processes (gloo) on this machine. A real SLURM cluster is not available here
+(docs/CLUSTERS.md says what that leaves untested)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import submit
+import torch
+
+# emonext_micro at 32 pixels on the 7 x 16 synthetic faces, batch 8 in each of 2 processes:
+# 7 steps an epoch.
+TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",
+         "--batch-size", "8", "--val-batch-size", "64", "--device", "cpu", "--wandb", "disabled",
+         "--no-progress", "--warmup-steps", "4", "--cycle-steps", "64",
+         "--epochs", "2"]  # fmt: skip
+LOCAL = ["--cluster", "local", "--tasks-per-node", "2", "--gpus-per-node", "0", "--wait"]
+
+
+def submit_local(repo_root, argv: list, env: dict | None = None) -> subprocess.CompletedProcess:
+    """scripts/submit.py as a user runs it; the job's processes inherit `env`."""
+    return subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "submit.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard only
+        env={**subprocess.os.environ, **(env or {})},
+    )
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["model"], ckpt["ema"]
+
+
+@pytest.fixture(scope="module")
+def straight(repo_root, synthetic_root, tmp_path_factory):
+    """An uninterrupted 2-task job of 2 epochs."""
+    out = tmp_path_factory.mktemp("submit")
+    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    done = submit_local(repo_root, argv + ["--run-name", "straight"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done
+
+
+def test_a_two_task_job_writes_one_run(straight):
+    out, done = straight
+    assert [p.name for p in out.iterdir()] == ["straight"]  # one run folder, not one per task
+    run = out / "straight"
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 2
+    assert len(results["weights_checksum_per_rank"]) == 2
+    epochs = [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1]  # written once, by the first task
+    assert len(torch.load(run / "last.pt", weights_only=True)["rng"]) == 2  # both ranks' state
+    assert "done: test accuracy" in done.stdout and (run / "submitit").is_dir()
+
+
+def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
+    straight, repo_root, synthetic_root
+):
+    """Both tasks get submitit's preemption signal (USR2) in the 2nd step of epoch 1, as SLURM
+    signals every task of a job; the job requeues itself and resumes from last.pt."""
+    out, _ = straight
+    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    done = submit_local(
+        repo_root, argv + ["--run-name", "preempted"], {"EMONEXT_FAULT": "step:9:SIGUSR2"}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = out / "preempted"
+    log = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert "requeued: the job resumes from" in log and "resumed from" in log
+    assert "epoch 1:" in log.split("resumed from")[1]  # epoch 1 trained again, after the requeue
+    epochs = [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1]
+    for a, b in zip(weights(out / "straight" / "last.pt"), weights(run / "last.pt"), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_own_flags_are_taken_out_of_trains_command_line():
+    parser = submit.get_args_parser()
+    argv = ["--cluster", "local", "--nodes=1", "--wait", "--epochs", "3", "--slurm", "qos=high",
+            "--amp", "--job-dir", "j"]  # fmt: skip
+    assert submit.split_argv(parser, argv) == ["--epochs", "3", "--amp"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cluster", "local", "--nodes", "2"], "--nodes 2: the local executor runs on one"),
+        (["--cluster", "local", "--slurm", "qos"], "--slurm qos: expected KEY=VALUE"),
+        (["--cluster", "local", "--timeout", "0"], "--timeout 0: must be at least 1 minute"),
+        (["--cluster", "local", "--lr", "-1"], "--lr -1.0: must be positive"),  # train.py's rule
+        (["--cluster", "slurm", "--dataset-path", "."], "sbatch is not on PATH"),
+    ],
+)
+def test_mistakes_are_one_line_before_anything_is_submitted(argv, message, repo_root, tmp_path):
+    # PATH empty: no sbatch, whatever this machine has
+    done = submit_local(repo_root, argv + ["--output-dir", tmp_path / "out"], {"PATH": ""})
+    assert done.returncode in (1, 2) and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
