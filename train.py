@@ -13,6 +13,7 @@ it was started with; docs/RELIABILITY.md lists what may change on resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -24,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -344,6 +346,13 @@ def check_args(parser: utils.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    try:  # before any work: where the run will be written
+        if args.run_name is not None:
+            utils.check_file_name(args.run_name, "--run-name")
+        folder = Path(args.resume).parent if args.resume else args.output_dir
+        utils.check_output_dir(folder, "--resume" if args.resume else "--output-dir")
+    except utils.CLIError as err:
+        parser.error(str(err))
     run_dir = Path(args.output_dir) / (args.run_name or "")
     if not args.resume and args.run_name and (run_dir / "last.pt").exists():
         parser.error(
@@ -453,7 +462,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resume_command(last: str | Path, world_size: int = 1) -> str:
     """The command that continues the run of `last`, as typed in the current folder."""
     python = os.path.basename(sys.executable)
-    launcher = [python if shutil.which(python) else sys.executable]
+    # The bare name only when it is this very interpreter on PATH (a venv's python started by its
+    # path is not the `python` that PATH finds): paths compared, not resolved, since a venv's
+    # python is a link to the system's.
+    on_path = shutil.which(python)
+    same = on_path is not None and os.path.abspath(on_path) == os.path.abspath(sys.executable)
+    launcher = [python if same else sys.executable]
     if world_size > 1:
         launcher = ["torchrun", f"--nproc_per_node={world_size}"]
     script = os.path.relpath(Path(__file__).resolve())
@@ -495,21 +509,51 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def open_run(args: argparse.Namespace, world_size: int) -> tuple[Path, dict | None]:
-    """The run's folder, and the checkpoint it continues (None for a new run)."""
+def open_run(
+    args: argparse.Namespace, world_size: int, master: bool
+) -> tuple[Path, dict | None, utils.RunLock | None]:
+    """The run's folder, the checkpoint it continues (None for a new run) and, on rank 0, the
+    folder's lock, held: one process writes a run. A new run without --run-name gets the model's
+    name and the time, with a suffix when another run took that name in the same second."""
+    ckpt = None
+    if args.resume:
+        ckpt = models.read_checkpoint(args.resume)
+        processes = len(ckpt["rng"])
+        if processes != world_size:  # the batch, the data shards and the random streams differ
+            fail(
+                f"{args.resume} was trained by {processes} process(es), not {world_size}; resume "
+                f"it with `{resume_command(args.resume, processes)}`"
+            )
+        run_dir = Path(args.resume).parent
+    lock = None
+    if master and args.resume:
+        lock = run_lock(run_dir)
+        if not lock.acquire():
+            fail(f"{run_dir} is being resumed by another process ({lock.holder()}); wait for it")
+    elif master and args.run_name:
+        lock = run_lock(Path(args.output_dir) / args.run_name)
+        if not lock.acquire():
+            fail(
+                f"--run-name {args.run_name}: {lock.folder} is being written by another process "
+                f"({lock.holder()}); choose another --run-name"
+            )
+    elif master:
+        base = f"{args.model.replace(':', '_')}_{time.strftime('%Y%m%d-%H%M%S')}"
+        for name in [base, *(f"{base}-{i}" for i in range(2, 1000))]:
+            lock = run_lock(Path(args.output_dir) / name)
+            if not lock.folder.exists() and lock.acquire():
+                args.run_name = name  # recorded in the checkpoints, as --run-name would give it
+                break
     if not args.resume:
-        name = args.model.replace(":", "_")
-        # Recorded in the checkpoints: the run's folder, as --run-name would give it.
-        args.run_name = args.run_name or f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        return Path(args.output_dir) / args.run_name, None
-    ckpt = models.read_checkpoint(args.resume)
-    processes = len(ckpt["rng"])
-    if processes != world_size:  # the batch, the data shards and the random streams differ
-        fail(
-            f"{args.resume} was trained by {processes} process(es), not {world_size}; resume it "
-            f"with `{resume_command(args.resume, processes)}`"
-        )
-    return Path(args.resume).parent, ckpt
+        args.run_name = utils.broadcast(args.run_name)
+        run_dir = Path(args.output_dir) / args.run_name
+    return run_dir, ckpt, lock
+
+
+def run_lock(run_dir: Path) -> utils.RunLock:
+    """The lock of a run folder: beside it, so that a run that ends before its first epoch leaves
+    no folder behind."""
+    return utils.RunLock(run_dir.parent / f".{run_dir.name}.lock", run_dir)
 
 
 def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
@@ -926,14 +970,15 @@ def exit_interrupted(
     interrupted: utils.Interrupted, state: TrainState, run_dir: Path, world_size: int, log
 ) -> None:
     """Say where the run stands and how to continue it, then exit with 128 + the signal."""
-    if state.saved_epoch is None:
+    saved_epoch = epoch_on_disk(run_dir / "last.pt")  # a second signal may stop a write midway
+    if saved_epoch is None:
         log(
             f"interrupted in epoch {state.epoch + 1}, before any epoch finished: no checkpoint "
             "was saved. Run the same command again to start over."
         )
     else:
         log(
-            f"interrupted: {run_dir / 'last.pt'} holds epoch {state.saved_epoch}, the last "
+            f"interrupted: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the last "
             f"finished one; continue with `{resume_command(run_dir / 'last.pt', world_size)}`"
         )
     raise SystemExit(128 + interrupted.signum)
@@ -1066,6 +1111,45 @@ def finish_wandb(wandb_run, results: dict, run_dir: Path) -> None:
         print(f"wandb: logged offline; upload with `wandb sync {Path(wandb_run.dir).parent}`")
 
 
+def epoch_on_disk(last: Path) -> int | None:
+    """The epoch that `last` holds, read from the file (None: no readable file)."""
+    try:
+        return torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # missing, or not a checkpoint
+        return None
+
+
+def check_room(folder: Path, room: int) -> None:
+    """Room for one checkpoint where the run is written, before any data is decoded."""
+    try:
+        utils.check_output_dir(folder, "--output-dir", room)
+    except utils.CLIError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def write_errors_explained(run_dir: Path, world_size: int) -> Iterator[None]:
+    """A full disk, a quota or an I/O error while writing any of the run's files ends the run
+    with one line: the file, the room left, the epoch that last.pt still holds and how to go on.
+    The temporary file is already gone (each writer removes its own)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in utils.WRITE_ERRNOS:
+            raise
+        last = run_dir / "last.pt"
+        epoch = epoch_on_disk(last)
+        if epoch is None:
+            then = "no epoch was saved; once there is room, run the same command again"
+        else:
+            then = (
+                f"{last} still holds epoch {epoch}; once there is room, continue with "
+                f"`{resume_command(last, world_size)}`"
+            )
+        fail(f"{utils.write_failure(err)}; {then}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1116,14 +1200,24 @@ def main(
     rank, world_size, device = setup_devices(args)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    with utils.process_group_destroyed_on_exit(), utils.CheckpointWriter() as writer:
+    state = TrainState()
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order on every way out
+        cleanup.enter_context(utils.process_group_destroyed_on_exit())
         # ---- set up: the run's folder, the data, the model and everything that trains it
-        run_dir, resume_ckpt = open_run(args, world_size)
+        run_dir, resume_ckpt, lock = open_run(args, world_size, master)
+        if lock is not None:
+            cleanup.callback(lock.release)  # after the last write
+        utils.fault_point("setup")  # the reliability tests' Ctrl-C before the loop
+        cleanup.enter_context(write_errors_explained(run_dir, world_size))
+        writer = cleanup.enter_context(utils.CheckpointWriter())
         classes = prepare_dataset(args, master, log)
         set_determinism(args, device)
         model, pretrained, channels_last = build_model(
             args, len(classes), device, load_weights=resume_ckpt is None
         )
+        if master:  # weights, EMA and AdamW's two moments, before any data is decoded
+            room = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+            check_room(run_dir.parent, room + 2**20 * 16)
         if args.checkpoint and resume_ckpt is None:
             log(f"initialised from {args.checkpoint}")
         loaders = build_loaders(args, model.data_config, device, rank, world_size)
@@ -1142,7 +1236,6 @@ def main(
         }
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it
-        state = TrainState()
         if resume_ckpt is not None:
             restore(training, state, resume_ckpt, args.resume, device)
             log(f"resumed from {args.resume} at epoch {state.epoch + 1}")
@@ -1168,43 +1261,49 @@ def main(
                 stop_reason, epochs = "early_stopping", range(0)
             epoch = state.epoch
             clock.start_loop()
-            for epoch in epochs:
-                loaders["train"].set_epoch(epoch)
-                started = time.time()
-                progress = master and not args.no_progress
-                stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
-                                    interrupted)  # fmt: skip
-                state.step += stats["steps"]
-                if stats["stopped"]:
-                    stop_reason = stats["stopped"]
-                    if stop_reason == "nonfinite":
-                        log(
-                            f"stopping: {args.max_nonfinite_steps} consecutive steps had a "
-                            "non-finite loss. Try a lower --lr, --clip-grad, or --amp off (or "
-                            "bf16 instead of fp16)."
-                        )
-                    break
-                utils.sync_buffers(model)  # rank 0's BatchNorm statistics, as last.pt saves them
-                utils.sync_buffers(training.ema.ema_model)
-                val = engine.evaluate(
-                    training.train_model, loaders["val"], device, classes, training.amp_dtype
-                )
-                improved = state.end_epoch(epoch, val["accuracy"], time.time() - started)
-                lr = training.optimizer.param_groups[0]["lr"]
-                record = epoch_record(epoch, state, stats, val, lr, time.time() - started)
-                ckpt = make_checkpoint(training, state, run_info, device)  # collective in DDP
-                if master:
-                    write_epoch(run_dir, writer, ckpt, record, improved, stn, model, wandb_run)
-                del ckpt
-                state.saved_epoch = epoch  # once the writer is done
-                clock.end_epoch(started, record["seconds"])
-                if state.bad_epochs >= args.patience:
-                    stop_reason = "early_stopping"
-                    log(f"early stopping: no better validation accuracy for {args.patience} epochs")
-                    break
-                if interrupted:
-                    stop_reason = "interrupted"
-                    break
+            try:
+                for epoch in epochs:
+                    loaders["train"].set_epoch(epoch)
+                    started = time.time()
+                    progress = master and not args.no_progress
+                    stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
+                                        interrupted)  # fmt: skip
+                    state.step += stats["steps"]
+                    if stats["stopped"]:
+                        stop_reason = stats["stopped"]
+                        if stop_reason == "nonfinite":
+                            log(
+                                f"stopping: {args.max_nonfinite_steps} consecutive steps had a "
+                                "non-finite loss. Try a lower --lr, --clip-grad, or --amp off (or "
+                                "bf16 instead of fp16)."
+                            )
+                        break
+                    utils.sync_buffers(
+                        model
+                    )  # rank 0's BatchNorm statistics, as last.pt saves them
+                    utils.sync_buffers(training.ema.ema_model)
+                    val = engine.evaluate(
+                        training.train_model, loaders["val"], device, classes, training.amp_dtype
+                    )
+                    improved = state.end_epoch(epoch, val["accuracy"], time.time() - started)
+                    lr = training.optimizer.param_groups[0]["lr"]
+                    record = epoch_record(epoch, state, stats, val, lr, time.time() - started)
+                    ckpt = make_checkpoint(training, state, run_info, device)  # collective in DDP
+                    if master:
+                        write_epoch(run_dir, writer, ckpt, record, improved, stn, model, wandb_run)
+                    del ckpt
+                    state.saved_epoch = epoch  # once the writer is done
+                    clock.end_epoch(started, record["seconds"])
+                    if state.bad_epochs >= args.patience:
+                        stop_reason = "early_stopping"
+                        patience = args.patience
+                        log(f"early stopping: no better validation accuracy for {patience} epochs")
+                        break
+                    if interrupted:
+                        stop_reason = "interrupted"
+                        break
+            except KeyboardInterrupt:  # a second signal: stop now, in the middle of a step
+                stop_reason = "interrupted"
             # The last checkpoint's write, waited for once per run, counts with the test.
             clock.end_loop()
             writer.wait()  # last.pt and best.pt hold state.saved_epoch from here on
@@ -1231,4 +1330,8 @@ def main(
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # Ctrl-C before the loop (decoding the data, building the model)
+        print("train.py: interrupted while setting up; nothing was trained", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import math
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -245,6 +247,11 @@ def all_gather(value) -> list:
     return out
 
 
+def broadcast(value):
+    """Rank 0's `value` on every rank (`value` itself outside torch.distributed)."""
+    return all_gather(value)[0]
+
+
 def sync_buffers(model: nn.Module, src: int = 0) -> None:
     """Give every rank rank `src`'s buffers (BatchNorm statistics drift apart under DDP)."""
     if is_distributed():
@@ -367,6 +374,110 @@ class Interrupted:
 # --------------------------------------------------------------------------- files
 
 
+def check_output_dir(folder: str | os.PathLike, flag: str, room: int = 0) -> None:
+    """Before any work: `folder` exists or can be made, is a folder, can be written to, and has
+    `room` bytes free (e.g. one checkpoint); else a CLIError naming the flag, the path and what to
+    do. Nothing is created: the first existing folder on the way up is what is checked."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{flag} {folder}: {existing} is a file, not a folder; give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(
+            f"{flag} {folder}: {existing} is not writable by this user (or is on a read-only "
+            f"file system); give a folder you can write to"
+        )
+    free = shutil.disk_usage(existing).free
+    if free < room:
+        raise CLIError(
+            f"{flag} {folder}: {free / 2**20:.0f} MB free on its disk, {room / 2**20:.0f} MB "
+            "needed for one checkpoint; free some space or give a folder on another disk"
+        )
+
+
+def check_file_name(name: str, flag: str) -> None:
+    """A name that is one file or folder name: no separator, not . or .., not too long for the
+    file system (255 bytes on most)."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
+        raise CLIError(f"{flag} {name!r}: must be a single folder name (no '/', not '.' or '..')")
+    if len(name.encode()) > 255:
+        raise CLIError(f"{flag}: {len(name.encode())} bytes long; file names have at most 255")
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EFBIG}
+
+
+def write_failure(err: OSError) -> str:
+    """What a failed write says: the file, the reason, the room left on its disk."""
+    where = err.filename or ""
+    room = ""
+    if where:
+        folder = Path(where).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        room = f", {shutil.disk_usage(folder).free / 2**20:.0f} MB free on its disk"
+    return f"writing {where or 'a file'} failed: {err.strerror or err}{room}"
+
+
+class RunLock:
+    """One process writes a run folder: `lock_path` created exclusively, holding this process's
+    host and pid, removed on exit. A lock of a process that is gone (same host, no such pid) is
+    taken over; a live one is a CLIError naming the folder and the process."""
+
+    def __init__(self, lock_path: Path, folder: Path):
+        self.path, self.folder, self.held = Path(lock_path), folder, False
+
+    def holder(self) -> str | None:
+        """ "host:pid" of the live process that holds the lock; None when it is free or stale."""
+        try:
+            host, pid = self.path.read_text().strip().rsplit(":", 1)
+        except (OSError, ValueError):
+            return None  # gone, or a half-written lock of a process killed while writing it
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return None
+            except (PermissionError, ValueError):
+                pass  # another user's live process
+        return f"{host}:{pid}"
+
+    def acquire(self) -> bool:
+        """Take the lock; False when a live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a stale lock is removed once, then created anew
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.holder() is not None:
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()}:{os.getpid()}\n")
+            self.held = True
+            return True
+        return False
+
+    def __enter__(self) -> RunLock:
+        if not self.acquire():
+            raise CLIError(
+                f"{self.folder} is being written by another process ({self.holder()}, the "
+                f"lock {self.path}); wait for it to end, or choose another --run-name"
+            )
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file, then rename: readers never see half a file."""
     tmp = f"{path}.tmp"
@@ -385,8 +496,12 @@ def atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, RuntimeError):  # torch's writer reports a failed write (a full disk)
+            free = shutil.disk_usage(path.parent).free  # as "[enforce fail at ...] unexpected pos"
+            code = errno.ENOSPC if free < 2**20 * 64 else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from err
         raise
     fault_point(f"save:{path.name}")
     os.replace(tmp, path)
@@ -535,6 +650,9 @@ def init_wandb(mode: str, run_dir: Path, run_id: str | None, config: dict):
     not_logged_in = mode == "auto" and chosen == "offline"
     print(f"wandb: logging {chosen}" + (" (not logged in)" if not_logged_in else ""))
     run_dir.mkdir(parents=True, exist_ok=True)  # wandb writes into it from the start
+    if not os.environ.get("HOME"):  # (a batch job's environment) wandb-core would print ~18
+        for name in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME"):  # log lines
+            os.environ.setdefault(name, str((run_dir / "wandb" / name.lower()).resolve()))
     return wandb.init(
         project="EmoNeXt",
         name=run_dir.name,

@@ -9,7 +9,9 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,11 @@ def same_weights(a: Path, b: Path) -> bool:
         (["--model", "timm:does_not_exist"], "--model"),
         (["--model", "resemotenet", "--no-stn"], "--no-stn"),
         (["--checkpoint", "missing.pt"], "--checkpoint"),
+        (["--run-name", "x" * 300], "--run-name"),  # longer than a file name may be
+        (["--run-name", "../x"], "--run-name"),  # would write outside --output-dir
+        (["--run-name", "/tmp/x"], "--run-name"),
+        (["--run-name", ".."], "--run-name"),
+        (["--output-dir", "/etc/passwd/runs"], "--output-dir"),  # a file on the way
     ],
 )
 def test_bad_argument_is_one_line_and_leaves_nothing(extra, flag, tmp_path, capsys):
@@ -407,3 +414,138 @@ def test_results_name_their_weights_and_the_skipped_images(synthetic_root, tmp_p
                                            model.data_config), skip_bad_images=True)  # fmt: skip
         assert saved[key] == engine.evaluate(model, loader, "cpu", loader.classes)["accuracy"]
     assert results["test_accuracy"] == saved["test_accuracy"]
+
+
+# ----------------------------------------------------------------- outputs, before the work
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A read-only mount or a folder of another user (os.access says so; the tests run as root,
+    whom chmod does not stop)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != tmp_path)
+    line = error_line(capsys, SMALL + ["--dataset-path", tmp_path, "--output-dir", tmp_path / "o"])
+    assert f"--output-dir {tmp_path / 'o'}: {tmp_path} is not writable" in line
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_the_data(synthetic_root, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 2**20))
+    monkeypatch.setattr(datasets, "build_loader", lambda *a, **k: pytest.fail("data decoded"))
+    with pytest.raises(SystemExit) as exited:
+        run(SMALL + ["--dataset-path", synthetic_root, "--output-dir", tmp_path / "o"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 MB free on its disk" in err and "--output-dir" in err
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+def test_a_run_folder_belongs_to_one_process(synthetic_root, tmp_path, capsys):
+    argv = SMALL + ["--epochs", "1", "--dataset-path", synthetic_root, "--output-dir", tmp_path,
+                    "--run-name", "r"]  # fmt: skip
+    lock = tmp_path / ".r.lock"
+    lock.write_text(f"{socket.gethostname()}:{os.getpid()}\n")  # a live trainer holds it
+    with pytest.raises(SystemExit) as exited:
+        run(argv)
+    assert f"{tmp_path / 'r'} is being written by another process" in str(exited.value.code)
+    assert f":{os.getpid()}" in str(exited.value.code) and not (tmp_path / "r").exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()}:{dead.pid}\n")  # a killed trainer's: taken over
+    assert run(argv)["epochs_run"] == 1 and not lock.exists()  # released at the end
+
+
+def test_default_run_names_never_collide(synthetic_root, tmp_path, monkeypatch):
+    """Two runs started in the same second (the default name's resolution)."""
+    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20260101-000000")
+    argv = SMALL + ["--epochs", "1", "--dataset-path", synthetic_root, "--output-dir", tmp_path]
+    run(argv)
+    run(argv)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["emonext_micro_20260101-000000", "emonext_micro_20260101-000000-2"]
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(synthetic_root, tmp_path, monkeypatch):
+    """torch.save on a full disk raises "[enforce fail at inline_container.cc] unexpected pos";
+    here the second checkpoint (epoch 1) meets it."""
+    calls, real_save = [], torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(
+        shutil,
+        "disk_usage",
+        lambda p: real_usage(p) if len(calls) < 2 else real_usage(p)._replace(free=0),
+    )
+    run_dir = tmp_path / "r"
+    argv = SMALL + ["--epochs", "2", "--dataset-path", synthetic_root, "--output-dir", tmp_path,
+                    "--run-name", "r"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run(argv)
+    message = str(exited.value.code)
+    assert message.startswith(f"error: writing {run_dir}") and "No space left on device" in message
+    assert "0 MB free on its disk" in message and len(message.splitlines()) == 1
+    assert f"{run_dir / 'last.pt'} still holds epoch 0" in message
+    assert not list(run_dir.glob("*.tmp*")) and not (tmp_path / ".r.lock").exists()
+    monkeypatch.undo()
+    command = shlex.split(re.search(r"continue with `([^`]+)`", message).group(1))
+    assert command[1:] == ["train.py", "--resume", str(run_dir / "last.pt")]
+    assert run(command[2:])["epochs_run"] == 2
+
+
+def test_two_signals_in_a_row_still_say_how_to_go_on(synthetic_root, tmp_path, monkeypatch, capsys):
+    """A second SIGTERM 0.3 s after the first stops at once, mid-step: the same one-line answer."""
+
+    def two_sigterms(name):
+        if name == "step" and two_sigterms.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        two_sigterms.calls += 1
+
+    two_sigterms.calls = 0
+    monkeypatch.setattr(engine, "fault_point", two_sigterms)
+    argv = SMALL + ["--epochs", "1", "--dataset-path", synthetic_root, "--output-dir", tmp_path]
+    with pytest.raises(SystemExit) as exited:
+        run(argv)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert "before any epoch finished: no checkpoint was saved" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_setting_up_is_one_line(synthetic_root, tmp_path, repo_root):
+    argv = SMALL + ["--dataset-path", synthetic_root, "--output-dir", tmp_path]
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "train.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "EMONEXT_FAULT": "setup:1:SIGINT"},
+    )
+    assert done.returncode == 128 + signal.SIGINT
+    assert done.stderr.strip() == "train.py: interrupted while setting up; nothing was trained"
+    assert list(tmp_path.iterdir()) == []  # not even the run folder's lock
+
+
+def test_resume_commands_name_the_interpreter_that_ran(monkeypatch):
+    """A venv's python started by its path is not the `python` on PATH: it is named in full."""
+    monkeypatch.setattr(sys, "executable", "/opt/venv/bin/python")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/python")
+    assert train.resume_command("r/last.pt").startswith("/opt/venv/bin/python ")
+    monkeypatch.setattr(shutil, "which", lambda name: "/opt/venv/bin/python")
+    assert train.resume_command("r/last.pt").startswith("python ")
+
+
+def test_wandb_without_home_prints_one_line(tmp_path, repo_root):
+    script = ("import utils, pathlib; run = utils.init_wandb('auto', pathlib.Path(r'%s'), None, "
+              "{}); run.finish()") % (tmp_path / "run")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "WANDB_API_KEY")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=repo_root, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout + done.stderr).strip() == "wandb: logging offline (not logged in)"
