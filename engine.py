@@ -437,17 +437,55 @@ def resampled_scores(
     (resample, class) cells. F1 of a class is 2 TP / (true + predicted), 0 where both are 0,
     averaged over all `num_classes`: `compute_metrics` (scikit-learn, zero_division=0) exactly.
     """
+    tp, true, pred = class_counts(preds, targets, num_classes, indices)
+    return 100.0 * tp.sum(1) / indices.shape[1], class_scores(tp, true, pred)[2].mean(1)
+
+
+def class_counts(
+    preds: np.ndarray, targets: np.ndarray, num_classes: int, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true positives, true, predicted) per resample and class, (resamples, num_classes) each."""
     resamples = len(indices)
     y, p = targets[indices], preds[indices]
-    correct = y == p
     cell = np.arange(resamples)[:, None] * num_classes
     size = resamples * num_classes
-    tp = np.bincount((cell + y)[correct], minlength=size).reshape(resamples, num_classes)
+    tp = np.bincount((cell + y)[y == p], minlength=size).reshape(resamples, num_classes)
     true = np.bincount((cell + y).ravel(), minlength=size).reshape(resamples, num_classes)
     pred = np.bincount((cell + p).ravel(), minlength=size).reshape(resamples, num_classes)
-    denominator = true + pred
-    f1 = np.divide(2.0 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
-    return 100.0 * correct.mean(1), 100.0 * f1.mean(1)
+    return tp, true, pred
+
+
+def class_scores(tp: np.ndarray, true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Precision, recall and F1 in percent from `class_counts`; 0 where undefined
+    (scikit-learn's zero_division=0)."""
+
+    def ratio(a, b):
+        return 100.0 * np.divide(a, b, out=np.zeros(np.shape(a)), where=b > 0)
+
+    return ratio(tp, pred), ratio(tp, true), ratio(2.0 * tp, true + pred)
+
+
+def per_class_intervals(
+    preds: np.ndarray,
+    targets: np.ndarray,
+    num_classes: int,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[dict]:
+    """95 % percentile-bootstrap intervals of each class's precision, recall and F1 (percent), on
+    the resamples of `confidence_intervals` (the same seed draws the same images)."""
+    blocks = [
+        class_scores(*class_counts(preds, targets, num_classes, idx))
+        for idx in bootstrap_indices(len(targets), resamples, seed)
+    ]
+    scores = {
+        name: np.concatenate([block[i] for block in blocks])
+        for i, name in enumerate(("precision", "recall", "f1"))
+    }
+    return [
+        {f"{name}_ci95": percentile_interval(values[:, c]) for name, values in scores.items()}
+        for c in range(num_classes)
+    ]
 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
@@ -475,6 +513,7 @@ def confidence_intervals(
     return {
         "accuracy_ci95": percentile_interval(acc),
         "macro_f1_ci95": percentile_interval(f1),
+        "per_class_ci95": per_class_intervals(preds, targets, num_classes, resamples, seed),
         "bootstrap": {"resamples": int(resamples), "seed": int(seed), "method": "percentile"},
     }
 
@@ -486,10 +525,14 @@ def metrics_with_intervals(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> dict:
-    """`compute_metrics`, plus `confidence_intervals` when `resamples` > 0."""
+    """`compute_metrics`, plus `confidence_intervals` when `resamples` > 0: accuracy_ci95,
+    macro_f1_ci95, and precision_ci95, recall_ci95 and f1_ci95 in each class's entry."""
     metrics = compute_metrics(logits, targets, classes)
     preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
-    metrics.update(confidence_intervals(preds, targets.numpy(), len(classes), resamples, seed))
+    intervals = confidence_intervals(preds, targets.numpy(), len(classes), resamples, seed)
+    for name, class_intervals in zip(classes, intervals.pop("per_class_ci95", []), strict=False):
+        metrics["per_class"][name].update(class_intervals)
+    metrics.update(intervals)
     return metrics
 
 

@@ -344,7 +344,8 @@ def check_args(parser: utils.ArgumentParser, args: argparse.Namespace) -> None:
             f"--input-size {args.input_size}: too small for {name}, which downsamples by 32; "
             f"give at least {models.MIN_IMG_SIZE}"
         )
-    if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
+    remote = "://" in (args.checkpoint or "") or models.hub.is_hub_name(args.checkpoint or "")
+    if args.checkpoint and not remote and not os.path.exists(args.checkpoint):  # file or folder
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     try:  # before any work: where the run will be written
         if args.run_name is not None:
@@ -1025,7 +1026,7 @@ def test_models(
         for weights in ("model", "ema"):
             models.load_checkpoint(best_model, best, weights=weights)
             test_best[weights] = engine.evaluate(
-                best_model, test_loader, device, classes, amp_dtype
+                best_model, test_loader, device, classes, amp_dtype, engine.BOOTSTRAP_RESAMPLES
             )
     return test, test_best, best_epoch
 
@@ -1056,6 +1057,7 @@ def test_and_report(
         f"test, EMA weights, TenCrop: {test['accuracy']:.2f} %",
     )
     best_accuracy = {w: m["accuracy"] for w, m in test_best.items()}
+    best_ci95 = {w: m["accuracy_ci95"] for w, m in test_best.items()}
     results = {
         "stop_reason": facts["stop_reason"],
         "test_accuracy": test["accuracy"],
@@ -1067,6 +1069,8 @@ def test_and_report(
             "test_accuracy_best_ema": f"best.pt's EMA weights (epoch {best_epoch})",
         },
         "test_accuracy_ci95": test["accuracy_ci95"],
+        "test_accuracy_best_online_ci95": best_ci95.get("model"),
+        "test_accuracy_best_ema_ci95": best_ci95.get("ema"),
         "macro_f1": test["macro_f1"],
         "macro_f1_ci95": test["macro_f1_ci95"],
         "per_class": test["per_class"],

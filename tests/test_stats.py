@@ -99,3 +99,46 @@ def test_report_shows_the_intervals():
     metrics.update(engine.confidence_intervals(preds, targets, 7))
     low, high = metrics["accuracy_ci95"]
     assert f"95 % CI [{low:.2f}, {high:.2f}]" in engine.format_report(metrics)
+
+
+def test_per_class_intervals_are_the_resampled_scikit_learn_scores():
+    """Each class's precision, recall and F1 interval: percentiles of scikit-learn's scores on the
+    very resamples that the accuracy interval uses (the same seed draws the same images)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 4, 300)
+    preds = np.where(rng.random(300) < 0.6, targets, rng.integers(0, 4, 300))
+    preds[preds == 3] = 2  # class 3 is never predicted: its precision is 0 (zero_division=0)
+    got = engine.per_class_intervals(preds, targets, 4, resamples=60, seed=5)
+    (indices,) = list(engine.bootstrap_indices(300, 60, seed=5))
+    scores = np.array(
+        [
+            precision_recall_fscore_support(targets[i], preds[i], labels=range(4), zero_division=0)[
+                :3
+            ]
+            for i in indices
+        ]
+    )
+    for c in range(4):
+        for k, name in enumerate(("precision", "recall", "f1")):
+            low, high = np.percentile(100 * scores[:, k, c], [2.5, 97.5])
+            assert got[c][f"{name}_ci95"] == pytest.approx([low, high], abs=1e-9)
+    assert got[3]["precision_ci95"] == [0.0, 0.0]
+
+
+def test_every_reported_class_metric_has_its_interval():
+    logits = torch.eye(3)[torch.tensor([0, 1, 2, 2, 1, 0, 0, 1])] + 0.1
+    targets = torch.tensor([0, 1, 2, 1, 1, 0, 2, 1])
+    metrics = engine.metrics_with_intervals(logits, targets, ["a", "b", "c"], resamples=200)
+    for entry in metrics["per_class"].values():
+        for name in ("precision", "recall", "f1"):
+            low, high = entry[f"{name}_ci95"]
+            assert low <= entry[name] <= high
+    assert "per_class_ci95" not in metrics  # folded into the classes' entries
+    assert (
+        "precision_ci95"
+        not in engine.metrics_with_intervals(logits, targets, ["a", "b", "c"], resamples=0)[
+            "per_class"
+        ]["a"]
+    )

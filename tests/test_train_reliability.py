@@ -412,8 +412,11 @@ def test_results_name_their_weights_and_the_skipped_images(synthetic_root, tmp_p
         loader = datasets.build_loader(data, "test", mode="test", batch_size=6,
                                        data_config=datasets.DataConfig.from_dict(
                                            model.data_config), skip_bad_images=True)  # fmt: skip
-        assert saved[key] == engine.evaluate(model, loader, "cpu", loader.classes)["accuracy"]
+        metrics = engine.evaluate(model, loader, "cpu", loader.classes, bootstrap=1000)
+        assert saved[key] == metrics["accuracy"]
+        assert saved[f"{key}_ci95"] == metrics["accuracy_ci95"]  # every reported figure's interval
     assert results["test_accuracy"] == saved["test_accuracy"]
+    assert all("f1_ci95" in m for m in saved["per_class"].values())
 
 
 # ----------------------------------------------------------------- outputs, before the work
