@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,8 +55,11 @@ OFFICIAL_RESIZE = 236
 OFFICIAL_CROP = 224
 DEFAULT_AUGMENT = {"hflip": 0.5, "vflip": 0.5, "rotation": 20.0, "crop": "random"}
 
+# Every class a dataset folder may hold: FER2013's seven, and Contempt, the eighth of FER+,
+# AffectNet and CK+. Folder names are matched case-insensitively, with these synonyms.
 _SYNONYMS = {
     "Angry": ["angry", "anger", "mad", "rage"],
+    "Contempt": ["contempt", "contemptuous"],
     "Disgust": ["disgust", "disgusted", "disgusting"],
     "Fear": ["fear", "fearful", "afraid", "scared"],
     "Happy": ["happy", "happiness", "joy", "joyful"],
@@ -64,6 +68,7 @@ _SYNONYMS = {
     "Surprise": ["surprise", "surprised", "suprise", "surprize"],
 }
 _CANONICAL = {syn: name for name, syns in _SYNONYMS.items() for syn in syns}
+KNOWN_CLASSES = sorted(_SYNONYMS)
 
 
 class DatasetError(Exception):
@@ -79,7 +84,7 @@ def canonical_class_name(name: str) -> str:
     key = "".join(ch for ch in name.lower() if ch.isalpha())
     if key not in _CANONICAL:
         raise ValueError(
-            f"unknown expression class {name!r}; expected one of {CLASSES} or a synonym "
+            f"unknown expression class {name!r}; expected one of {KNOWN_CLASSES} or a synonym "
             f"({', '.join(sorted(_CANONICAL))})"
         )
     return _CANONICAL[key]
@@ -138,6 +143,14 @@ _FIX_HINT = (
 )
 
 
+def is_hidden(name: str) -> bool:
+    """Whether every listing of a dataset skips a file or folder of this name: hidden ones
+    (``.name``), among them the AppleDouble ``._name`` files macOS writes beside every file it
+    copies onto a shared drive or into a zip, and ``__MACOSX``, the folder of them in such zips.
+    None of them is an image of the dataset, whatever its extension."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _scan_split(root: Path, split: str) -> dict[str, Path]:
     """Canonical class name -> class folder, for one split folder."""
     split_dir = root / split
@@ -150,7 +163,7 @@ def _scan_split(root: Path, split: str) -> dict[str, Path]:
         )
     found: dict[str, Path] = {}
     for entry in sorted(split_dir.iterdir()):
-        if not entry.is_dir() or entry.name.startswith("."):
+        if not entry.is_dir() or is_hidden(entry.name):
             continue  # like ImageFolder: stray files at this level are not classes
         try:
             name = canonical_class_name(entry.name)
@@ -167,13 +180,16 @@ def _scan_split(root: Path, split: str) -> dict[str, Path]:
 
 
 def _image_names(class_dir: Path) -> Iterator[str]:
-    """Names of the image files in a class folder, in directory order. os.scandir knows from the
-    directory listing which entries are files: no stat() per file, as Path.is_file() does (FER2013
-    has 35,887 images, and a start lists them)."""
+    """Names of the image files in a class folder (hidden and AppleDouble files left out:
+    `is_hidden`), in directory order. os.scandir knows from the directory listing which entries
+    are files: no stat() per file, as Path.is_file() does (FER2013 has 35,887 images, and a start
+    lists them)."""
     with os.scandir(class_dir) as entries:
         for entry in entries:
-            if Path(entry.name).suffix.lower() in IMG_EXTENSIONS and entry.is_file():
-                yield entry.name
+            name = entry.name
+            if Path(name).suffix.lower() in IMG_EXTENSIONS and not is_hidden(name):
+                if entry.is_file():
+                    yield name
 
 
 def _image_files(class_dir: Path) -> list[Path]:
@@ -226,12 +242,18 @@ def _cache_key(root: Path, items: list[tuple[str, int]], skip_bad_images: bool) 
     return h.hexdigest()[:24]
 
 
-def _cache_dirs(root: Path) -> list[Path]:
-    dirs = [root / ".cache"]
-    xdg = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+def user_cache_dir(root: Path) -> Path:
+    """The user's cache folder for the dataset at `root`: $XDG_CACHE_HOME/emonext/<tag>
+    (~/.cache/... by default), the tag a hash of root's absolute path."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    dirs.append(Path(xdg) / "emonext" / tag)
-    return dirs
+    return Path(xdg) / "emonext" / tag
+
+
+def _cache_dirs(root: Path, in_dataset: bool = True) -> list[Path]:
+    """Where a cache of the dataset at `root` is looked for and written, in order: root/.cache
+    (unless `in_dataset` is False), then the user cache folder."""
+    return ([root / ".cache"] if in_dataset else []) + [user_cache_dir(root)]
 
 
 def _read_cache(root: Path, name: str, valid: Callable[[dict], bool]) -> dict | None:
@@ -247,8 +269,10 @@ def _read_cache(root: Path, name: str, valid: Callable[[dict], bool]) -> dict | 
     return None
 
 
-def _write_cache(root: Path, name: str, payload: dict) -> None:
-    for cache_dir in _cache_dirs(root):
+def _write_cache(root: Path, name: str, payload: dict, in_dataset: bool = True) -> None:
+    """`payload` as `name` in the first cache folder that takes it (`_cache_dirs`); none: the
+    cache is done without."""
+    for cache_dir in _cache_dirs(root, in_dataset):
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
@@ -344,15 +368,20 @@ SKIP_BAD_IMAGES_HINT = "replace or delete it, or pass --skip-bad-images to skip 
 
 
 def load_split(
-    root: str | os.PathLike, split: str, skip_bad_images: bool = False, cache: bool = True
+    root: str | os.PathLike,
+    split: str,
+    skip_bad_images: bool = False,
+    cache: bool = True,
+    cache_in_dataset: bool = True,
 ) -> SplitData:
     """Decode every image of root/split/<Class>/* once into a uint8 (N, H, W) tensor.
 
     Every file goes through decode_image (any image mode -> 8-bit grayscale). All images
     of a split must share one size: a mismatch is a DatasetError naming an offending file, never
     a silent resize (FER2013 is 48 x 48 throughout; anything else is a sign of a mixed-up
-    folder). The decoded split is cached under root/.cache/ (or $XDG_CACHE_HOME/emonext/),
-    keyed by the file list, sizes and modification times.
+    folder). The decoded split is cached under root/.cache/ (or, where that cannot be written
+    or `cache_in_dataset` is False, in the user cache folder, `user_cache_dir`), keyed by the file
+    list, sizes and modification times; both places are read.
     """
     root = Path(root)
     classes, items = _split_listing(root, split)
@@ -417,7 +446,7 @@ def load_split(
             "skipped": len(skipped_rels),
             "skipped_paths": skipped_rels,
         }
-        _write_cache(root, cache_name, payload)
+        _write_cache(root, cache_name, payload, cache_in_dataset)
     return SplitData(
         images,
         targets_t,
@@ -429,13 +458,16 @@ def load_split(
 
 
 def content_hash(root: str | os.PathLike) -> str:
-    """sha256 over (relative path, file bytes) of every image under root/{train,val,test}."""
+    """sha256 over (relative path, file bytes) of every image under root/{train,val,test}: the
+    files the loaders read (hidden and AppleDouble files left out, `is_hidden`)."""
     root = Path(root)
     h = hashlib.sha256()
     for split in SPLITS:
         if not (root / split).is_dir():
             continue
         for path in sorted((root / split).rglob("*")):
+            if any(is_hidden(part) for part in path.relative_to(root).parts):
+                continue
             if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS:
                 h.update(str(path.relative_to(root)).encode() + b"\0")
                 h.update(hashlib.sha256(path.read_bytes()).digest())
@@ -451,7 +483,7 @@ def count_images(root: str | os.PathLike) -> dict[str, dict[str, int]]:
             counts[split] = {
                 d.name: len(_image_files(d))
                 for d in sorted((root / split).iterdir())
-                if d.is_dir() and not d.name.startswith(".")
+                if d.is_dir() and not is_hidden(d.name)
             }
     return counts
 
@@ -506,13 +538,19 @@ def _is_project_manifest(manifest: dict | None) -> bool:
 
 def _foreign_files(root: Path, manifest: dict) -> list[Path]:
     """Files under a dataset folder that neither its manifest nor the loaders' cache account
-    for: things a user put there, which replacing the folder would delete."""
+    for: things a user put there, which replacing the folder would delete. Besides the images,
+    a manifest's `files` ({relative path: sha256}) lists what else the tool wrote (FER+'s
+    votes.csv); such a file counts as the tool's only while its content is unchanged."""
     counts = manifest["counts"]
+    written = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     foreign, images = [], Counter()
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).parts
         if path.is_dir() and not path.is_symlink():
             continue
+        if "/".join(rel) in written and not path.is_symlink():
+            if hashlib.sha256(path.read_bytes()).hexdigest() == written["/".join(rel)]:
+                continue
         if rel == ("manifest.json",) or (
             len(rel) == 2
             and rel[0] == ".cache"
@@ -669,41 +707,86 @@ def verified_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _best_correlation(_band_pass(a), _band_pass(b))
 
 
+class DuplicatePairs(NamedTuple):
+    """What `duplicate_pairs` finds: pair k is images[i[k]] and others[j[k]]."""
+
+    i: np.ndarray
+    j: np.ndarray
+    similarity: np.ndarray  # the verified similarity (`verified_similarity`)
+    mirrored: np.ndarray  # bool: the copy is mirrored left to right
+
+
+# A fingerprint of an image mirrored left to right: the DCT's horizontal frequency c changes sign
+# with (-1)^c, so mirroring is a sign flip of the odd columns of the 8 x 8 block (no new DCT).
+_MIRROR_SIGNS = np.where(np.arange(1, _DCT_FREQUENCIES**2) % _DCT_FREQUENCIES % 2, -1.0, 1.0)
+_MIRROR_SIGNS = _MIRROR_SIGNS.astype(np.float32)
+
+
+def _candidates(mine: np.ndarray, theirs: np.ndarray, within: bool) -> tuple[np.ndarray, ...]:
+    """Stage 1: (i, j) whose fingerprints have a cosine of FINGERPRINT_SIMILARITY or more; only
+    i < j when `within` (the same images on both sides)."""
+    first, second = [], []
+    for start in range(0, len(mine), _BLOCK):
+        cosine = mine[start : start + _BLOCK] @ theirs.T
+        i, j = np.nonzero(cosine >= FINGERPRINT_SIMILARITY)
+        i += start
+        keep = j > i if within else slice(None)
+        first.append(i[keep])
+        second.append(j[keep])
+    if not first:
+        return np.zeros(0, int), np.zeros(0, int)
+    return np.concatenate(first), np.concatenate(second)
+
+
+def _verify(
+    images: np.ndarray, others: np.ndarray, i: np.ndarray, j: np.ndarray, mirror: bool
+) -> np.ndarray:
+    """Stage 2 for the pairs (images[i], others[j]), others mirrored when `mirror`: each image
+    involved is band-passed once (band-passing commutes with mirroring), pairs scored in blocks."""
+    rows, row_of = np.unique(i, return_inverse=True)
+    cols, col_of = np.unique(j, return_inverse=True)
+    a, b = _band_pass(images[rows]), _band_pass(others[cols])
+    if mirror:
+        b = np.ascontiguousarray(b[:, :, ::-1])
+    scores = np.zeros(len(i), np.float32)
+    for k in range(0, len(i), 8192):
+        block = slice(k, k + 8192)
+        scores[block] = _best_correlation(a[row_of[block]], b[col_of[block]])
+    return scores
+
+
 def duplicate_pairs(
     images: np.ndarray | torch.Tensor,
     hashes: ImageHashes,
     others: np.ndarray | torch.Tensor | None = None,
     other_hashes: ImageHashes | None = None,
     similarity: float = NEAR_DUPLICATE_SIMILARITY,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity) of every near- or exact-duplicate pair: i in `images`, j in `others`,
-    or i < j within `images` when `others` is None. Blank images take part in no pair."""
+    mirrored: bool = True,
+) -> DuplicatePairs:
+    """Every near- or exact-duplicate pair: i in `images`, j in `others`, or i < j within
+    `images` when `others` is None; with `mirrored`, also copies mirrored left to right (flipped
+    copies are common in scraped face datasets, and flip augmentation makes one a leak). A pair
+    that matches as it is is not also reported mirrored. Blank images take part in no pair."""
     images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     within = others is None
     if within:
         others, other_hashes = images, hashes
     others = others.numpy() if isinstance(others, torch.Tensor) else np.asarray(others)
+    none = np.zeros(0, int)
     if images.shape[1:] != others.shape[1:]:
-        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
-    first, second = [], []
-    for start in range(0, len(images), _BLOCK):
-        cosine = hashes.fingerprints[start : start + _BLOCK] @ other_hashes.fingerprints.T
-        i, j = np.nonzero(cosine >= FINGERPRINT_SIMILARITY)
-        i += start
-        keep = j > i if within else slice(None)
-        first.append(i[keep])
-        second.append(j[keep])
-    i, j = np.concatenate(first), np.concatenate(second)
-    # Band-pass each image involved once, then score the pairs in blocks.
-    rows, row_of = np.unique(i, return_inverse=True)
-    cols, col_of = np.unique(j, return_inverse=True)
-    a, b = _band_pass(images[rows]), _band_pass(others[cols])
-    scores = np.zeros(len(i), np.float32)
-    for k in range(0, len(i), 8192):
-        block = slice(k, k + 8192)
-        scores[block] = _best_correlation(a[row_of[block]], b[col_of[block]])
-    keep = scores >= similarity
-    return i[keep], j[keep], scores[keep]
+        return DuplicatePairs(none, none, np.zeros(0, np.float32), np.zeros(0, bool))
+    found, direct = [], None
+    for mirror in (False, True) if mirrored else (False,):
+        theirs = other_hashes.fingerprints * (_MIRROR_SIGNS if mirror else 1.0)
+        i, j = _candidates(hashes.fingerprints, theirs, within)
+        if mirror:  # the pairs already found as they are
+            again = np.isin(i * len(others) + j, direct)
+            i, j = i[~again], j[~again]
+        scores = _verify(images, others, i, j, mirror)
+        keep = scores >= similarity
+        found.append((i[keep], j[keep], scores[keep], np.full(int(keep.sum()), mirror)))
+        direct = found[0][0] * len(others) + found[0][1]
+    return DuplicatePairs(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
 
 
 def identical(hashes: ImageHashes, i, other_hashes: ImageHashes, j) -> np.ndarray:
@@ -712,7 +795,8 @@ def identical(hashes: ImageHashes, i, other_hashes: ImageHashes, j) -> np.ndarra
     return np.array([hashes.pixels[a] == other_hashes.pixels[b] for a, b in pairs], bool)
 
 
-OVERLAP_METHOD = 1  # bump when the duplicate search changes in a way its constants do not show
+# Bump when the duplicate search changes in a way its constants do not show (2: mirrored copies).
+OVERLAP_METHOD = 2
 
 
 def _overlap_key(train: SplitData, others: dict[str, SplitData]) -> str:
@@ -730,12 +814,13 @@ def _overlap_key(train: SplitData, others: dict[str, SplitData]) -> str:
 
 def overlap_counts(train: SplitData, others: dict[str, SplitData]) -> dict:
     """Per evaluation split: `images`, `exact` (an identical picture is in train), `near` (only
-    near-duplicates are), `other_label` (of these, a copy in train has another label)."""
+    near-duplicates are, mirrored copies among them), `other_label` (of these, a copy in train
+    has another label)."""
     train_hashes = hash_images(train.images)
     counts = {}
     for name, split in others.items():
         hashes = hash_images(split.images)
-        i, j, _ = duplicate_pairs(split.images, hashes, train.images, train_hashes)
+        i, j = duplicate_pairs(split.images, hashes, train.images, train_hashes)[:2]
         exact = identical(hashes, i, train_hashes, j)
         other_label = split.targets.numpy()[i] != train.targets.numpy()[j]
         n_exact = len(np.unique(i[exact]))
@@ -755,7 +840,7 @@ def split_overlap(
 
     With a dataset folder `root`, the counts are cached beside its decoded splits, keyed by the
     splits' pixels and labels: train.py checks at every start and resume, and the search takes
-    seconds (3 s for FER2013-sized data on 2 CPU cores).
+    seconds (4.3 s for FER2013-sized data on 2 CPU cores, mirrored copies included).
     """
     counts, cached = None, bool(root) and Path(root).is_dir()
     if cached:
@@ -946,7 +1031,11 @@ def make_synthetic(
             raise DatasetError(f"{out} exists and was not made with these settings; use --force")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The dataset is a folder made inside the private (0700) temporary one, so that it gets the
+    # mode every folder gets (0755 under the usual umask), as download_dataset.py's do.
+    tmp = work / "dataset"
+    tmp.mkdir()
     try:
         counts = {}
         index = 0
@@ -973,8 +1062,7 @@ def make_synthetic(
         write_manifest(tmp, manifest)
         publish_dataset(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     if not quiet:
         print(f"wrote {index} images to {out}")
     return out

@@ -1,15 +1,20 @@
-"""Measure a trained checkpoint on a split of FER2013: accuracy, macro-F1, per-class scores.
+"""Measure a trained checkpoint on a split of a dataset: accuracy, macro-F1, per-class scores.
 
     python evaluate.py --checkpoint out/checkpoint.pt --dataset-path FER2013
     python evaluate.py --checkpoint official.pt --model-size tiny --weights ema --tta tencrop
     python evaluate.py --checkpoint A.pt --compare B.pt --dataset-path FER2013
+    python evaluate.py --checkpoint ferplus_run/last.pt --dataset-path RAF-DB   # cross-dataset
 
 Accepts this project's checkpoints and the official trainer's (`{"model", "ema", "best_acc"}`,
 whose architecture is read off the tensors; `--model-size` checks or overrides it). The default
 protocol is the official one: EMA weights where the file has them, TenCrop, logits averaged over
 the ten crops. Accuracy and macro-F1 come with 95 % bootstrap intervals; `--compare B.pt` adds a
-paired comparison (docs/EVALUATION.md). Writes `eval.json` and `confusion_matrix_<split>.png`
-beside the checkpoint (or to `--output`) and, with `--predictions`, one CSV row per image.
+paired comparison (docs/EVALUATION.md). A dataset whose classes differ from the model's (a FER+
+model on FER2013, a FER2013 model on FER+ or CK+) is scored on the classes both have, matched by
+name: images of classes the model lacks are excluded and counted, the model's extra classes are
+masked out of the argmax, and the figures without the mask are reported too. Writes `eval.json`
+and `confusion_matrix_<split>.png` beside the checkpoint (or to `--output`) and, with
+`--predictions`, one CSV row per image.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import datetime
 import io
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +41,8 @@ from engine import (
     BOOTSTRAP_SEED,
     amp_settings,
     bootstrap_scores,
+    confidence_intervals,
+    format_interval,
     format_report,
     metrics_with_intervals,
     percentile_interval,
@@ -45,6 +54,7 @@ from utils import (
     CLIError,
     add_device_argument,
     add_model_arguments,
+    check_output_dir,
     resolve_device,
     run_command,
     save_confusion_matrix,
@@ -121,8 +131,37 @@ ARG_RULES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
-    return get_args_parser().parse_checked(argv, ARG_RULES)
+    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong,
+    before anything is read; where the results go included (an evaluation takes minutes)."""
+    parser = get_args_parser()
+    args = parser.parse_checked(argv, ARG_RULES)
+    try:
+        check_outputs(args)
+    except CLIError as err:
+        parser.error(str(err))
+    return args
+
+
+def output_folder(args: argparse.Namespace) -> str:
+    """Where eval.json goes: --output, else the checkpoint's folder (the current one for an
+    hf-hub:USER/NAME checkpoint)."""
+    if args.output:
+        return args.output
+    if models.hub.is_hub_name(args.checkpoint):
+        return "."
+    return os.path.dirname(os.path.abspath(args.checkpoint))
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """eval.json's folder and the --predictions file can be written (utils.check_output_dir);
+    a CLIError naming the flag if not."""
+    flag = "--output" if args.output else "--output (default: the checkpoint's folder)"
+    check_output_dir(output_folder(args), flag)
+    if args.predictions:
+        path = Path(args.predictions)
+        if path.is_dir():
+            raise CLIError(f"--predictions {path}: is a folder; give the path of a CSV file")
+        check_output_dir(path.absolute().parent if path.exists() else path, "--predictions")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -141,18 +180,152 @@ class Scores:
     targets: torch.Tensor  # (images,)
 
 
-def check_classes(model_classes: list[str], data_classes: list[str], checkpoint: str) -> None:
-    """The dataset's folder order must be the model's output order (case aside: some FER2013
-    copies use lowercase folder names)."""
-    if len(model_classes) != len(data_classes):
+def normalised_class(name: str) -> str:
+    """A class name as datasets.canonical_class_name spells it ('anger', 'ANGRY' -> 'Angry');
+    a name it does not know, in lowercase letters only (a model's own classes match a
+    dataset's only by a known name or exactly so)."""
+    try:
+        return datasets.canonical_class_name(name)
+    except ValueError:
+        return "".join(ch for ch in name.lower() if ch.isalpha())
+
+
+@dataclass
+class ClassMatch:
+    """A model's classes against a dataset's, matched by normalised name."""
+
+    model_classes: list[str]
+    data_classes: list[str]
+    shared: list[str]  # the classes both have, by the dataset's names, in the dataset's order
+    model_index: list[int]  # the model output of each shared class
+    data_index: list[int]  # the dataset target of each shared class
+    missing: list[str]  # dataset classes the model lacks: their images are excluded
+    extra: list[str]  # model classes the dataset lacks: masked out of the argmax
+
+    @property
+    def identical(self) -> bool:
+        """The same classes in the same order: the model's outputs are the dataset's targets."""
+        n = len(self.model_classes)
+        return len(self.data_classes) == n and self.model_index == self.data_index == list(range(n))
+
+
+def match_classes(model_classes: list[str], data_classes: list[str], checkpoint: str) -> ClassMatch:
+    """The classes `checkpoint`'s model and the dataset share; a CLIError when none."""
+    model_keys = [normalised_class(c) for c in model_classes]
+    if len(set(model_keys)) < len(model_keys):
+        raise CLIError(f"{checkpoint} names one class twice (its classes: {model_classes})")
+    position = {key: i for i, key in enumerate(model_keys)}
+    shared, model_index, data_index, missing = [], [], [], []
+    for j, name in enumerate(data_classes):
+        i = position.get(normalised_class(name))
+        if i is None:
+            missing.append(name)
+        else:
+            shared.append(name)
+            model_index.append(i)
+            data_index.append(j)
+    if not shared:
         raise CLIError(
-            f"{checkpoint} predicts {len(model_classes)} classes ({', '.join(model_classes)}) "
-            f"but the dataset has {len(data_classes)} ({', '.join(data_classes)})"
+            f"{checkpoint} predicts {', '.join(model_classes)}; the dataset has "
+            f"{', '.join(data_classes)}: no class in common to score"
         )
-    if [c.lower() for c in model_classes] != [c.lower() for c in data_classes]:
-        raise CLIError(
-            f"the checkpoint's classes {model_classes} are not the dataset's {data_classes}"
+    extra = [c for i, c in enumerate(model_classes) if i not in model_index]
+    return ClassMatch(
+        list(model_classes), list(data_classes), shared, model_index, data_index, missing, extra
+    )
+
+
+@dataclass
+class Restricted:
+    """Scores seen through a ClassMatch: the images of shared classes, the shared outputs."""
+
+    keep: torch.Tensor  # (images,) bool: the image's class is one the model has
+    logits: torch.Tensor  # (kept images, shared classes): the extra classes masked out
+    targets: torch.Tensor  # (kept images,) index into `shared`
+    winner: np.ndarray  # (kept images,) the model output of the argmax over all its outputs
+
+
+def restrict(scores: Scores, match: ClassMatch) -> Restricted:
+    """The images whose class the model has, their targets as indices into `match.shared` and
+    the model's logits of the shared classes only (the mask)."""
+    to_shared = torch.full((len(match.data_classes),), -1, dtype=torch.long)
+    to_shared[match.data_index] = torch.arange(len(match.shared))
+    shared_targets = to_shared[scores.targets]
+    keep = shared_targets >= 0
+    logits = scores.logits[keep]
+    winner = logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=int)
+    return Restricted(keep, logits[:, match.model_index], shared_targets[keep], winner)
+
+
+def unmasked_metrics(view: Restricted, match: ClassMatch, resamples: int, seed: int) -> dict:
+    """Accuracy and macro-F1 when the model's extra classes compete for the argmax (predicting
+    one is wrong), with bootstrap intervals; macro-F1 averages the shared classes only."""
+    k, y = len(match.shared), view.targets.numpy()
+    output_to_shared = np.full(len(match.model_classes), k)
+    output_to_shared[match.model_index] = np.arange(k)
+    p = output_to_shared[view.winner]
+    # One more "class" stands for the extra outputs: no image is of it, so its F1 is 0 in every
+    # resample, and the mean over k + 1 classes is the mean over the k shared ones times k/(k+1).
+    (accuracy,), (f1,) = resampled_scores(p, y, k + 1, np.arange(len(y))[None])
+    out = {"accuracy": float(accuracy), "macro_f1": float(f1) * (k + 1) / k}
+    intervals = confidence_intervals(p, y, k + 1, resamples, seed)
+    if intervals:
+        out["accuracy_ci95"] = intervals["accuracy_ci95"]
+        out["macro_f1_ci95"] = [v * (k + 1) / k for v in intervals["macro_f1_ci95"]]
+    winners = Counter(view.winner.tolist())
+    out["predicted_as"] = {c: winners[match.model_classes.index(c)] for c in match.extra}
+    return out
+
+
+def cross_dataset_report(
+    view: Restricted, match: ClassMatch, resamples: int, seed: int, excluded: dict[str, int]
+) -> dict:
+    """What eval.json's `cross_dataset` holds: the matching, the exclusions, the mask."""
+    report = {
+        "model_classes": match.model_classes,
+        "dataset_classes": match.data_classes,
+        "shared_classes": match.shared,
+        "excluded_classes": excluded,
+        "excluded_images": sum(excluded.values()),
+        "scored_images": int(view.keep.sum()),
+        "masked_classes": match.extra,
+    }
+    if match.extra and len(view.targets):
+        report["unmasked"] = unmasked_metrics(view, match, resamples, seed)
+    return report
+
+
+def describe_cross_dataset(report: dict, split: str) -> str:
+    """The report's lines on the matching: what was excluded, what was masked, and the figures
+    without the mask."""
+    model, data = report["model_classes"], report["dataset_classes"]
+    lines = [
+        f"classes: the model's {len(model)} and the dataset's {len(data)}, matched by name: "
+        f"{len(report['shared_classes'])} shared ({', '.join(report['shared_classes'])})"
+    ]
+    if report["excluded_classes"]:
+        what = ", ".join(f"{n} of {c}" for c, n in report["excluded_classes"].items())
+        lines.append(
+            f"excluded: {report['excluded_images']} {split} images of classes the model lacks "
+            f"({what}); scored: {report['scored_images']}"
         )
+    if report["masked_classes"]:
+        line = (
+            f"masked: {', '.join(report['masked_classes'])} (the model's, not the dataset's) "
+            f"out of the argmax in the figures above"
+        )
+        unmasked = report.get("unmasked")
+        if unmasked:
+            ci = {k: " 95 % CI " + format_interval(unmasked[k])
+                  for k in ("accuracy_ci95", "macro_f1_ci95") if unmasked.get(k)}  # fmt: skip
+            taken = [f"{n} as {c}" for c, n in unmasked["predicted_as"].items() if n]
+            line += (
+                f"; unmasked: accuracy {unmasked['accuracy']:.2f} %{ci.get('accuracy_ci95', '')}"
+                f"   macro-F1 {unmasked['macro_f1']:.2f} %{ci.get('macro_f1_ci95', '')} "
+                f"(images predicted {', '.join(taken) or 'as a masked class: none'})"
+            )
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def score(
@@ -184,7 +357,6 @@ def score(
         )
     except datasets.DatasetError as err:
         raise CLIError(str(err)) from err
-    check_classes(classes, list(loader.classes), checkpoint)
     logits, targets = predict(model, loader, device, amp_settings(args.amp, device)[0])
     return Scores(model, classes, data_config, ckpt, loader, logits, targets)
 
@@ -219,12 +391,16 @@ def paired_comparison(
 ) -> dict:
     """Model A against model B on the same images: accuracies, A - B with a paired-bootstrap 95 %
     interval (both models scored on the same resamples), macro-F1 likewise, and McNemar's exact
-    test on the images exactly one of them gets right."""
+    test on the images exactly one of them gets right. `resamples` 0: no intervals (None), never
+    one from a single resample."""
     preds_a, preds_b, targets = np.asarray(preds_a), np.asarray(preds_b), np.asarray(targets)
     right_a, right_b = preds_a == targets, preds_b == targets
     a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
-    scores = bootstrap_scores([preds_a, preds_b], targets, num_classes, resamples, seed)
-    (acc_a, f1_a), (acc_b, f1_b) = scores
+    accuracy_ci = f1_ci = None
+    if resamples > 0:
+        scores = bootstrap_scores([preds_a, preds_b], targets, num_classes, resamples, seed)
+        (acc_a, f1_a), (acc_b, f1_b) = scores
+        accuracy_ci, f1_ci = percentile_interval(acc_a - acc_b), percentile_interval(f1_a - f1_b)
     full = np.arange(len(targets))[None]
     (acc_a0,), (f1_a0,) = resampled_scores(preds_a, targets, num_classes, full)
     (acc_b0,), (f1_b0,) = resampled_scores(preds_b, targets, num_classes, full)
@@ -232,38 +408,52 @@ def paired_comparison(
         "accuracy_a": float(acc_a0),
         "accuracy_b": float(acc_b0),
         "accuracy_difference": float(acc_a0 - acc_b0),
-        "accuracy_difference_ci95": percentile_interval(acc_a - acc_b),
+        "accuracy_difference_ci95": accuracy_ci,
         "macro_f1_a": float(f1_a0),
         "macro_f1_b": float(f1_b0),
         "macro_f1_difference": float(f1_a0 - f1_b0),
-        "macro_f1_difference_ci95": percentile_interval(f1_a - f1_b),
+        "macro_f1_difference_ci95": f1_ci,
         "mcnemar": {"a_only_correct": a_only, "b_only_correct": b_only,
                     "p_value": mcnemar_exact(a_only, b_only)},
         "num_images": int(len(targets)),
-        "bootstrap": {"resamples": int(resamples), "seed": int(seed), "method": "percentile"},
+        "bootstrap": {"resamples": int(resamples), "seed": int(seed),
+                      "method": "percentile" if resamples > 0 else "none: --bootstrap 0"},
     }  # fmt: skip
 
 
-def compare(args: argparse.Namespace, device: torch.device, a: Scores) -> dict:
-    """--compare B.pt: B scored on the same images as A, then `paired_comparison` (A - B)."""
+def compare(
+    args: argparse.Namespace, device: torch.device, a: Scores, match: ClassMatch, view: Restricted
+) -> dict:
+    """--compare B.pt: B scored on the same images as A, then `paired_comparison` (A - B); on a
+    dataset of other classes both are scored on the classes all three share, each masked."""
     b = score(args.compare, args, device)
-    same_classes = [c.lower() for c in b.classes] == [c.lower() for c in a.classes]
-    if not same_classes or not torch.equal(a.targets, b.targets):
-        raise CLIError(f"{args.compare} does not predict the classes of {args.checkpoint}")
+    match_b = match_classes(b.classes, list(b.loader.classes), args.compare)
+    if match_b.shared != match.shared or not torch.equal(a.targets, b.targets):
+        raise CLIError(
+            f"{args.compare} does not predict the classes of {args.checkpoint} on this dataset "
+            f"({', '.join(match_b.shared)} against {', '.join(match.shared)})"
+        )
+    view_b = restrict(b, match_b)
     result = paired_comparison(
-        a.logits.argmax(1).numpy(),
-        b.logits.argmax(1).numpy(),
-        a.targets.numpy(),
-        len(a.classes),
-        max(args.bootstrap, 1),
+        view.logits.argmax(1).numpy(),
+        view_b.logits.argmax(1).numpy(),
+        view.targets.numpy(),
+        len(match.shared),
+        args.bootstrap,
         args.bootstrap_seed,
     )
-    mcnemar, (low, high) = result["mcnemar"], result["accuracy_difference_ci95"]
+    mcnemar, interval = result["mcnemar"], result["accuracy_difference_ci95"]
+    if interval is None:
+        interval = "no interval: --bootstrap 0"
+    else:
+        interval = (
+            f"95 % CI [{interval[0]:+.2f}, {interval[1]:+.2f}] (paired bootstrap, "
+            f"{result['bootstrap']['resamples']} resamples)"
+        )
     print(
         f"A {args.checkpoint}: {result['accuracy_a']:.2f} %   B {args.compare}: "
         f"{result['accuracy_b']:.2f} %\nA - B = {result['accuracy_difference']:+.2f} points, "
-        f"95 % CI [{low:+.2f}, {high:+.2f}] (paired bootstrap, {result['bootstrap']['resamples']} "
-        f"resamples); McNemar exact p = {mcnemar['p_value']:.3g} (A alone right on "
+        f"{interval}; McNemar exact p = {mcnemar['p_value']:.3g} (A alone right on "
         f"{mcnemar['a_only_correct']} images, B alone on {mcnemar['b_only_correct']})"
     )
     return {
@@ -277,24 +467,33 @@ def compare(args: argparse.Namespace, device: torch.device, a: Scores) -> dict:
 # --------------------------------------------------------------------------- outputs
 
 
-def predictions_csv(paths: list[str], targets, probs, classes: list[str]) -> str:
+def predictions_csv(columns: dict[str, list], probs: torch.Tensor, classes: list[str]) -> str:
+    """One row per image: `columns` (path, true, predicted, ...), then each class's probability."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["path", "true", "predicted", *classes])
-    for path, t, p in zip(paths, targets.tolist(), probs.tolist(), strict=True):
-        pred = max(range(len(p)), key=p.__getitem__)
-        writer.writerow([path, classes[t], classes[pred], *(f"{x:.6f}" for x in p)])
+    writer.writerow([*columns, *classes])
+    for i, p in enumerate(probs.tolist()):
+        writer.writerow([*(values[i] for values in columns.values()), *(f"{x:.6f}" for x in p)])
     return out.getvalue()
 
 
-def write_predictions(path: str, scores: Scores) -> None:
-    """--predictions: one CSV row per image, its path, true and predicted class, probabilities."""
+def write_predictions(path: str, scores: Scores, match: ClassMatch) -> None:
+    """--predictions: one CSV row per image, its path, true and predicted class, probabilities.
+    On a dataset of other classes `predicted` is among the shared classes (the mask), beside
+    `predicted_unmasked` (any of the model's) and `scored` (0: a class the model lacks)."""
     paths = scores.loader.split.paths  # unshuffled: the loader's order is the split's
     if len(paths) != len(scores.targets):
         raise CLIError(f"{len(paths)} image paths for {len(scores.targets)} predictions")
+    true = [match.data_classes[t] for t in scores.targets.tolist()]
+    masked = scores.logits[:, match.model_index].argmax(1).tolist()
+    columns = {"path": paths, "true": true, "predicted": [match.shared[i] for i in masked]}
+    if not match.identical:
+        winners = scores.logits.argmax(1).tolist()
+        columns["predicted_unmasked"] = [scores.classes[i] for i in winners]
+        columns["scored"] = [int(c in match.shared) for c in true]
     probs = torch.softmax(scores.logits, 1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text_atomic(path, predictions_csv(paths, scores.targets, probs, scores.classes))
+    write_text_atomic(path, predictions_csv(columns, probs, scores.classes))
     print(f"wrote {path} ({len(paths)} rows)")
 
 
@@ -303,6 +502,8 @@ def main(args: argparse.Namespace) -> dict:
     model_name = get_args_parser().model_name(args)
     device = resolve_device(args.device)
     scores = score(args.checkpoint, args, device, model_name)
+    match = match_classes(scores.classes, list(scores.loader.classes), args.checkpoint)
+    view = restrict(scores, match)  # everything, unless the dataset's classes are not the model's
     skipped = scores.loader.split.skipped_paths
     if skipped:
         print(
@@ -311,14 +512,14 @@ def main(args: argparse.Namespace) -> dict:
             + (", ..." if len(skipped) > 5 else "")
         )
     metrics = metrics_with_intervals(
-        scores.logits, scores.targets, scores.classes, args.bootstrap, args.bootstrap_seed
+        view.logits, view.targets, match.shared, args.bootstrap, args.bootstrap_seed
     )
     print(
         f"{args.checkpoint} ({scores.ckpt['weights_used']} weights), {args.split}, tta {args.tta}"
     )
     print(format_report(metrics))
 
-    output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
+    output = output_folder(args)
     os.makedirs(output, exist_ok=True)
     record = {
         **metrics,
@@ -326,6 +527,7 @@ def main(args: argparse.Namespace) -> dict:
         "model_name": scores.model.model_name,
         "weights": scores.ckpt["weights_used"],
         "dataset_path": os.path.abspath(args.dataset_path),
+        "trained_on": (scores.ckpt.get("args") or {}).get("dataset_path"),
         "split": args.split,
         "tta": args.tta,
         "skipped_bad_images": len(skipped),
@@ -333,8 +535,18 @@ def main(args: argparse.Namespace) -> dict:
         "data_config": scores.data_config,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if not match.identical:
+        excluded = {
+            c: int((scores.targets == j).sum())
+            for j, c in enumerate(match.data_classes)
+            if c in match.missing
+        }
+        record["cross_dataset"] = cross_dataset_report(
+            view, match, args.bootstrap, args.bootstrap_seed, excluded
+        )
+        print(describe_cross_dataset(record["cross_dataset"], args.split))
     if args.compare:
-        record["compare"] = compare(args, device, scores)
+        record["compare"] = compare(args, device, scores, match, view)
     write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,
@@ -343,7 +555,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     print(f"wrote {output}/eval.json and confusion_matrix_{args.split}.png")
     if args.predictions:
-        write_predictions(args.predictions, scores)
+        write_predictions(args.predictions, scores, match)
     return record
 
 

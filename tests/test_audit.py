@@ -17,24 +17,41 @@ import train
 from scripts import audit_dataset
 
 # (kind, source in train, copy, how): every planted group; the synthetic faces themselves stand in
-# front of random backdrops, so no two of them are near-duplicates (tests/test_synthetic.py).
+# front of random backdrops, so no two of them are near-duplicates, not even mirrored
+# (tests/test_synthetic.py, test_near_duplicates_survive_...).
 PLANTED = [
     ("exact", "train/Angry", "test/Angry/planted_exact.png", "copy"),
     ("near", "train/Fear", "val/Fear/planted_shift.png", "shift"),
     ("near", "train/Neutral", "test/Neutral/planted_bright.png", "brighten"),
     ("near", "train/Sad", "test/Sad/planted_jpeg.jpg", "jpeg"),
     ("exact", "train/Happy", "train/Surprise/planted_conflict.png", "copy"),  # label conflict
+    ("mirrored", "train/Disgust", "test/Disgust/planted_mirror.png", "mirror"),
+    ("mirrored", "train/Angry", "val/Angry/planted_mirror_shift.png", "mirror shift"),
+    ("mirrored", "train/Fear", "train/Fear/planted_mirror_jpeg.jpg", "mirror jpeg"),
+    ("exact", "train/Neutral", "test/Sad/planted_conflict.png", "copy"),  # conflict into test
 ]
 BLANK = "val/Neutral/planted_blank.png"
+TEST_CONFLICT = "test/Sad/planted_conflict.png"
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """The audit caches what it decodes in the user cache folder: the test's own, never the
+    real ~/.cache (subprocesses inherit it too)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 def change(pixels: np.ndarray, how: str) -> Image.Image:
-    if how == "shift":  # one pixel to the right, the left column repeated
+    """A copy of `pixels` changed as `how` says: words of copy, mirror (left to right), shift
+    (one pixel to the right), brighten, jpeg (quality 75)."""
+    if "mirror" in how:
+        pixels = np.ascontiguousarray(pixels[:, ::-1])
+    if "shift" in how:  # one pixel to the right, the left column repeated
         pixels = np.concatenate([pixels[:, :1], pixels[:, :-1]], axis=1)
-    if how == "brighten":
+    if "brighten" in how:
         pixels = np.clip(pixels.astype(int) + 30, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
-    if how == "jpeg":
+    if "jpeg" in how:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=75)
         image = Image.open(buffer)
@@ -63,38 +80,72 @@ def test_audit_finds_exactly_the_planted_groups(planted, tmp_path, capsys):
     audit_dataset.main([str(root), "--json", str(report_path)])
     report = json.loads(report_path.read_text())
     found = {frozenset(im["path"] for im in g["images"]): g["kind"] for g in report["groups"]}
-    assert found == expected
+    assert found == expected  # the 3 mirrored copies among them, and nothing else
+    mirrored = {im["path"] for g in report["groups"] for im in g["images"] if im["mirrored"]}
+    assert mirrored == {copy for kind, _, copy, _ in PLANTED if kind == "mirrored"}
     conflicts = [g for g in report["groups"] if g["label_conflict"]]
-    assert [g["labels"] for g in conflicts] == [["Happy", "Surprise"]]
-    assert sum(g["cross_split"] for g in report["groups"]) == 4
+    assert [g["labels"] for g in conflicts] == [["Happy", "Surprise"], ["Neutral", "Sad"]]
+    assert sum(g["cross_split"] for g in report["groups"]) == 7
     assert [(b["path"], b["std"]) for b in report["blank"]] == [(BLANK, 0.0)]
     assert report["summary"]["in_train"] == {
-        "val": {"images": 30, "exact": 0, "near": 1, "other_label": 0},
-        "test": {"images": 31, "exact": 1, "near": 2, "other_label": 0},
+        "val": {"images": 31, "exact": 0, "near": 2, "other_label": 0},
+        "test": {"images": 33, "exact": 2, "near": 3, "other_label": 1},
     }
+    assert report["summary"]["label_conflict_groups_in_test"] == 1
     out = capsys.readouterr().out
-    assert "exact duplicates: 2 groups, 4 images; near-duplicates: 3 groups, 6 images" in out
-    assert "test images also in train: 3 of 31 (1 identical, 2 near copies" in out
+    assert (
+        "exact duplicates: 3 groups, 6 images; near-duplicates: 3 groups, 6 images; mirrored "
+        "copies: 3 groups, 6 images" in out
+    )
+    assert "same picture under different labels: 2 groups (1 reaching into test)" in out
+    assert "test images also in train: 5 of 33 (2 identical, 3 near copies" in out
+    assert "test/Disgust/planted_mirror.png (mirrored)" in out
 
 
-def test_dedupe_writes_a_clean_copy(planted, tmp_path):
-    root, _ = planted
+def test_dedupe_writes_a_clean_copy_and_keeps_the_test_split_whole(planted, tmp_path, capsys):
+    root, groups = planted
     clean = tmp_path / "clean"
     audit_dataset.main([str(root), "--dedupe", str(clean)])
     manifest = datasets.read_manifest(clean)
     reasons = {r["path"]: r["reason"] for r in manifest["removed"]}
-    # the evaluation copy stays and the training copy goes; both copies of a conflict go
-    conflict = next(g for g in planted[1] if "train/Surprise/planted_conflict.png" in g)
-    leaked = {next(p for p in g if p.startswith("train/")) for g in planted[1] if g != conflict}
-    assert set(reasons) == leaked | conflict | {BLANK}
+    # the evaluation copy stays and the training copy goes; both copies of a conflict in train
+    # go; of a conflict reaching into test, the train copy goes and the test image stays
+    conflict = next(g for g in groups if "train/Surprise/planted_conflict.png" in g)
+    within_train = next(g for g in groups if "train/Fear/planted_mirror_jpeg.jpg" in g)
+    leaked = {next(p for p in g if p.startswith("train/")) for g in groups}
+    leaked -= {"train/Surprise/planted_conflict.png"} | within_train
+    assert set(reasons) == leaked | conflict | {"train/Fear/planted_mirror_jpeg.jpg", BLANK}
     assert reasons["train/Surprise/planted_conflict.png"].startswith("label conflict")
+    assert reasons["train/Fear/planted_mirror_jpeg.jpg"].startswith("mirrored duplicate of ")
     assert reasons[BLANK].startswith("blank image")
-    assert (clean / "test/Sad/planted_jpeg.jpg").is_file()
+    (kept,) = manifest["kept_in_test"]
+    assert (kept["path"], kept["reason"]) == (
+        TEST_CONFLICT,
+        "label conflict: the same picture is labelled Neutral and Sad",
+    )
+    train_copy = [r for r in manifest["removed"] if r["group"] == kept["group"]]
+    assert [r["path"].split("/")[:2] for r in train_copy] == [["train", "Neutral"]]
+    assert manifest["test_images_removed"] == 0
+    assert manifest["counts"]["test"] == datasets.count_images(root)["test"]  # whole
+    assert (clean / TEST_CONFLICT).is_file() and (clean / "test/Sad/planted_jpeg.jpg").is_file()
+    out = capsys.readouterr().out
+    assert (
+        "the test split is kept whole: 1 test image(s) the audit flags stay, 1 in label "
+        "conflicts (their copies in train and val removed); `kept_in_test` in its manifest.json "
+        "lists them, --clean-test removes them" in out
+    )
     assert manifest["total"] == sum(map(sum, (c.values() for c in manifest["counts"].values())))
     assert manifest["source"]["from"] == str(root.resolve())
     again = audit_dataset.audit(clean)
     assert again["groups"] == [] and again["blank"] == []
     assert not list(tmp_path.glob(".clean*"))  # no temporary folder left
+
+    # --clean-test: the user's choice, said as much
+    audit_dataset.main([str(root), "--dedupe", str(tmp_path / "cleaner"), "--clean-test"])
+    manifest = datasets.read_manifest(tmp_path / "cleaner")
+    assert TEST_CONFLICT in {r["path"] for r in manifest["removed"]}
+    assert manifest["kept_in_test"] == [] and manifest["test_images_removed"] == 1
+    assert "1 of them from test (--clean-test)" in capsys.readouterr().out
 
 
 def one_line_error(err: str) -> str:
@@ -147,20 +198,21 @@ def test_train_reports_leaks_at_start_and_in_results(planted, tmp_path, capsys, 
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if "also occur in train" in line]
     assert warnings == [
-        "warning: 1 of 30 val and 3 of 31 test images also occur in train (identical or near "
-        f"copies); list them with: python scripts/audit_dataset.py {shlex.quote(str(root))}"
+        "warning: 2 of 31 val and 5 of 33 test images also occur in train (identical or near "
+        "copies, 1 under another label); list them with: python scripts/audit_dataset.py "
+        f"{shlex.quote(str(root))}"
     ]
     assert results["split_overlap"]["test"] == {
-        "images": 31,
-        "exact": 1,
-        "near": 2,
-        "other_label": 0,
+        "images": 33,
+        "exact": 2,
+        "near": 3,
+        "other_label": 1,
     }
     low, high = results["test_accuracy_ci95"]
     assert low <= results["test_accuracy"] <= high
     assert (
         json.loads((tmp_path / "r" / "results.json").read_text())["split_overlap"]["val"]["near"]
-        == 1
+        == 2
     )
     # the printed command works as printed
     command = shlex.split(warnings[0].split("list them with: ")[1])
@@ -168,19 +220,25 @@ def test_train_reports_leaks_at_start_and_in_results(planted, tmp_path, capsys, 
         [sys.executable, *command[1:]], cwd=repo_root, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    assert "test images also in train: 3 of 31" in run.stdout
+    assert "test images also in train: 5 of 33" in run.stdout
 
 
-def test_near_duplicates_survive_shifts_brightness_contrast_and_jpeg(synthetic_root):
+def test_near_duplicates_survive_shifts_brightness_contrast_jpeg_and_mirroring(synthetic_root):
     faces = datasets.load_split(synthetic_root, "train").images.numpy()  # 112 different faces
     hashes = datasets.hash_images(faces)
-    assert len(datasets.duplicate_pairs(faces, hashes)[0]) == 0  # no two faces alike
-    for how in ("shift", "brighten", "jpeg"):
+    # no two faces alike, not even mirrored, though the faces are nearly symmetric: the search
+    # with mirrored copies reports no pair the search without them did not
+    for mirrored in (False, True):
+        assert len(datasets.duplicate_pairs(faces, hashes, mirrored=mirrored).i) == 0
+    for how in ("shift", "brighten", "jpeg", "mirror", "mirror shift", "mirror jpeg"):
         copies = np.stack([np.asarray(change(face, how)) for face in faces])
-        i, j, similarity = datasets.duplicate_pairs(
-            copies, datasets.hash_images(copies), faces, hashes
+        pairs = datasets.duplicate_pairs(copies, datasets.hash_images(copies), faces, hashes)
+        assert (pairs.i == pairs.j).all() and len(pairs.i) == len(faces), how  # only its own
+        assert (pairs.mirrored == ("mirror" in how)).all(), how
+        unmirrored = datasets.duplicate_pairs(
+            copies, datasets.hash_images(copies), faces, hashes, mirrored=False
         )
-        assert (i == j).all() and len(i) == len(faces), how  # every copy finds its original only
+        assert len(unmirrored.i) == (0 if "mirror" in how else len(faces)), how
     darker = np.clip(faces.astype(int) * 0.8 - 10, 0, 255).astype(np.uint8)  # contrast too
     down = np.concatenate([faces[:, :1], faces[:, :-1]], axis=1)  # 1 pixel down, not right
     for copies in (darker, down):
@@ -240,3 +298,52 @@ def test_split_overlap_is_cached_by_pixels_and_labels(synthetic_root, tmp_path, 
     assert counts == first[0]
     assert not (tmp_path / "no").exists() and not (tmp_path / "xdg").exists()
     assert len(searches) == 6
+
+
+def test_the_audit_writes_nothing_into_the_dataset_and_skips_hidden_files(
+    planted, tmp_path, monkeypatch, capsys
+):
+    """The dataset folder may be read-only or shared: the audit reads train.py's cache there,
+    but caches what it decodes in the user cache folder. AppleDouble files (`._0.png`, macOS's
+    metadata beside every file on a shared drive) and hidden files are no images of the dataset:
+    neither an unreadable image nor a duplicate."""
+    root = tmp_path / "data"
+    shutil.copytree(planted[0], root, ignore=shutil.ignore_patterns(".cache"))
+    angry = root / "train" / "Angry"
+    (angry / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))  # AppleDouble magic
+    shutil.copy(next(angry.glob("[0-9]*.png")), angry / ".hidden.png")  # would be a duplicate
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    def listing() -> dict:
+        return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+    before = listing()
+    report = audit_dataset.audit(root)
+    assert listing() == before
+    assert report["splits"] == {"train": 114, "val": 31, "test": 33}  # no hidden file
+    assert len(report["groups"]) == len(planted[1])  # the same groups, no more
+    cached = list((tmp_path / "xdg" / "emonext").glob("*/*-*.pt"))
+    assert sorted(p.name.split("-")[0] for p in cached) == ["test", "train", "val"]
+    monkeypatch.setattr(datasets, "decode_image", lambda *a: 1 / 0)  # now read, not decoded
+    assert audit_dataset.audit(root)["summary"] == report["summary"]
+    assert listing() == before
+
+
+def test_outputs_are_checked_before_the_audit(planted, tmp_path, monkeypatch, capsys):
+    """--json and --dedupe that cannot be written: one line, exit status 2, nothing audited."""
+    monkeypatch.setattr(audit_dataset, "audit", lambda *a: 1 / 0)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("a file")
+    root = str(planted[0])
+    cases = [
+        (["--json", str(a_file / "r.json")], f"--json {a_file / 'r.json'}: {a_file} is a file"),
+        (["--json", str(tmp_path)], f"--json {tmp_path} is a folder; give the path of a file"),
+        (["--dedupe", str(a_file / "clean")], f"--dedupe {a_file / 'clean'}: {a_file} is a file"),
+        (["--clean-test"], "--clean-test applies to the copy --dedupe writes; give --dedupe OUT"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            audit_dataset.main([root, *argv])
+        assert exit_info.value.code == 2, argv
+        assert one_line_error(capsys.readouterr().err).startswith(message), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

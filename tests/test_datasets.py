@@ -37,10 +37,13 @@ def test_class_names():
         ("fearful", "Fear"),
         ("disgusted", "Disgust"),
         ("neutral", "Neutral"),
+        ("contempt", "Contempt"),
+        ("Contemptuous", "Contempt"),
     ]:
         assert datasets.canonical_class_name(name) == want
-    with pytest.raises(ValueError, match="contempt"):
-        datasets.canonical_class_name("contempt")
+    assert datasets.KNOWN_CLASSES == sorted(CLASSES + ["Contempt"])
+    with pytest.raises(ValueError, match="pain.*Contempt"):
+        datasets.canonical_class_name("pain")
 
 
 def test_imagefolder_order(synthetic_root):
@@ -89,6 +92,46 @@ def test_listing_takes_image_files_only(copy_root):
         datasets.check_dataset(copy_root)
 
 
+# The start of an AppleDouble file (macOS's resource fork and attributes, `._NAME` beside NAME on
+# any drive or in any zip that is not APFS/HFS+): no image, whatever its name says.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+
+
+def test_hidden_and_appledouble_files_are_not_images_of_the_dataset(copy_root):
+    """`._0.png` files (they used to stop every loader with "cannot read image") and hidden
+    files such as `.hidden.png` (they used to be trained on) are skipped by every listing."""
+    manifest_hash = datasets.content_hash(copy_root)
+    happy = copy_root / "val" / "Happy"
+    for image in sorted(happy.iterdir()):
+        (happy / f"._{image.name}").write_bytes(APPLEDOUBLE)
+    shutil.copy(happy / sorted(p.name for p in happy.glob("[!.]*"))[0], happy / ".hidden.png")
+    (copy_root / "val" / ".Trashes").mkdir()  # a hidden folder is no class either
+    (copy_root / "val" / "__MACOSX").mkdir()
+    split = load_split(copy_root, "val", cache=False)
+    assert len(split.paths) == 28 and not [p for p in split.paths if "/." in p]
+    assert datasets.count_images(copy_root)["val"]["Happy"] == 4
+    assert datasets.content_hash(copy_root) == manifest_hash
+    only_hidden = copy_root / "test" / "Sad"
+    for image in only_hidden.iterdir():
+        image.rename(only_hidden / f".{image.name}")
+    with pytest.raises(DatasetError, match="Sad has no images"):
+        datasets.check_dataset(copy_root)
+
+
+def test_the_cache_can_stay_out_of_the_dataset_folder(copy_root, tmp_path, monkeypatch):
+    """cache_in_dataset=False (the audit's, for read-only or shared dataset folders): read
+    root/.cache, write only the user cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    first = load_split(copy_root, "val", cache_in_dataset=False)
+    assert not (copy_root / ".cache").exists()
+    assert len(list((tmp_path / "xdg" / "emonext").glob("*/val-*.pt"))) == 1
+    load_split(copy_root, "test")  # train.py's: into the dataset folder
+    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)  # both read, not decoded
+    assert torch.equal(load_split(copy_root, "val", cache_in_dataset=False).images, first.images)
+    load_split(copy_root, "test", cache_in_dataset=False)
+    assert len(list((tmp_path / "xdg" / "emonext").glob("*/*.pt"))) == 1
+
+
 def test_cache_falls_back_to_the_user_cache(copy_root, tmp_path, monkeypatch):
     """Where root/.cache cannot be made (here a file is in its way; a read-only dataset folder
     alike), the decoded split is cached under $XDG_CACHE_HOME/emonext/ and read from there."""
@@ -113,7 +156,7 @@ def test_broken_cache_is_rebuilt(copy_root):
         (lambda r: shutil.rmtree(r / "val"), "val"),
         (lambda r: shutil.rmtree(r / "test" / "Fear"), "Fear"),
         (lambda r: [p.unlink() for p in (r / "train" / "Sad").iterdir()], "Sad.*no images"),
-        (lambda r: (r / "val" / "Happy").rename(r / "val" / "contempt"), "contempt"),
+        (lambda r: (r / "val" / "Happy").rename(r / "val" / "pain"), "pain"),
         (lambda r: shutil.copytree(r / "train" / "Happy", r / "train" / "happiness"), "Happy"),
     ],
     ids=["missing-split", "class-in-some-splits", "empty-class", "unknown-class", "duplicate"],
@@ -128,6 +171,18 @@ def test_synonym_folders_load(copy_root):
     for split in datasets.SPLITS:
         (copy_root / split / "Happy").rename(copy_root / split / "happiness")
     assert load_split(copy_root, "train", cache=False).classes == CLASSES
+
+
+def test_eight_classes_with_contempt_load_in_alphabetical_order(copy_root):
+    """FER+, AffectNet and CK+ have Contempt: it sorts second, as ImageFolder sorts it."""
+    for split in datasets.SPLITS:
+        (copy_root / split / "Neutral").rename(copy_root / split / "contempt")
+        shutil.copytree(copy_root / split / "Sad", copy_root / split / "Neutral")
+    want = ["Angry", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+    assert datasets.check_dataset(copy_root) == want
+    split = load_split(copy_root, "val", cache=False)
+    assert split.classes == want and split.targets.bincount().tolist() == [4] * 8
+    assert [Path(p).parent.name for p in split.paths[4:8]] == ["contempt"] * 4
 
 
 def test_bad_image(copy_root):

@@ -1,6 +1,7 @@
 import csv
 import functools
 import http.server
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -216,6 +217,77 @@ def test_folder_carves_stratified_val(tmp_path):
     assert datasets.load_split(out, "val").classes == datasets.CLASSES
 
 
+def test_folder_skips_appledouble_and_hidden_files(tmp_path):
+    """A copy that went through a Mac: `._im0.jpg` beside every image (a shared drive), a
+    `.hidden.jpg`, and the `__MACOSX/` folder of an unzipped archive, which sorts before the
+    real folder. They used to stop the conversion ("cannot read image") or be converted; the
+    dataset is now the one the clean copy gives."""
+    from test_datasets import APPLEDOUBLE
+
+    make_folder_copy(tmp_path / "clean" / "fer", per_class=4)
+    mac = tmp_path / "unzipped"
+    shutil.copytree(tmp_path / "clean", mac)
+    for image in sorted((mac / "fer").rglob("*.jpg")):
+        (image.parent / f"._{image.name}").write_bytes(APPLEDOUBLE)
+        shadow = mac / "__MACOSX" / image.relative_to(mac).parent / f"._{image.name}"
+        shadow.parent.mkdir(parents=True, exist_ok=True)
+        shadow.write_bytes(APPLEDOUBLE)
+    Image.new("L", (48, 48), 7).save(mac / "fer" / "train" / "sad" / ".hidden.jpg")
+    main(["--folder", str(tmp_path / "clean"), "--out", str(tmp_path / "a")])
+    main(["--folder", str(mac), "--out", str(tmp_path / "b")])
+    a, b = datasets.read_manifest(tmp_path / "a"), datasets.read_manifest(tmp_path / "b")
+    assert b["counts"] == a["counts"] and b["total"] == 7 * (4 + 3)
+    assert b["content_hash"] == a["content_hash"] and b["skipped_bad_images"] == 0
+
+
+def test_a_benchmark_copied_through_a_mac_converts_as_the_original(tmp_path):
+    """CK+ with `._` files beside every frame and label file (a `._..._emotion.txt` used to be
+    read as a label, a `._...png` as the first frame) and an unzipped archive's `__MACOSX/`."""
+    from test_datasets import APPLEDOUBLE
+    from test_importers import make_ckplus
+
+    make_ckplus(tmp_path / "ck")
+    mac = tmp_path / "mac"
+    shutil.copytree(tmp_path / "ck", mac)
+    for path in sorted(p for p in mac.rglob("*") if p.is_file()):
+        (path.parent / f"._{path.name}").write_bytes(APPLEDOUBLE)
+        shadow = mac / "__MACOSX" / path.relative_to(mac).parent / f"._{path.name}"
+        shadow.parent.mkdir(parents=True, exist_ok=True)
+        shadow.write_bytes(APPLEDOUBLE)
+    common = ["--image-size", "16", "--ckplus-neutral", "--workers", "1"]
+    a = main(["--ckplus", str(tmp_path / "ck"), "--out", str(tmp_path / "a"), *common])
+    b = main(["--ckplus", str(mac), "--out", str(tmp_path / "b"), *common])
+    assert datasets.read_manifest(b)["counts"] == datasets.read_manifest(a)["counts"]
+    assert datasets.content_hash(b) == datasets.content_hash(a)
+
+
+def test_a_csv_that_train_py_would_refuse_is_refused_before_writing(tmp_path):
+    """Only Training rows used to convert (exit 0) into a dataset train.py refuses; a CSV
+    without its header line used to be named with its whole first row, 9 kB of pixels."""
+    write_csv(
+        tmp_path / "train_only.csv", mutate=lambda h, r: (h, [x for x in r if x[2] == USAGES[0]])
+    )
+    write_csv(
+        tmp_path / "no_test.csv", mutate=lambda h, r: (h, [x for x in r if x[2] != USAGES[2]])
+    )
+    write_csv(tmp_path / "headless.csv", mutate=lambda h, r: (r[0], r[1:]))
+    first_line = (tmp_path / "headless.csv").read_text().splitlines()[0]
+    cases = {
+        "train_only.csv": "has no PublicTest and no PrivateTest rows (only 14 Training): "
+        "train.py needs all three splits",
+        "no_test.csv": "has no PrivateTest rows (only 14 Training, 14 PublicTest)",
+        "headless.csv": f"has no header line: its first line {first_line[:60]!r}... "
+        f"({len(first_line):,} characters) is a data row; expected the Kaggle "
+        "fer2013.csv, whose first line is emotion,pixels,Usage",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DatasetError) as err:
+            main(["--csv", str(tmp_path / name), "--out", str(tmp_path / "out")])
+        text = str(err.value).removeprefix(f"{tmp_path / name} ")
+        assert text.startswith(message) and len(text) < 250 and "\n" not in text
+    assert_nothing_left(tmp_path, set(cases))
+
+
 def test_folder_images_of_every_mode_become_the_grayscale_a_person_sees(tmp_path):
     from test_datasets import write_every_mode
 
@@ -324,7 +396,11 @@ def one_line_error(err: str) -> str:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "one of the arguments --kaggle --gdrive --csv --folder is required"),
+        (
+            [],
+            "one of the arguments --kaggle --gdrive --csv --folder --rafdb --affectnet --expw "
+            "--ckplus is required",
+        ),
         (["--csv", "x.csv", "--format", "gif"], "argument --format: invalid choice: 'gif'"),
         (["--folder", "src", "--val-fraction", "1.5"], "--val-fraction 1.5: must be in (0, 1)"),
         (["--folder", "src", "--val-fraction", "0"], "--val-fraction 0.0: must be in (0, 1)"),

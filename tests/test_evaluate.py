@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from inference_utils import (
@@ -15,19 +16,13 @@ from inference_utils import (
 )
 
 import evaluate
-from evaluate import mcnemar_exact
+from evaluate import Scores, match_classes, mcnemar_exact, restrict, unmasked_metrics
 from utils import CLIError
 
 
 @pytest.fixture(scope="module")
 def dataset(synthetic_root):
     return synthetic_root  # 7 classes x 4 images in val and test
-
-
-def three_class_copy(root, out):
-    for name in ("Angry", "Happy", "Sad"):
-        shutil.copytree(root / "test" / name, out / "test" / name)
-    return out
 
 
 def run(argv: list) -> dict:
@@ -161,9 +156,10 @@ def test_clear_errors(dataset, tmp_path, repo_root, capsys):
         run(["--checkpoint", text, "--dataset-path", dataset])
     with pytest.raises(CLIError, match="scripts/download_dataset.py"):
         run(["--checkpoint", checkpoint, "--dataset-path", tmp_path / "missing"])
-    three = three_class_copy(dataset, tmp_path / "three")
-    with pytest.raises(CLIError, match="predicts 7 classes"):
-        run(["--checkpoint", checkpoint, "--dataset-path", three, "--output", tmp_path])
+    contempt_only = tmp_path / "contempt"
+    shutil.copytree(dataset / "test" / "Angry", contempt_only / "test" / "Contempt")
+    with pytest.raises(CLIError, match="predicts Angry, .*Contempt: no class in common"):
+        run(["--checkpoint", checkpoint, "--dataset-path", contempt_only, "--output", tmp_path])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # flags that contradict: a usage error
         run(["--checkpoint", checkpoint, "--model", "emonext_tiny", "--model-size", "micro"])
@@ -179,3 +175,146 @@ def test_clear_errors(dataset, tmp_path, repo_root, capsys):
     argv = ["--checkpoint", checkpoint, "--bootstrap", "-1"]  # a bad flag value: exit status 2
     status, message = command_error(capsys, repo_root / "evaluate.py", argv)
     assert (status, message) == (2, "evaluate.py: error: --bootstrap -1: must be at least 0\n")
+
+
+def test_compare_with_bootstrap_0_gives_no_interval(dataset, tmp_path, capsys):
+    """--bootstrap 0 means no interval: the difference is printed and recorded without one,
+    never with an interval from a single resample (which need not even hold the estimate)."""
+    a = make_project_checkpoint(tmp_path / "a.pt")
+    b = make_project_checkpoint(tmp_path / "b.pt", seed=1)
+    argv = ["--checkpoint", a, "--compare", b, "--dataset-path", dataset, "--tta", "none"]
+    record = run([*argv, "--output", tmp_path, "--bootstrap", "0"])
+    compared = record["compare"]
+    assert compared["accuracy_difference_ci95"] is None
+    assert compared["macro_f1_difference_ci95"] is None
+    assert compared["bootstrap"]["resamples"] == 0
+    assert compared["bootstrap"]["method"] == "none: --bootstrap 0"
+    assert "accuracy_ci95" not in record  # nor for A alone
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("A - B"))
+    assert line.startswith(
+        f"A - B = {compared['accuracy_difference']:+.2f} points, no interval: --bootstrap 0; "
+        "McNemar exact p = "
+    )
+    assert "CI" not in line and "resample" not in line
+
+
+def test_outputs_are_checked_before_the_evaluation(dataset, tmp_path, repo_root, capsys):
+    """--output and --predictions that cannot be written: one line, exit status 2, before the
+    checkpoint is even read (the evaluation used to run, then end in a traceback)."""
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("a file, not a folder")
+    common = ["--checkpoint", checkpoint, "--dataset-path", dataset, "--tta", "none"]
+    cases = [
+        (["--output", a_file / "out"], f"--output {a_file / 'out'}: {a_file} is a file, not a "
+         "folder"),
+        (["--output", a_file], f"--output {a_file}: {a_file} is a file, not a folder"),
+        (["--predictions", a_file / "p.csv"], f"--predictions {a_file / 'p.csv'}: {a_file} is "
+         "a file, not a folder"),
+        (["--predictions", tmp_path], f"--predictions {tmp_path}: is a folder; give the path of "
+         "a CSV file"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        status, err = command_error(capsys, repo_root / "evaluate.py", [*common, *extra])
+        assert status == 2 and err.count("\n") == 1, (extra, err)
+        assert err.startswith(f"evaluate.py: error: {message}"), (extra, err)
+    assert capsys.readouterr().out == ""  # nothing was evaluated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.txt"]
+
+
+# ------------------------------------------------------------------ cross-dataset evaluation
+
+# An eight-class model's classes as another project may name and order them.
+EIGHT_MODEL = [
+    "happiness",
+    "anger",
+    "contempt",
+    "disgust",
+    "fear",
+    "neutral",
+    "sadness",
+    "surprise",
+]
+TO_DATASET = {"happiness": "Happy", "anger": "Angry", "disgust": "Disgust", "fear": "Fear",
+              "neutral": "Neutral", "sadness": "Sad", "surprise": "Surprise"}  # fmt: skip
+
+
+def test_matching_masking_and_the_unmasked_figures_by_hand():
+    from sklearn.metrics import f1_score
+
+    match = match_classes(EIGHT_MODEL, CLASSES, "m.pt")
+    assert match.shared == CLASSES and match.extra == ["contempt"] and not match.missing
+    output_of = {TO_DATASET[k]: i for i, k in enumerate(EIGHT_MODEL) if k in TO_DATASET}
+    assert match.model_index == [output_of[c] for c in CLASSES]
+    assert not match.identical and match_classes(CLASSES, CLASSES, "m.pt").identical
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 8, generator=generator)
+    logits[::3, EIGHT_MODEL.index("contempt")] += 3  # contempt wins on many images
+    targets = torch.randint(0, 7, (200,), generator=generator)
+    view = restrict(Scores(None, EIGHT_MODEL, {}, {}, None, logits, targets), match)
+    assert view.keep.all() and torch.equal(view.targets, targets)
+    masked = [CLASSES[i] for i in view.logits.argmax(1)]  # among the shared outputs only
+    assert masked == [max(CLASSES, key=lambda c: float(row[output_of[c]])) for row in logits]
+    winners = [EIGHT_MODEL[i] for i in logits.argmax(1)]
+    assert 50 < winners.count("contempt") < 150
+    predicted = [TO_DATASET.get(w, "contempt") for w in winners]  # contempt: always wrong
+    truth = [CLASSES[t] for t in targets]
+    unmasked = unmasked_metrics(view, match, 300, 0)
+    right = [p == t for p, t in zip(predicted, truth, strict=True)]
+    assert unmasked["accuracy"] == pytest.approx(100 * np.mean(right))
+    assert unmasked["macro_f1"] == pytest.approx(  # averaged over the 7 shared classes
+        100 * f1_score(truth, predicted, labels=CLASSES, average="macro", zero_division=0)
+    )
+    assert unmasked["predicted_as"] == {"contempt": winners.count("contempt")}
+    low, high = unmasked["macro_f1_ci95"]
+    assert low <= unmasked["macro_f1"] <= high
+
+
+def eight_class_copy(root, out):
+    """The synthetic test split with an eighth class, Contempt (copies of Neutral's faces)."""
+    shutil.copytree(root / "test", out / "test", ignore=shutil.ignore_patterns(".cache"))
+    shutil.copytree(root / "test" / "Neutral", out / "test" / "Contempt")
+    return out
+
+
+def test_a_model_of_other_classes_is_scored_on_the_shared_ones(dataset, tmp_path, capsys):
+    seven = make_project_checkpoint(tmp_path / "seven.pt")
+    common = ["--tta", "none", "--bootstrap", "200"]
+    alone = run(["--checkpoint", seven, "--dataset-path", dataset, *common, "--output", tmp_path])
+    assert "cross_dataset" not in alone  # the same classes: nothing changes
+    eight_data = eight_class_copy(dataset, tmp_path / "eight_data")
+    out = tmp_path / "excluded"
+    record = run(["--checkpoint", seven, "--dataset-path", eight_data, *common, "--output", out,
+                  "--predictions", tmp_path / "excluded.csv"])  # fmt: skip
+    cross = record["cross_dataset"]
+    assert cross["excluded_classes"] == {"Contempt": 4} and cross["scored_images"] == 28
+    assert cross["masked_classes"] == [] and "unmasked" not in cross
+    for key in ("accuracy", "macro_f1", "confusion_matrix", "accuracy_ci95", "num_images"):
+        assert record[key] == alone[key], key  # exactly the 28 images of the shared classes
+    assert json.loads((out / "eval.json").read_text())["cross_dataset"] == cross
+    rows = read_predictions(tmp_path / "excluded.csv")
+    assert len(rows) == 32 and sum(r["scored"] == "0" for r in rows) == 4
+    assert {r["true"] for r in rows if r["scored"] == "0"} == {"Contempt"}
+    assert "excluded: 4 test images of classes the model lacks (4 of Contempt)" in (
+        capsys.readouterr().out
+    )
+
+    eight = make_project_checkpoint(tmp_path / "eight.pt", classes=EIGHT_MODEL, seed=3)
+    record = run(["--checkpoint", eight, "--dataset-path", dataset, *common, "--output", tmp_path,
+                  "--predictions", tmp_path / "masked.csv"])  # fmt: skip
+    cross = record["cross_dataset"]
+    assert cross["masked_classes"] == ["contempt"] and cross["excluded_images"] == 0
+    assert record["classes"] == CLASSES and cross["shared_classes"] == CLASSES
+    rows = read_predictions(tmp_path / "masked.csv")
+    for row in rows:
+        probs = {c: float(row[c]) for c in EIGHT_MODEL}
+        assert row["predicted"] == TO_DATASET[max(TO_DATASET, key=probs.__getitem__)]
+        assert row["predicted_unmasked"] == max(EIGHT_MODEL, key=probs.__getitem__)
+    masked_right = [r["predicted"] == r["true"] for r in rows]
+    unmasked_right = [TO_DATASET.get(r["predicted_unmasked"]) == r["true"] for r in rows]
+    assert record["accuracy"] == pytest.approx(100 * np.mean(masked_right))
+    assert cross["unmasked"]["accuracy"] == pytest.approx(100 * np.mean(unmasked_right))
+    printed = capsys.readouterr().out
+    assert "classes: the model's 8 and the dataset's 7, matched by name: 7 shared" in printed
+    assert "masked: contempt (the model's, not the dataset's) out of the argmax" in printed
+    assert f"unmasked: accuracy {cross['unmasked']['accuracy']:.2f} %" in printed

@@ -1,12 +1,16 @@
 """scripts/reproduce.py: the commands of the paper's table, resuming, and the results table."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from inference_utils import CLASSES, make_project_checkpoint
 
+import evaluate
 import models
 from scripts import reproduce
 from utils import CLIError
@@ -139,14 +143,14 @@ def test_table_from_results(tmp_path):
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     assert len(lines) == len(reproduce.ROWS)
     assert lines["emonext_tiny"] == (
-        "| emonext_tiny | 73.34 % | 72.50 % | 1 | [71.00, 74.00] | 70.00 | [68.50, 71.50] | -0.84 "
-        "| 120 | 4.00 | NVIDIA H100 80GB HBM3 | 2025-01-31 | 0123456 |"
+        "| emonext_tiny | 73.34 % | 72.50 % | 1 |  | [71.00, 74.00] | 70.00 | [68.50, 71.50] "
+        "| -0.84 | 120 | 4.00 | NVIDIA H100 80GB HBM3 | 2025-01-31 | 0123456 |"
     )
-    assert "| 79.79 % (claimed by ResEmoteNet paper) | 70.00 % | 1 |" in lines["resemotenet"]
+    assert "| 79.79 % (claimed by ResEmoteNet paper) | 70.00 % | 1 |  |" in lines["resemotenet"]
     assert "| -9.79 | 120 | 0.50 |" in lines["resemotenet"]
     assert "| simple_cnn | not published | 65.25 % | 1 |" in lines["simple_cnn"]
     assert "| 120 | 0.00 | cpu |" in lines["simple_cnn"]
-    assert lines["emonext_small"] == "| emonext_small | 74.33 % | not run |" + " |" * 10
+    assert lines["emonext_small"] == "| emonext_small | 74.33 % | not run |" + " |" * 11
     assert sum("not run" in line for line in lines.values()) == len(reproduce.ROWS) - 3
     assert table.splitlines()[0] == "| " + " | ".join(reproduce.TABLE_COLUMNS) + " |"
 
@@ -157,9 +161,12 @@ def test_table_over_seeds_is_mean_and_standard_deviation(tmp_path):
                      test_accuracy_ci95=[low, low + 3], date=f"2025-02-0{seed - 2000}")  # fmt: skip
     line = reproduce.make_table(reproduce.ROWS[:1], tmp_path).splitlines()[2]
     mean, std = np.mean([72.0, 73.0, 74.5]), np.std([72.0, 73.0, 74.5], ddof=1)
+    # the mean's 95 % interval over seeds, by hand: mean +- t(0.975, n - 1) * sd / sqrt(n)
+    half = 4.302652729911275 * std / np.sqrt(3)  # t(0.975, 2), from a table
     assert line.startswith(
-        f"| emonext_tiny | 73.34 % | {mean:.2f} ± {std:.2f} % | 3 | [71.67, 74.67] | "
-        f"70.00 ± 0.00 | [68.50, 71.50] | {mean - 73.34:+.2f} | 120 | 12.00 |"
+        f"| emonext_tiny | 73.34 % | {mean:.2f} ± {std:.2f} % | 3 | [{mean - half:.2f}, "
+        f"{mean + half:.2f}] | [71.67, 74.67] | 70.00 ± 0.00 | [68.50, 71.50] | "
+        f"{mean - 73.34:+.2f} | 120 | 12.00 |"
     )
     assert "| 2025-02-03 | 0123456 |" in line
 
@@ -178,3 +185,135 @@ def test_docs_table_lists_every_row(repo_root, doc):
     assert reproduce.make_table(reproduce.ROWS, repo_root / "no-results") in text  # CI columns
     for row in reproduce.ROWS:
         assert f"\n| {row['row']} | " in text, row["row"]
+
+
+# ------------------------------------------------------------------ train-on-X, test-on-Y
+
+EIGHT_MODEL = [
+    "happiness",
+    "anger",
+    "contempt",
+    "disgust",
+    "fear",
+    "neutral",
+    "sadness",
+    "surprise",
+]
+
+
+def finished_run(folder, dataset, classes, seed: int) -> None:
+    """A run as train.py leaves it: last.pt (recording its --dataset-path) and results.json."""
+    folder.mkdir(parents=True)
+    checkpoint = make_project_checkpoint(folder / "last.pt", classes=classes, seed=seed)
+    data = torch.load(checkpoint, weights_only=True)
+    data["args"] = {"dataset_path": str(dataset)}
+    torch.save(data, checkpoint)
+    (folder / "results.json").write_text("{}")
+
+
+def test_cross_dataset_matrix(synthetic_root, tmp_path, monkeypatch, capsys):
+    eight = tmp_path / "eight"  # the synthetic test split with Contempt (Neutral's faces)
+    shutil.copytree(synthetic_root / "test", eight / "test", ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(synthetic_root / "test" / "Neutral", eight / "test" / "Contempt")
+    out = tmp_path / "runs"
+    finished_run(out / "seven" / "seed_2001", synthetic_root, CLASSES, 0)
+    finished_run(out / "eightfold" / "seed_2001", eight, EIGHT_MODEL, 1)
+    args = reproduce.parse_args(
+        ["--output-dir", str(out), "--cross-dataset", f"{synthetic_root},{eight}"]
+    )
+    assert reproduce.main(args) == 0
+    text = (out / "cross_dataset.md").read_text()
+    assert text in capsys.readouterr().out
+    sections = text.split("\n\n")
+    accuracy, f1 = (x for x in sections if x.startswith("| run |"))
+    assert sections[0].startswith("Accuracy (%, 95 % bootstrap interval)")
+    header = "| run | trained on | synthetic-fer | eight |"
+    assert header in accuracy and header in f1
+    for run, own in (("seven/seed_2001", "synthetic-fer"), ("eightfold/seed_2001", "eight")):
+        line = next(x for x in accuracy.splitlines() if x.startswith(f"| {run} |"))
+        cells = line.strip("| ").split(" | ")
+        assert cells[1] == own
+        for cell, label in zip(cells[2:], ("synthetic-fer", "eight"), strict=True):
+            saved = out / "cross_dataset" / run.replace("/", "__") / label / "eval.json"
+            record = json.loads(saved.read_text())
+            low, high = record["accuracy_ci95"]
+            value = f"{record['accuracy']:.2f}"
+            value = f"**{value}**" if label == own else value  # the run's own dataset
+            assert cell.startswith(f"{value} [{low:.2f}, {high:.2f}]"), (run, label)
+    assert sections[-1].splitlines() == [
+        "(1) eightfold/seed_2001 on synthetic-fer: 7 of the dataset's 7 classes scored; contempt "
+        f"masked (unmasked accuracy {unmasked_accuracy(out):.2f} %)",
+        "(2) seven/seed_2001 on eight: 7 of the dataset's 8 classes scored; 4 images of Contempt "
+        "excluded",
+    ]
+    assert accuracy.count("(1)") == accuracy.count("(2)") == 1  # beside their cells
+
+    # Evaluations are kept: a second call evaluates nothing and writes the same tables.
+    monkeypatch.setattr(evaluate, "main", lambda argv: 1 / 0)
+    assert reproduce.main(args) == 0 and (out / "cross_dataset.md").read_text() == text
+
+    args.cross_dataset = f"{synthetic_root},{tmp_path / 'nowhere'}"
+    with pytest.raises(CLIError, match="nowhere has no test/ folder"):
+        reproduce.main(args)
+
+
+def unmasked_accuracy(out) -> float:
+    saved = out / "cross_dataset" / "eightfold__seed_2001" / "synthetic-fer" / "eval.json"
+    return json.loads(saved.read_text())["cross_dataset"]["unmasked"]["accuracy"]
+
+
+# ------------------------------------------------------------------ two rows: seeds and runs
+
+
+def test_compare_two_rows_over_seeds_and_run_by_run(synthetic_root, tmp_path, monkeypatch, capsys):
+    """--compare A,B: Welch's t over the seeds' accuracies beside each shared seed's paired
+    comparison (evaluate.py --compare: McNemar's exact test) of the two runs' last.pt."""
+    out = tmp_path / "runs"
+    accuracies = {"emonext_tiny": [73.1, 72.4], "emonext_tiny_no_stn": [71.9, 72.8, 71.2]}
+    for k, (row, values) in enumerate(accuracies.items()):
+        for seed, accuracy in zip((2001, 2002, 2003), values, strict=False):
+            folder = out / row / f"seed_{seed}"
+            finished_run(folder, synthetic_root, CLASSES, seed=10 * k + seed - 2001)
+            (folder / "results.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    (out / "emonext_tiny_no_stn" / "seed_2002" / "last.pt").unlink()  # no run-level test
+    argv = ["--output-dir", str(out), "--dataset-path", str(synthetic_root)]
+    args = reproduce.parse_args([*argv, "--compare", "emonext_tiny,emonext_tiny_no_stn"])
+    assert reproduce.main(args) == 0
+    text = (out / "compare_emonext_tiny_vs_emonext_tiny_no_stn.md").read_text()
+    assert text in capsys.readouterr().out
+    report = json.loads((out / "compare_emonext_tiny_vs_emonext_tiny_no_stn.json").read_text())
+    welch = reproduce.welch_test(*accuracies.values())
+    assert report["welch"] == pytest.approx(welch)
+    assert (
+        f"Seed level (Welch's t over seeds): A - B = {welch['difference']:+.2f} points, 95 % CI "
+        f"[{welch['ci95'][0]:+.2f}, {welch['ci95'][1]:+.2f}], t = {welch['t']:.2f} "
+        f"({welch['df']:.1f} df), p = {welch['p_value']:.3g}" in text
+    )
+    interval = reproduce.mean_interval(accuracies["emonext_tiny_no_stn"])
+    assert f"| 71.97 ± 0.80 | [{interval[0]:.2f}, {interval[1]:.2f}] |" in text
+    assert list(report["per_run"]) == ["2001"]  # the only seed with both last.pt files
+    saved = out / "compare" / "emonext_tiny_vs_emonext_tiny_no_stn" / "seed_2001" / "eval.json"
+    paired = json.loads(saved.read_text())["compare"]
+    assert report["per_run"]["2001"] == paired
+    mcnemar = paired["mcnemar"]
+    assert mcnemar["p_value"] == evaluate.mcnemar_exact(
+        mcnemar["a_only_correct"], mcnemar["b_only_correct"]
+    )
+    low, high = paired["accuracy_difference_ci95"]
+    assert (
+        f"| 2001 | {paired['accuracy_a']:.2f} | {paired['accuracy_b']:.2f} | "
+        f"{paired['accuracy_difference']:+.2f} | [{low:+.2f}, {high:+.2f}] | "
+        f"{mcnemar['p_value']:.3g} | {mcnemar['a_only_correct']} | {mcnemar['b_only_correct']} |"
+        in text
+    )
+    # kept: a second call evaluates nothing
+    monkeypatch.setattr(evaluate, "main", lambda argv: 1 / 0)
+    assert reproduce.main(args) == 0
+    assert (out / "compare_emonext_tiny_vs_emonext_tiny_no_stn.md").read_text() == text
+    for spec, message in (
+        ("emonext_tiny", "give two different rows"),
+        ("emonext_tiny,emonext_huge", "no row emonext_huge"),
+        ("emonext_tiny,simple_cnn", "simple_cnn has no finished seed"),
+    ):
+        with pytest.raises(CLIError, match=message):
+            reproduce.main(reproduce.parse_args([*argv, "--compare", spec]))

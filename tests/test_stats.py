@@ -92,6 +92,19 @@ def test_paired_comparison_on_a_hand_made_table():
     assert high - low < 0.9 * (unpaired[1] - unpaired[0]) * np.sqrt(2)
 
 
+def test_paired_comparison_without_resamples_has_no_interval():
+    """resamples=0 (evaluate.py --bootstrap 0): the figures and McNemar, no interval; it was
+    one from a single resample, [d, d] for a resampled difference d that need not be A - B."""
+    targets, preds_a = predictions(200, 0.7, seed=2)
+    _, preds_b = predictions(200, 0.6, seed=3)
+    with_intervals = evaluate.paired_comparison(preds_a, preds_b, targets, 7, resamples=100)
+    result = evaluate.paired_comparison(preds_a, preds_b, targets, 7, resamples=0)
+    assert result["accuracy_difference_ci95"] is None and result["macro_f1_difference_ci95"] is None
+    assert result["bootstrap"] == {"resamples": 0, "seed": 0, "method": "none: --bootstrap 0"}
+    for key in ("accuracy_difference", "macro_f1_difference", "mcnemar", "num_images"):
+        assert result[key] == with_intervals[key]
+
+
 def test_report_shows_the_intervals():
     targets, preds = predictions(200, 0.6)
     logits = np.eye(7)[preds]
@@ -142,3 +155,31 @@ def test_every_reported_class_metric_has_its_interval():
             "per_class"
         ]["a"]
     )
+
+
+def test_seed_level_interval_and_welch_test_by_the_textbook():
+    """scripts/reproduce.py's statistics over seeds against the formulas written out: the mean's
+    interval mean +- t(0.975, n - 1) s / sqrt(n); Welch's t = (ma - mb) / se with
+    se^2 = va / na + vb / nb, the Welch-Satterthwaite degrees of freedom, a two-sided p-value
+    and the difference's interval (ma - mb) +- t(0.975, df) se."""
+    from scipy.stats import t as student
+
+    from scripts.reproduce import mean_interval, welch_test
+
+    a, b = [73.1, 72.4, 74.0, 73.6], [71.9, 72.8, 71.2]
+    ma, mb, va, vb = np.mean(a), np.mean(b), np.var(a, ddof=1), np.var(b, ddof=1)
+    half = student.ppf(0.975, 3) * np.sqrt(va / 4)
+    assert mean_interval(a) == pytest.approx([ma - half, ma + half], rel=1e-12)
+    se = np.sqrt(va / 4 + vb / 3)
+    df = se**4 / ((va / 4) ** 2 / 3 + (vb / 3) ** 2 / 2)
+    t = (ma - mb) / se
+    result = welch_test(a, b)
+    assert result["t"] == pytest.approx(t, rel=1e-12) and result["df"] == pytest.approx(df)
+    assert result["p_value"] == pytest.approx(2 * student.sf(abs(t), df), rel=1e-9)
+    half = student.ppf(0.975, df) * se
+    assert result["ci95"] == pytest.approx([ma - mb - half, ma - mb + half], rel=1e-9)
+    assert result["difference"] == pytest.approx(ma - mb)
+    # too few seeds: no interval, no test; no spread at all: no test
+    assert mean_interval([73.0]) is None and welch_test(a, [72.0]) is None
+    assert mean_interval([73.0, 73.0]) == [73.0, 73.0]
+    assert welch_test([73.0, 73.0], [72.0, 72.0])["p_value"] is None

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,22 @@ def test_command_line_errors_are_one_line(tmp_path):
         assert r.stdout == ""
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_the_dataset_folder_has_the_mode_every_new_folder_gets(tmp_path):
+    """0755 under the usual umask 022, as download_dataset.py's datasets (it was 0700, the mode
+    of the private temporary folder it was built in, so other users of a machine could not read
+    it); so too when a dataset is replaced."""
+    splits = {"train": 1, "val": 1, "test": 1}
+    modes = []
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "reference").mkdir()
+        modes.append((tmp_path / "reference").stat().st_mode & 0o777)
+        out = make_synthetic(tmp_path / "a", seed=0, splits=splits)
+        modes += [out.stat().st_mode & 0o777, (out / "train").stat().st_mode & 0o777]
+        make_synthetic(out, seed=1, splits=splits, force=True)
+        modes.append(out.stat().st_mode & 0o777)
+    finally:
+        os.umask(old)
+    assert modes == [0o755] * 4

@@ -1,0 +1,272 @@
+"""FER+ (download_dataset.py --ferplus): Microsoft's majority labels for FER2013's images.
+
+The real vote file (../shared/ferplus/fer2013new.csv, MIT) labels a synthetic fer2013.csv of the
+real length whose pixels name their row, so every image can be followed to its folder."""
+
+import csv
+import functools
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from download_dataset import main, parse_args
+from importers import FERPLUS_URL, ferplus_majority
+from test_download import assert_nothing_left, one_line_error, write_csv
+
+import datasets
+from datasets import DatasetError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FERPLUS_DIR = Path(os.environ.get("EMONEXT_FERPLUS_DIR") or REPO_ROOT.parent / "shared" / "ferplus")
+# The vote columns' classes, as the paper names them (neutral, happiness, ...).
+PAPER_CLASSES = ["Neutral", "Happy", "Surprise", "Sad", "Angry", "Disgust", "Fear", "Contempt"]
+EIGHT = sorted(PAPER_CLASSES)
+SPLIT_OF = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+
+
+@pytest.fixture(scope="module")
+def vote_file() -> Path:
+    """The real fer2013new.csv; beside the clone in CI (where its absence is a failure)."""
+    path = FERPLUS_DIR / "fer2013new.csv"
+    if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must run with shared/ beside the clone")
+        pytest.skip(f"FER+ vote file not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vote_rows(vote_file) -> list[list[str]]:
+    with open(vote_file, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+def paper_label(fields: list[str]) -> str | None:
+    """The majority rule as the paper and the vote file's README state it, row by row: votes of
+    1 are outliers; the top emotion needs more than half of the remaining votes; unknown (8) and
+    not-a-face (9) majorities and rows without an image name are not in FER+."""
+    if not fields[1].strip():
+        return None
+    votes = [int(v) if int(v) > 1 else 0 for v in fields[2:]]
+    top = max(range(10), key=votes.__getitem__)
+    if 2 * votes[top] <= sum(votes) or top >= 8:
+        return None
+    return PAPER_CLASSES[top]
+
+
+@pytest.fixture(scope="module")
+def ferplus_root(tmp_path_factory, vote_file, vote_rows) -> Iterator[Path]:
+    """FERPlus from a fer2013.csv of 35,887 rows: row r's first three pixels are r in base 256
+    (the rest 0), its Usage the vote file's; its FER2013 emotion is anything (r mod 7). Removed
+    afterwards (the CSV is 165 MB, the 31,412 images another 130 MB on disk)."""
+    folder = tmp_path_factory.mktemp("ferplus")
+    zeros = " 0" * 2301
+    lines = [f"{r % 7},{r >> 16} {(r >> 8) & 255} {r & 255}{zeros},{fields[0]}\n"
+             for r, fields in enumerate(vote_rows)]  # fmt: skip
+    (folder / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "".join(lines))
+    try:
+        out = main(["--csv", str(folder / "fer2013.csv"), "--ferplus", str(vote_file),
+                    "--out", str(folder / "FERPlus")])  # fmt: skip
+        (folder / "fer2013.csv").unlink()
+        yield out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_every_image_lands_under_its_label(ferplus_root, vote_rows):
+    assert len(vote_rows) == 35887
+    expected = {}
+    for row, fields in enumerate(vote_rows):
+        label = paper_label(fields)
+        if label is not None:
+            expected[row] = (SPLIT_OF[fields[0]], label)
+    found = {}
+    for split in datasets.SPLITS:
+        data = datasets.load_split(ferplus_root, split)
+        assert data.classes == EIGHT
+        pixels = data.images.flatten(1).long()
+        assert int(pixels[:, 3:].max()) == 0  # nothing but the row number was written
+        rows = (pixels[:, 0] << 16) + (pixels[:, 1] << 8) + pixels[:, 2]
+        for path, row, target in zip(data.paths, rows.tolist(), data.targets.tolist(), strict=True):
+            assert Path(path).name == f"{row}.png"  # named by its fer2013.csv row
+            found[row] = (split, data.classes[target])
+    assert found == expected
+    assert len(found) == 31412
+
+
+def table_row(name: str, counts: dict[str, int]) -> str:
+    values = [counts.get(c, 0) for c in EIGHT]
+    return f"| {name} | " + " | ".join(f"{v:,}" for v in [*values, sum(values)]) + " |"
+
+
+def test_counts_and_drops_are_the_ones_docs_data_md_states(ferplus_root, repo_root):
+    manifest = datasets.read_manifest(ferplus_root)
+    docs = (repo_root / "docs" / "DATA.md").read_text()
+    for split in datasets.SPLITS:
+        assert table_row(split, manifest["counts"][split]) in docs, split
+    assert manifest["total"] == 31412 and f"{manifest['total']:,}" in docs
+    dropped = manifest["labels"]["dropped"]
+    for reason in ("no image name", "no majority", "majority unknown", "majority not a face"):
+        values = [dropped[s].get(reason, 0) for s in datasets.SPLITS]
+        cells = " | ".join(f"{v:,}" for v in [*values, sum(values)])
+        assert f"| {reason} | {cells} |" in docs, reason
+
+
+def test_manifest_and_votes_csv_keep_every_rows_votes(ferplus_root, vote_file, vote_rows):
+    manifest = datasets.read_manifest(ferplus_root)
+    assert manifest["dataset"] == "FERPlus" and manifest["class_order"] == EIGHT
+    labels = manifest["labels"]
+    assert labels["mode"] == "majority" and labels["votes"] == "votes.csv"
+    assert labels["sha256"] == hashlib.sha256(vote_file.read_bytes()).hexdigest()
+    votes_csv = ferplus_root / "votes.csv"
+    assert manifest["files"] == {"votes.csv": hashlib.sha256(votes_csv.read_bytes()).hexdigest()}
+    with open(votes_csv, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(vote_rows)
+    columns = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+               "contempt", "unknown", "NF"]  # fmt: skip
+    for row, (entry, fields) in enumerate(zip(table, vote_rows, strict=True)):
+        assert int(entry["fer2013_row"]) == row and entry["usage"] == fields[0]
+        assert entry["image_name"] == fields[1] and [entry[c] for c in columns] == fields[2:]
+        label = paper_label(fields)
+        assert entry["label"] == (label or "") and bool(entry["dropped"]) == (label is None)
+        if label:
+            assert entry["path"] == f"{SPLIT_OF[fields[0]]}/{label}/{row}.png"
+            assert (ferplus_root / entry["path"]).is_file()
+
+
+def test_the_rule_on_the_cases_that_decide_it():
+    votes = np.array(
+        [
+            [6, 0, 0, 4, 0, 0, 0, 0, 0, 0],  # 6 of 10: neutral
+            [5, 0, 0, 5, 0, 0, 0, 0, 0, 0],  # a tie at half: no majority
+            [5, 1, 1, 1, 1, 1, 0, 0, 0, 0],  # single votes removed: 5 of 5
+            [4, 3, 1, 1, 1, 0, 0, 0, 0, 0],  # 4 of 7 after removal: neutral
+            [3, 3, 2, 1, 1, 0, 0, 0, 0, 0],  # 3 of 8: no majority
+            [0, 0, 0, 0, 0, 0, 0, 3, 2, 1],  # contempt, 3 of 5
+            [2, 0, 0, 0, 0, 0, 0, 0, 6, 2],  # majority unknown
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 10],  # majority not a face
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # all single votes: nothing left, no majority
+            [9, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # one row of the real file has 9 votes
+            [10, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # no image name: dropped whatever the votes
+        ]
+    )
+    names = [f"fer{i:07d}.png" for i in range(10)] + [""]
+    labels, reasons = ferplus_majority(votes, names)
+    assert labels.tolist() == [0, -1, 0, 0, -1, 7, -1, -1, -1, 0, -1]
+    assert reasons == ["", "no majority", "", "", "no majority", "", "majority unknown",
+                       "majority not a face", "no majority", "", "no image name"]  # fmt: skip
+    fields = [["Training", n, *map(str, v)] for n, v in zip(names, votes.tolist(), strict=True)]
+    assert [paper_label(f) for f in fields] == [
+        PAPER_CLASSES[x] if x >= 0 else None for x in labels.tolist()
+    ]
+
+
+def small_pair(folder: Path, mutate=None) -> tuple[Path, Path]:
+    """A 42-row fer2013.csv and a fer2013new.csv for its rows (row r: 6 votes for emotion
+    r mod 8 and 4 for neutral, except every 5th row, which has no image name)."""
+    rows = write_csv(folder / "fer2013.csv")
+    header = ["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger",
+              "disgust", "fear", "contempt", "unknown", "NF"]  # fmt: skip
+    votes = []
+    for r, (_, _, usage) in enumerate(rows):
+        counts = [0] * 10
+        counts[0], counts[r % 8] = 4, counts[r % 8] + 6
+        name = "" if r % 5 == 4 else f"fer{r:07d}.png"
+        votes.append([usage, name, *map(str, counts)])
+    if mutate:
+        header, votes = mutate(header, votes)
+    with open(folder / "fer2013new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *votes])
+    return folder / "fer2013.csv", folder / "fer2013new.csv"
+
+
+def test_ferplus_from_a_url_of_a_local_http_server(tmp_path, capsys):
+    fer, votes = small_pair(tmp_path)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{votes.name}"
+        out = main(["--csv", str(fer), "--ferplus", url, "--out", str(tmp_path / "FERPlus")])
+        manifest = datasets.read_manifest(out)
+        assert manifest["source"]["ferplus"] == url
+        assert manifest["labels"]["sha256"] == hashlib.sha256(votes.read_bytes()).hexdigest()
+        assert manifest["total"] == 42 - 42 // 5  # every row with an image name has a majority
+        with open(votes, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        counts: dict[str, dict[str, int]] = {}
+        for fields in rows:
+            if label := paper_label(fields):
+                split = counts.setdefault(SPLIT_OF[fields[0]], {})
+                split[label] = split.get(label, 0) + 1
+        assert manifest["counts"] == counts and counts["train"]["Contempt"] == 1  # row 7
+        with pytest.raises(DatasetError, match="could not download .*404"):
+            main(["--csv", str(fer), "--ferplus", url + ".missing", "--out", str(tmp_path / "x")])
+        assert_nothing_left(tmp_path, {"fer2013.csv", "fer2013new.csv", "FERPlus"})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rerun_force_and_votes_csv_as_the_tools_own(tmp_path, capsys):
+    fer, votes = small_pair(tmp_path)
+    argv = ["--csv", str(fer), "--ferplus", str(votes), "--out", str(tmp_path / "FERPlus")]
+    out = main(argv)
+    assert main(argv) == out and "already there" in capsys.readouterr().out
+    main([*argv, "--force", "--format", "jpg"])  # votes.csv is the tool's own: replaced
+    assert len(list(out.rglob("*.jpg"))) == datasets.read_manifest(out)["total"] == 34
+    with open(out / "votes.csv", "a") as f:
+        f.write("a user's line\n")
+    with pytest.raises(DatasetError, match="votes.csv"):  # changed: never deleted
+        main([*argv, "--force"])
+    assert (out / "votes.csv").read_text().endswith("a user's line\n")
+
+
+def _drop_row(header, votes):
+    return header, votes[:-1]
+
+
+def _swap_usage(header, votes):
+    votes[3][0] = "PrivateTest" if votes[3][0] != "PrivateTest" else "Training"
+    return header, votes
+
+
+def _bad_vote(header, votes):
+    votes[5][4] = "x"
+    return header, votes
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (_drop_row, "has 41 rows but .*fer2013.csv has 42"),
+        (_swap_usage, "row 3: .* says Training but .* says PrivateTest"),
+        (_bad_vote, "row 5 .*non-negative integers"),
+        (lambda h, v: (h[:2] + h[3:], [r[:2] + r[3:] for r in v]), "not fer2013new.csv's"),
+    ],
+    ids=["rows", "usage", "vote", "header"],
+)
+def test_vote_files_that_do_not_fit(tmp_path, mutate, match):
+    fer, votes = small_pair(tmp_path, mutate)
+    with pytest.raises(DatasetError, match=match):
+        main(["--csv", str(fer), "--ferplus", str(votes), "--out", str(tmp_path / "FERPlus")])
+    assert_nothing_left(tmp_path, {"fer2013.csv", "fer2013new.csv"})
+
+
+def test_ferplus_flag(tmp_path, capsys):
+    assert parse_args(["--csv", "fer2013.csv", "--ferplus"]).ferplus == FERPLUS_URL
+    args = parse_args(["--csv", "fer2013.csv", "--ferplus", "votes.csv"])
+    assert args.out == "FERPlus" and parse_args(["--csv", "fer2013.csv"]).out == "FER2013"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--folder", str(tmp_path), "--ferplus", "votes.csv"])
+    assert exit_info.value.code == 2
+    assert re.match(r"--ferplus labels fer2013.csv's rows", one_line_error(capsys.readouterr().err))
