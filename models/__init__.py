@@ -1,10 +1,15 @@
-"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(path)`,
-`load_trained_model(path)` (with its class names and data config, as the inference commands use).
+"""Models by name: `create_model("emonext_tiny", pretrained="in22k")`, `load_model(source)`,
+`load_trained_model(source)` (with its class names and data config, as the inference commands use).
 
 Names: `emonext_<size>`, `convnext_<size>` (models/emonext.py), `resemotenet`, `simple_cnn` and
 `timm:<any timm model>` (models/baselines.py). Every model has `model_name`, `model_kwargs`
 (`create_model(model_name, **model_kwargs)` rebuilds it), `data_config`, `num_classes` and
-`forward(x, return_attention=False)`.
+`forward(x, return_attention=False)`. Importing this package also registers every `emonext_<size>`
+with timm, so `timm.create_model("emonext_tiny", num_classes=7)` builds the same model.
+
+A trained model's `source` is a `.pt` checkpoint (this project's or the official trainer's), a
+hub folder (`config.json` + `model.safetensors` + `README.md`, models/hub.py, written by
+`scripts/export.py --format hub`) or `hf-hub:USER/NAME[@REVISION]` on the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 
 from torch import nn
 
-from models import baselines, emonext  # noqa: F401  (registers the models by name)
+from models import baselines, deploy, emonext, hub  # noqa: F401  (registers the models by name)
 from models.baselines import TimmModel, create_timm_model
 from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
@@ -43,6 +48,7 @@ __all__ = [
     "load_pretrained",
     "load_trained_model",
     "register_model",
+    "hub",
 ]
 
 
@@ -98,10 +104,12 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """A model rebuilt from a checkpoint, with its weights; returns (model in eval mode, ckpt).
 
-    This project's checkpoints record the model name and arguments. For others (the official
-    trainer's checkpoints, bare state dicts) the EmoNeXt architecture is read off the tensors'
-    shapes; `model_name` (e.g. "emonext_tiny") may be given to check or override that, and must be
-    given for other models (e.g. "resemotenet" for a state dict of the ResEmoteNet code).
+    `source`: a .pt file or URL, a hub folder or `hf-hub:USER/NAME` (downloaded once into
+    huggingface_hub's cache). This project's checkpoints and hub folders record the model name
+    and arguments. For others (the official trainer's checkpoints, bare state dicts) the EmoNeXt
+    architecture is read off the tensors' shapes; `model_name` (e.g. "emonext_tiny") may be given
+    to check or override that, and must be given for other models (e.g. "resemotenet" for a
+    state dict of the ResEmoteNet code).
     """
     ckpt = read_checkpoint(source)
     kwargs = {}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
-from timm.models import checkpoint_seq
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models import register_model as timm_register_model
 from torch import nn
 
 from models.registry import register_model
@@ -249,6 +250,72 @@ SIZES = {
 }
 
 
+def _timm_cfg(resize: int = 236, image_size: int = 224) -> dict:
+    """timm's pretrained config of an EmoNeXt: what `timm.data.resolve_data_config` reads. The
+    model sees a grayscale face repeated on 3 channels, in [0, 1]: mean 0 and std 1 say "no
+    normalisation" to timm's transforms (the grey-to-RGB step is ours: docs/INFERENCE.md)."""
+    return {
+        "num_classes": 7,
+        "input_size": (3, image_size, image_size),
+        # The STN's flattened size depends on img_size: the input size is part of the model.
+        "fixed_input_size": True,
+        "crop_pct": image_size / resize,
+        "crop_mode": "center",
+        "interpolation": "bilinear",
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "first_conv": "downsample_layers.0.0",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2501.08199",
+    }
+
+
+# timm looks the configs up by this module-level name when an entrypoint registers.
+default_cfgs = generate_default_cfgs({f"emonext_{size}": _timm_cfg() for size in SIZES})
+
+# Keys that timm.create_model hands every entrypoint, and the classifier options its scripts
+# pass (benchmark.py: global_pool="fast", drop_rate=0.0); none is an EmoNeXt argument.
+_TIMM_ONLY = (
+    "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args",
+    "global_pool", "drop_rate",
+)  # fmt: skip
+
+
+def _timm_entrypoint(name: str, depths: tuple[int, ...], dims: tuple[int, ...]):
+    """`timm.create_model(name, ...)`: the same EmoNeXt as `models.create_model(name, ...)` (same
+    constructor, keys and initialisation), built through timm's builder, so that timm's tooling
+    (pretrained configs, `hf-hub:` / `local-dir:` folders, its benchmark script) works."""
+
+    def build(
+        img_size: int | tuple[int, int] = 224,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        **kwargs,
+    ) -> EmoNeXt:
+        if global_pool not in ("avg", "fast"):  # timm's names for EmoNeXt's average pooling
+            raise ValueError(f"EmoNeXt pools by averaging, not global_pool={global_pool!r}")
+        if drop_rate:
+            raise ValueError("EmoNeXt has no classifier dropout: drop_rate must be 0")
+        if not isinstance(img_size, int):  # timm passes input sizes as (H, W)
+            if len(set(img_size)) != 1:
+                raise ValueError(f"EmoNeXt takes square inputs, not {tuple(img_size)}")
+            img_size = int(img_size[0])
+        return EmoNeXt(depths, dims, img_size=img_size, **kwargs)
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> EmoNeXt:
+        model = build_model_with_cfg(build, name, pretrained, **kwargs)
+        # What models.create_model records, so that the project's tools accept this model too.
+        args = {k: v for k, v in kwargs.items() if k not in _TIMM_ONLY}
+        args["img_size"], args["num_classes"] = model.img_size, model.num_classes
+        model.model_name, model.model_kwargs, model.load_report = name, args, None
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name  # timm registers by __name__
+    entrypoint.__doc__ = f"EmoNeXt {name.removeprefix('emonext_')} (depths {depths}, dims {dims})"
+    return entrypoint
+
+
 def _register(size: str, depths: tuple[int, ...], dims: tuple[int, ...]) -> None:
     def emonext(**kwargs) -> EmoNeXt:
         return EmoNeXt(depths, dims, **kwargs)
@@ -259,6 +326,9 @@ def _register(size: str, depths: tuple[int, ...], dims: tuple[int, ...]) -> None
 
     register_model(f"emonext_{size}", emonext, size=size)
     register_model(f"convnext_{size}", convnext, size=size)
+    # EmoNeXt sizes in timm's registry too; the plain `convnext_*` stay out of it, where they
+    # would replace timm's own ConvNeXt models of the same names.
+    timm_register_model(_timm_entrypoint(f"emonext_{size}", depths, dims))
 
 
 for _size, (_depths, _dims) in SIZES.items():

@@ -1,7 +1,8 @@
 """A name -> constructor table, so that `--model NAME` needs no if-chain.
 
 Our own small table rather than timm's registry: this project's plain `convnext_tiny` (official
-state-dict layout, EmoNeXt's code path) must not shadow timm's model of the same name.
+state-dict layout, EmoNeXt's code path) must not shadow timm's model of the same name. The
+`emonext_*` sizes, which timm does not have, are registered with timm as well (models/emonext.py).
 """
 
 from __future__ import annotations

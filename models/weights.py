@@ -5,10 +5,11 @@
   official layout, and timm-layout state dicts. The STN, SE, attention and head are expected to be
   missing; anything else missing or mis-shaped is an error that names it.
 - Whole models (`load_checkpoint`, `load_model`, `load_trained_model`): this project's
-  checkpoints, the official EmoNeXt trainer's (`model` plus an ema-pytorch `ema`), and bare
-  state dicts, loaded strictly.
+  checkpoints, the official EmoNeXt trainer's (`model` plus an ema-pytorch `ema`), bare
+  state dicts, hub folders and `hf-hub:` names (models/hub.py), loaded strictly.
 
-Every file is read with `torch.load(..., weights_only=True)`: a checkpoint can never run code.
+Every .pt file is read with `torch.load(..., weights_only=True)` and every hub folder's weights
+with safetensors: a checkpoint can never run code.
 """
 
 from __future__ import annotations
@@ -132,12 +133,21 @@ def _unreadable_message(source: str, err: Exception) -> str:
 
 
 def read_checkpoint(source: str | os.PathLike) -> dict:
-    """A checkpoint dict from a local path or an http(s) URL, read with weights_only=True."""
+    """A checkpoint dict from a local .pt file, an http(s) URL (both read with weights_only=True),
+    a hub folder (`models.hub`: config.json + model.safetensors) or `hf-hub:USER/NAME[@REV]`."""
+    from models import hub
+
     source = str(source)
     if source.startswith(("http://", "https://")):
         return _download(source)
+    if hub.is_hub_name(source):
+        return hub.read_folder(hub.download(source), source)
+    if os.path.isdir(source):
+        return hub.read_folder(source)
     if not os.path.isfile(source):
         raise WeightsError(f"checkpoint {source} does not exist")
+    if source.endswith(".safetensors"):
+        return _read_safetensors(source)
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-torch files
@@ -145,6 +155,23 @@ def read_checkpoint(source: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{source} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt
+
+
+def _read_safetensors(source: str) -> dict:
+    """A .safetensors file: its hub folder where config.json sits beside it, else a bare state
+    dict (the architecture is then read off the shapes, as for the official files)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models import hub
+
+    folder = os.path.dirname(os.path.abspath(source))
+    if os.path.basename(source) == hub.WEIGHTS and os.path.isfile(os.path.join(folder, hub.CONFIG)):
+        return hub.read_folder(folder, source)
+    try:
+        return load_file(source, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{source} is not a readable safetensors file ({err})") from None
 
 
 def timm_to_official(state_dict: dict) -> dict:
@@ -206,6 +233,14 @@ def extract_state_dict(ckpt: dict, weights: str = "auto") -> tuple[dict, str]:
     """
     if weights not in ("auto", "model", "ema"):
         raise ValueError(f"weights must be auto, model or ema, not {weights!r}")
+    if isinstance(ckpt.get("hub"), dict):  # a hub folder holds one set, named in config.json
+        held = ckpt["hub"]["weights"]
+        if weights not in ("auto", held):
+            raise WeightsError(
+                f"{ckpt['hub']['source']} holds only the {held} weights of its checkpoint "
+                f'(config.json "weights"); use --weights auto or {held}'
+            )
+        return clean_state_dict(ckpt["model"]), held
     has_model = isinstance(ckpt.get("model"), dict)
     has_ema = isinstance(ckpt.get("ema"), dict)
     if not has_model and not has_ema:

@@ -1,16 +1,25 @@
-"""Export a checkpoint to ONNX or TorchScript, checked against PyTorch before it is kept.
+"""Export a trained model to ONNX, TorchScript or a hub folder, checked before it is kept.
 
-    python scripts/export.py --checkpoint out/checkpoint.pt --format onnx --output emonext.onnx
+    python scripts/export.py --checkpoint out/run/last.pt --format onnx --output emonext.onnx
     python scripts/export.py --checkpoint official.pt --model-size tiny --format torchscript \
         --output emonext.ts
+    python scripts/export.py --checkpoint out/run/last.pt --format hub --output emonext-fer/ \
+        [--push USER/emonext-fer]
 
-The exported model maps a float32 batch (N, C, S, S), a grayscale face in [0, 1] repeated on C
-channels, to logits (N, classes); the batch size is free. Its preprocessing travels with it: ONNX
-`metadata_props` / a TorchScript extra file `metadata.json` hold the class names, the data config
-(image_size, resize_size, in_chans, mean, std) and a sentence saying how to build the input.
-The export is compared with the PyTorch model on random inputs and on a real face (the astronaut
-photograph of tests/data, through predict.py's detector and transform); a mismatch above
-`--tolerance` is an error and leaves no file behind. The model is traced and checked on
+ONNX and TorchScript map a float32 batch (N, C, S, S), a grayscale face in [0, 1] repeated on C
+channels, to logits (N, classes); the batch size is free. Their preprocessing travels with them:
+ONNX `metadata_props` / a TorchScript extra file `metadata.json` hold the class names, the data
+config and a sentence saying how to build the input (models/deploy.py).
+
+A hub folder (models/hub.py) is `config.json` (model name and arguments, classes, data config,
+grey-to-RGB rule, which weights; timm's keys too), `model.safetensors` and a `README.md` model
+card, with the test scores of the run's results.json when it sits beside the checkpoint;
+`--push REPO_ID` uploads it with huggingface_hub. `models.load_model(DIR or hf-hub:REPO_ID)` and
+every command's `--checkpoint` read it back.
+
+Every export is compared with the PyTorch model on random inputs and on a real face (the
+astronaut photograph of tests/data, through predict.py's detector and transform); a mismatch
+above `--tolerance` is an error and leaves no file behind. The model is traced and checked on
 `--device`; the export runs on the CPU.
 """
 
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,76 +42,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 import utils  # noqa: E402
-from predict import FaceDetector, face_tensor, read_image  # noqa: E402
+from models import deploy, hub  # noqa: E402
+from predict import BOX_SCALE, YuNetDetector, crop_faces, face_tensor, read_image  # noqa: E402
 
 REAL_IMAGE = Path(__file__).resolve().parents[1] / "tests" / "data" / "astronaut.png"
 
 
-def export_metadata(model: nn.Module, classes: list[str], data_config: dict, source: str) -> dict:
-    """String key -> string value, as ONNX metadata_props need."""
-    dc = dict(data_config)
-    resize = dc.get("resize_size") or round(dc["image_size"] * 236 / 224)
-    normalise = dc.get("mean") is not None and dc.get("std") is not None
-    return {
-        "classes": json.dumps(list(classes)),
-        "data_config": json.dumps(dc),
-        "model_name": model.model_name,
-        "image_size": str(dc["image_size"]),
-        "resize_size": str(resize),
-        "in_chans": str(dc["in_chans"]),
-        "mean": json.dumps(dc.get("mean")) if normalise else "none",
-        "std": json.dumps(dc.get("std")) if normalise else "none",
-        "input": (
-            f"float32 N x {dc['in_chans']} x {dc['image_size']} x {dc['image_size']}: face crop "
-            f"-> grayscale -> resize shorter side to {resize} -> centre crop {dc['image_size']} "
-            f"-> values in [0, 1] -> repeated to {dc['in_chans']} channels"
-            + (" -> (x - mean) / std" if normalise else "; no normalisation")
-        ),
-        "output": f"float32 N x {len(classes)}: logits (softmax gives probabilities)",
-        "source_checkpoint": os.path.basename(source),
-    }
-
-
 def real_input(data_config: dict, image: Path = REAL_IMAGE) -> torch.Tensor:
-    """The first face found in `image`, preprocessed as predict.py does (1, C, S, S)."""
+    """The first face YuNet finds in `image`, preprocessed as predict.py does (1, C, S, S); the
+    whole photo where there is none (or no OpenCV that runs YuNet)."""
     if not image.is_file():
         raise utils.CLIError(f"real test image {image} is missing; pass --real-image")
     rgb = read_image(str(image))
     try:
-        boxes = FaceDetector()(rgb)
-    except (
-        utils.CLIError
-    ):  # an OpenCV without its face detector (5.x): the whole photo checks as well
-        boxes = []
-    x, y, w, h = boxes[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
-    return face_tensor([rgb[y : y + h, x : x + w]], data_config)
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int, meta: dict):
-    import onnx
-
-    torch.onnx.export(
-        model,
-        (example,),
-        path,
-        dynamo=False,  # the TorchScript-based exporter handles the STN's affine_grid at opset 20
-        opset_version=opset,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
-    proto = onnx.load(path)
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, path)
+        faces = YuNetDetector()(rgb)
+    except utils.CLIError:  # an OpenCV older than 4.8: the whole photo checks as well
+        faces = []
+    crops = crop_faces(rgb, faces[:1], BOX_SCALE["yunet"])
+    return face_tensor([crops[0][0] if crops else rgb], data_config)
 
 
 def run_onnx(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = deploy.onnx_session(path)
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
@@ -127,19 +89,99 @@ def max_difference(
     return worst
 
 
+def check(diff: float, args: argparse.Namespace) -> None:
+    if not np.isfinite(diff) or diff > args.tolerance:
+        raise utils.CLIError(
+            f"the {args.format} export differs from PyTorch by {diff:.2e} (more than "
+            f"{args.tolerance:.0e}); nothing written"
+        )
+
+
+def export_file(model, example, checks, meta, args, device) -> float:
+    """ONNX or TorchScript to --output, through a temporary file; returns the check's result."""
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(args.output)}.tmp")
+    try:
+        if args.format == "onnx":
+            with open(tmp, "wb") as f:
+                f.write(deploy.to_onnx(model, example.to(device), args.opset, meta))
+            diff = max_difference(model, run_onnx(tmp), checks, device)
+        else:
+            with warnings.catch_warnings():
+                # torch.jit is chosen on purpose: its deprecation and tracer warnings would only
+                # bury the result of the check.
+                for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+                    warnings.simplefilter("ignore", category)
+                export_torchscript(model, example.to(device), tmp, meta)
+                diff = max_difference(model, run_torchscript(tmp), checks, device)
+        check(diff, args)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return diff
+
+
+def run_results(checkpoint: str) -> dict | None:
+    """The results.json that train.py wrote beside a local checkpoint, if any."""
+    path = Path(checkpoint).parent / "results.json"
+    if not os.path.isfile(checkpoint) or not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise utils.CLIError(f"{path} is not readable JSON ({err}); move it away") from None
+    return results if isinstance(results, dict) else None
+
+
+def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float:
+    """A hub folder at --output (written beside it, reloaded and checked, then moved into
+    place), pushed with --push; returns the check's result."""
+    source = {
+        "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
+        "epoch": ckpt.get("epoch"),
+        "git_commit": ckpt.get("git_commit"),
+        "versions": ckpt.get("versions"),
+        "exported_at_commit": utils.git_commit(),
+    }
+    source = {k: v for k, v in source.items() if v is not None}
+    config = hub.hub_config(model, classes, data_config, ckpt["weights_used"], source)
+    name = args.push or Path(os.path.abspath(args.output)).name
+    card = hub.model_card(config, ckpt, run_results(args.checkpoint), name, args.license)
+    tmp = hub.write_folder(args.output, hub.hub_state_dict(model), config, card)
+    try:
+        reloaded, _ = models.load_model(tmp)
+        diff = max_difference(model, reloaded, checks, device)
+        check(diff, args)
+        hub.publish(tmp, args.output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.push:
+        print(f"uploaded {args.output} to {hub.push(args.output, args.push, args.private)}")
+    return diff
+
+
 def get_args_parser() -> utils.ArgumentParser:
     parser = utils.ArgumentParser(
-        prog="export.py", description="Export an EmoNeXt checkpoint to ONNX or TorchScript"
+        prog="export.py", description="Export a trained model to ONNX, TorchScript or a hub folder"
     )
     utils.add_model_arguments(
-        parser, models.SIZES, checkpoint_help="this project's or the official trainer's .pt"
+        parser,
+        models.SIZES,
+        checkpoint_help=".pt checkpoint (this project's or the official trainer's), hub folder "
+        "or hf-hub:USER/NAME",
     )
     parser.add_argument(
-        "--format", required=True, choices=["onnx", "torchscript"], help="file format to write"
+        "--format",
+        required=True,
+        choices=["onnx", "torchscript", "hub"],
+        help="file format to write; hub: a folder of config.json, model.safetensors, README.md",
     )
-    parser.add_argument("--output", required=True, help="file to write (.onnx, .pt / .ts)")
+    parser.add_argument("--output", required=True, help="file (.onnx, .ts) or hub folder to write")
     parser.add_argument(
-        "--opset", default=20, type=int, help="ONNX opset; the STN's affine_grid needs >= 20"
+        "--opset", default=deploy.OPSET, type=int, help="ONNX opset; the STN needs >= 20"
     )
     parser.add_argument(
         "--tolerance", default=1e-4, type=float, help="largest accepted |export - PyTorch| logit"
@@ -147,8 +189,33 @@ def get_args_parser() -> utils.ArgumentParser:
     parser.add_argument(
         "--real-image", default=str(REAL_IMAGE), help="photo with a face for the real-input check"
     )
+    hub_group = parser.add_argument_group("hub folders")
+    hub_group.add_argument(
+        "--push",
+        default=None,
+        metavar="REPO_ID",
+        help="upload the folder to this Hugging Face model repository (USER/NAME; created if "
+        "needed; needs `hf auth login` or HF_TOKEN)",
+    )
+    hub_group.add_argument(
+        "--private", action="store_true", help="with --push: create the repository private"
+    )
+    hub_group.add_argument(
+        "--license",
+        default="mit",
+        help="licence id in the model card (huggingface.co/docs/hub/repositories-licenses)",
+    )
     utils.add_device_argument(parser)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if (args.push or args.private) and args.format != "hub":
+        parser.error("--push and --private need --format hub")
+    return args
 
 
 def main(args: argparse.Namespace) -> float:
@@ -166,40 +233,22 @@ def main(args: argparse.Namespace) -> float:
         torch.rand(5, chans, size, size, generator=generator),  # another batch size than traced
         real_input(data_config, Path(args.real_image)),
     ]
-    meta = export_metadata(model, classes, data_config, args.checkpoint)
-    meta["weights"] = ckpt["weights_used"]
-
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(args.output)}.tmp")
-    try:
-        with warnings.catch_warnings():
-            # The legacy exporter and torch.jit are chosen on purpose (see the docstring); their
-            # deprecation and tracer warnings would only bury the result of the check.
-            for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
-                warnings.simplefilter("ignore", category)
-            if args.format == "onnx":
-                export_onnx(model, example.to(device), tmp, args.opset, meta)
-                diff = max_difference(model, run_onnx(tmp), checks, device)
-            else:
-                export_torchscript(model, example.to(device), tmp, meta)
-                diff = max_difference(model, run_torchscript(tmp), checks, device)
-        if not np.isfinite(diff) or diff > args.tolerance:
-            raise utils.CLIError(
-                f"the {args.format} export differs from PyTorch by {diff:.2e} (more than "
-                f"{args.tolerance:.0e}); nothing written"
-            )
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if args.format == "hub":
+        diff = export_hub(model, classes, data_config, ckpt, checks, args, device)
+        what = "hub folder (config.json, model.safetensors, README.md)"
+    else:
+        meta = deploy.onnx_metadata(
+            model, classes, data_config, args.checkpoint, ckpt["weights_used"]
+        )
+        diff = export_file(model, example, checks, meta, args, device)
+        what = f"{args.format}, input N x {chans} x {size} x {size}"
     print(
-        f"wrote {args.output}: {model.model_name} ({ckpt['weights_used']} weights), "
-        f"{args.format}, input N x {chans} x {size} x {size}, logits for {len(classes)} classes; "
-        f"max |export - PyTorch on {device}| = {diff:.1e} on random and real inputs"
+        f"wrote {args.output}: {model.model_name} ({ckpt['weights_used']} weights), {what}, "
+        f"logits for {len(classes)} classes; max |export - PyTorch on {device}| = {diff:.1e} "
+        "on random and real inputs"
     )
     return diff
 
 
 if __name__ == "__main__":
-    utils.run_command("export.py", main, get_args_parser().parse_args())
+    utils.run_command("export.py", main, parse_args())

@@ -29,8 +29,8 @@ def export(argv: list) -> float:
 
 def real_and_random(data_config: dict) -> torch.Tensor:
     rgb = predict.read_image(str(ASTRONAUT))
-    x, y, w, h = predict.FaceDetector()(rgb)[0]
-    face = predict.face_tensor([rgb[y : y + h, x : x + w]], data_config)
+    ((crop, _, _),) = predict.crop_faces(rgb, predict.YuNetDetector()(rgb), 1.15)
+    face = predict.face_tensor([crop], data_config)
     size = data_config["image_size"]
     return torch.cat([face, torch.rand(3, 3, size, size, generator=torch.Generator())])
 
@@ -99,14 +99,20 @@ def test_failed_check_leaves_no_file(tmp_path, repo_root, capsys):
     assert list(tmp_path.iterdir()) == [checkpoint]
 
 
-def test_real_input_without_the_face_detector(monkeypatch):
-    """OpenCV 5 (on a GPU machine) has no face detector: the export's check uses the whole photo."""
+def test_real_input_is_yunets_face_on_any_opencv(monkeypatch):
+    """The check's real input is the face predict.py would crop, with or without Haar cascades
+    (OpenCV 5 has none); an OpenCV that cannot run YuNet checks on the whole photo instead."""
     import cv2
 
     from scripts import export as export_script
 
     data_config = {"image_size": 32, "in_chans": 3, "mean": None, "std": None}
     face = export_script.real_input(data_config)
-    monkeypatch.delattr(cv2, "CascadeClassifier")
+    rgb = predict.read_image(str(ASTRONAUT))
+    ((crop, _, _),) = predict.crop_faces(rgb, predict.YuNetDetector()(rgb), 1.15)
+    assert torch.equal(face, predict.face_tensor([crop], data_config))
+    monkeypatch.delattr(cv2, "CascadeClassifier", raising=False)
+    assert torch.equal(export_script.real_input(data_config), face)
+    monkeypatch.setattr(cv2, "__version__", "4.5.3")
     whole = export_script.real_input(data_config)
-    assert face.shape == whole.shape == (1, 3, 32, 32) and not torch.equal(face, whole)
+    assert whole.shape == (1, 3, 32, 32) and not torch.equal(face, whole)

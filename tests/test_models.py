@@ -342,3 +342,46 @@ def test_stn_warps_in_fp32_under_bf16_autocast(mode):
     assert fp32_grad.abs().min() > 1.0  # theta is learning something
     torch.testing.assert_close(amp_warp, fp32_warp, atol=1e-6, rtol=0)
     torch.testing.assert_close(amp_grad, fp32_grad, atol=1e-3, rtol=1e-5)
+
+
+def test_timm_knows_every_emonext_size_and_builds_the_same_model():
+    """`import models` registers the EmoNeXt sizes with timm (not the plain convnext_*, which
+    would replace timm's own); timm.create_model gives models.create_model's model."""
+    assert timm.list_models("emonext*") == sorted(f"emonext_{s}" for s in models.SIZES)
+    assert "convnext_atto" in timm.list_models("convnext_atto")  # timm's own, still there
+    with torch.device("meta"):
+        assert not isinstance(timm.create_model("convnext_atto"), models.EmoNeXt)
+        assert timm.create_model("emonext_tiny", pretrained=False).num_classes == 7
+    for name in ("emonext_atto", "emonext_micro"):
+        torch.manual_seed(0)
+        theirs = timm.create_model(name, num_classes=7, img_size=64).eval()
+        torch.manual_seed(0)
+        ours = create_model(name, num_classes=7, img_size=64).eval()
+        assert type(ours) is type(theirs) is models.EmoNeXt
+        assert list(theirs.state_dict()) == list(ours.state_dict())
+        x = torch.rand(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours(x), atol=0, rtol=0)
+        assert theirs.model_name == name and theirs.model_kwargs == ours.model_kwargs
+    assert not hasattr(ours, "pretrained_cfg")  # models.create_model's model is as it was
+
+
+def test_timm_benchmark_script_calls_work():
+    """What timm's benchmark.py does with a model name: create_model with its classifier
+    options, resolve_data_config for the input, an inference and an SGD training step."""
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model(
+        "emonext_micro", in_chans=3, global_pool="fast", scriptable=False, drop_rate=0.0
+    )
+    config = resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 224, 224) and config["mean"] == (0.0, 0.0, 0.0)
+    x = torch.randn((2,) + config["input_size"])
+    optimizer = create_optimizer_v2(model.train(), opt="sgd", lr=1e-4)
+    torch.nn.CrossEntropyLoss()(model(x), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 7)
+    with pytest.raises(ValueError, match="no classifier dropout"):
+        timm.create_model("emonext_micro", drop_rate=0.5)

@@ -208,3 +208,21 @@ def test_weights_errors_are_one_line_command_errors(tmp_path, capsys):
     model, classes, data_config, ckpt = load_trained_model(path)
     assert classes == list(OFFICIAL_CLASSES) and ckpt["weights_used"] == "model"
     assert model.model_name == "emonext_atto" and data_config["image_size"] == 64
+
+
+def test_bare_safetensors_state_dict_loads(tmp_path):
+    """A .safetensors file of weights alone (timm's and the Hub's format): read without pickle,
+    the architecture off its shapes, as for a bare .pt state dict."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = create_model("emonext_atto", img_size=64).eval()
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    loaded, classes, _, ckpt = load_trained_model(tmp_path / "weights.safetensors")
+    assert loaded.model_name == "emonext_atto" and ckpt["weights_used"] == "bare"
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nope}")
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        read_checkpoint(tmp_path / "broken.safetensors")

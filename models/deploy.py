@@ -1,0 +1,86 @@
+"""A trained model outside eager PyTorch: ONNX export with its metadata, ONNX Runtime sessions.
+
+`scripts/export.py` writes the ONNX file; `predict.py` exports in memory and runs ONNX Runtime
+when that is the faster path (docs/INFERENCE.md). The export uses the TorchScript-based exporter
+(`dynamo=False`) at opset 20, the lowest at which the STN's `affine_grid` exports.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from models.hub import input_rule
+
+OPSET = 20
+
+
+def onnx_metadata(
+    model: nn.Module, classes: list[str], data_config: dict, source: str, weights: str
+) -> dict[str, str]:
+    """What travels inside an export (ONNX metadata_props / TorchScript's metadata.json): class
+    names, data config and the input rule; string keys and values, as ONNX needs."""
+    dc = dict(data_config)
+    resize = dc.get("resize_size") or round(dc["image_size"] * 236 / 224)
+    normalise = dc.get("mean") is not None and dc.get("std") is not None
+    return {
+        "classes": json.dumps(list(classes)),
+        "data_config": json.dumps(dc),
+        "model_name": model.model_name,
+        "image_size": str(dc["image_size"]),
+        "resize_size": str(resize),
+        "in_chans": str(dc["in_chans"]),
+        "mean": json.dumps(list(dc["mean"])) if normalise else "none",
+        "std": json.dumps(list(dc["std"])) if normalise else "none",
+        "input": input_rule(dc),
+        "output": f"float32 N x {len(classes)}: logits (softmax gives probabilities)",
+        "source_checkpoint": os.path.basename(str(source)),
+        "weights": weights,
+    }
+
+
+def to_onnx(
+    model: nn.Module, example: torch.Tensor, opset: int = OPSET, metadata: dict | None = None
+) -> bytes:
+    """The serialised, checked ONNX model of `model` (input `input` with a free batch size,
+    output `logits`), with `metadata` in its metadata_props."""
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
+        # and tracer warnings would only bury what the caller reports.
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.simplefilter("ignore", category)
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def onnx_session(model: bytes | str, device: str = "cpu"):
+    """An ONNX Runtime session on the CPU (CUDA first when `device` is CUDA and onnxruntime-gpu
+    provides it) for a serialised model or a file path."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(model, providers=providers)

@@ -1,0 +1,351 @@
+"""Hub folders: export, model card, loading back (folder, hf-hub:, timm), every --checkpoint, push.
+
+No network: hf-hub: names are served by a stand-in for huggingface.co's file endpoint on
+127.0.0.1, and uploads are refused (a closed port) or stopped at huggingface_hub's upload call.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from inference_utils import ASTRONAUT, CLASSES, command_error, make_project_checkpoint
+
+import evaluate
+import models
+import predict
+import train
+from models import hub
+from utils import CLIError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the stand-in Hub's one revision
+
+
+def export(argv: list) -> float:
+    from scripts import export as export_script
+
+    return export_script.main(export_script.parse_args([str(a) for a in argv]))
+
+
+def logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as train.py leaves it: last.pt and results.json (which scores last.pt)."""
+    folder = tmp_path_factory.mktemp("run")
+    checkpoint = make_project_checkpoint(folder / "last.pt")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt.update(step=120, epoch=9, args={"dataset_path": "/data/FER2013", "lr": 0.001})
+    ckpt["git_commit"], ckpt["versions"] = "abc1234", {"torch": "2.14.1"}
+    torch.save(ckpt, checkpoint)
+    results = {
+        "test_accuracy": 71.25,
+        "test_accuracy_ci95": [69.75, 72.75],
+        "macro_f1": 68.5,
+        "macro_f1_ci95": [66.0, 70.25],
+        "test_accuracy_best_online": 70.0,
+        "test_accuracy_best_ema": 70.5,
+        "test_accuracy_best_online_ci95": [68.5, 71.5],
+        "best_epoch": 7,
+        "steps": 120,
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hub_dir(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hub") / "emonext-fer"
+    export(["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out])
+    return out
+
+
+def test_hub_folder_files_config_and_card(hub_dir, run_dir):
+    assert sorted(p.name for p in hub_dir.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    assert not any(p.name.startswith(".") for p in hub_dir.parent.iterdir())  # no temporary left
+    config = json.loads((hub_dir / "config.json").read_text())
+    assert config["model_name"] == config["architecture"] == "emonext_micro"
+    assert config["model_kwargs"] == {"num_classes": 7, "img_size": 64, "drop_path_rate": 0.0}
+    assert config["label_names"] == CLASSES and config["weights"] == "ema"
+    assert config["data_config"] == {
+        "image_size": 64, "resize_size": None, "in_chans": 3, "mean": None, "std": None
+    }  # fmt: skip
+    assert "resize shorter side to 67 -> centre crop 64" in config["input"]
+    assert "0.299 R + 0.587 G + 0.114 B" in config["grey_to_rgb"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert (
+        config["source"]["checkpoint"] == "last.pt" and config["source"]["git_commit"] == "abc1234"
+    )
+
+    card = ModelCard.load(hub_dir / "README.md")  # huggingface_hub parses the YAML front matter
+    data = card.data.to_dict()
+    assert data["library_name"] == "timm" and data["license"] == "mit"
+    assert "facial-expression-recognition" in data["tags"] and data["datasets"] == ["fer2013"]
+    assert data["metrics"] == ["accuracy", "f1"]
+    scores = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"accuracy": 71.25, "f1": 68.5}
+    # results.json's scores of the final EMA weights, with their intervals; the recipe, commit,
+    # and how to load it.
+    assert (
+        "accuracy 71.25 % (95 % CI 69.75-72.75), macro-F1 68.50 (95 % CI 66.00-70.25)" in card.text
+    )
+    assert "`lr=0.001`" in card.text and "abc1234" in card.text and "epoch 10" in card.text
+    assert "load_trained_model(" in card.text and "local-dir:" in card.text
+
+
+def test_card_scores_only_the_weights_results_json_scored(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    last = {"step": 120, "epoch": 9}
+    assert hub.applicable_scores(results, last, "ema")["accuracy_ci95"] == [69.75, 72.75]
+    assert hub.applicable_scores(results, last, "model") is None  # last.pt's online: unscored
+    best = {"step": 96, "epoch": 7}
+    assert hub.applicable_scores(results, best, "model")["accuracy"] == 70.0
+    assert hub.applicable_scores(results, best, "model")["accuracy_ci95"] == [68.5, 71.5]
+    assert hub.applicable_scores(results, {"step": 50, "epoch": 4}, "ema") is None
+
+
+def test_folder_loads_back_with_the_checkpoints_logits(hub_dir, run_dir):
+    from_pt, ckpt = models.load_model(run_dir / "last.pt")
+    from_hub, hub_ckpt = models.load_model(hub_dir)
+    assert ckpt["weights_used"] == hub_ckpt["weights_used"] == "ema"
+    torch.testing.assert_close(logits(from_hub), logits(from_pt), atol=1e-6, rtol=0)
+    model, classes, data_config, _ = models.load_trained_model(hub_dir / "model.safetensors")
+    assert classes == CLASSES and data_config["image_size"] == 64
+    torch.testing.assert_close(logits(model), logits(from_pt), atol=1e-6, rtol=0)
+    # timm reads the same folder once `import models` has registered the EmoNeXt names.
+    with_timm = timm.create_model(f"local-dir:{hub_dir}", pretrained=True)
+    torch.testing.assert_close(logits(with_timm), logits(from_pt), atol=1e-6, rtol=0)
+    with pytest.raises(CLIError, match=r"holds only the ema weights.*--weights auto or ema"):
+        models.load_trained_model(hub_dir, weights="model")
+
+
+def test_every_command_takes_a_hub_folder(hub_dir, run_dir, synthetic_root, tmp_path):
+    def predict_run(checkpoint) -> dict:
+        argv = [ASTRONAUT, "--checkpoint", checkpoint]
+        return predict.main(predict.parse_args([str(a) for a in argv]))[0]["probabilities"]
+
+    expected = predict_run(run_dir / "last.pt")
+    assert predict_run(hub_dir) == pytest.approx(expected, abs=1e-6)
+
+    def evaluate_run(checkpoint, out) -> dict:
+        argv = ["--checkpoint", checkpoint, "--dataset-path", synthetic_root, "--output", out]
+        argv += ["--tta", "none"]
+        return evaluate.main(evaluate.get_args_parser().parse_args([str(a) for a in argv]))
+
+    a, b = evaluate_run(run_dir / "last.pt", tmp_path / "a"), evaluate_run(hub_dir, tmp_path / "b")
+    assert a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+    assert export(["--checkpoint", hub_dir, "--format", "onnx", "--output", tmp_path / "m.onnx"])
+    assert (tmp_path / "m.onnx").is_file()
+
+    argv = ["--dataset-path", synthetic_root, "--model-size", "micro", "--input-size", "64"]
+    argv += ["--output-dir", tmp_path / "runs", "--checkpoint", hub_dir]
+    args = train.parse_args([str(a) for a in argv])
+    model, _, _ = train.build_model(args, len(CLASSES), torch.device("cpu"))
+    torch.testing.assert_close(logits(model), logits(models.load_model(hub_dir)[0]))
+    args = train.parse_args([str(a) for a in argv[:-1]] + ["hf-hub:someone/emonext"])
+    assert args.checkpoint == "hf-hub:someone/emonext"  # refused only when it is fetched
+
+
+def test_export_keeps_what_it_did_not_write_and_fails_cleanly(run_dir, tmp_path):
+    out = tmp_path / "folder"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    export(["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "notes.txt"
+    ]  # fmt: skip
+    with pytest.raises(CLIError, match="differs from PyTorch"):
+        export(
+            ["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", tmp_path / "new"]
+            + ["--tolerance", "-1"]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_broken_folders_are_one_line_errors(hub_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CLIError, match="folder without config.json"):
+        models.load_trained_model(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((hub_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((hub_dir / "model.safetensors").read_bytes()[:999])
+    with pytest.raises(CLIError, match="not a readable safetensors file") as err:
+        models.load_trained_model(broken)
+    assert "\n" not in str(err.value)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CLIError, match="not readable JSON"):
+        models.load_trained_model(broken)
+
+
+# --------------------------------------------------------------------------- hf-hub: names
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """huggingface.co's `/{repo}/resolve/{revision}/{file}`, enough for hf_hub_download."""
+
+    repos: dict = {}  # repo id -> local folder
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _file(self) -> Path | None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if len(parts) != 5 or parts[2] != "resolve":
+            return None
+        folder = self.repos.get("/".join(parts[:2]))
+        path = folder / parts[4] if folder else None
+        return path if path and path.is_file() else None
+
+    def _answer(self, body: bool) -> None:
+        self.requests.append((self.command, self.path))
+        path = self._file()
+        if path is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, hub_dir):
+    handler = type(
+        "Handler", (FakeHub,), {"repos": {"someone/emonext-fer": hub_dir}, "requests": []}
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    yield handler
+    server.shutdown()
+
+
+def test_hf_hub_names_download_once_and_load_offline(fake_hub, hub_dir, tmp_path, monkeypatch):
+    model, ckpt = models.load_model("hf-hub:someone/emonext-fer")
+    torch.testing.assert_close(
+        logits(model), logits(models.load_model(hub_dir)[0]), atol=1e-6, rtol=0
+    )
+    assert ckpt["classes"] == CLASSES
+    gets = [p for m, p in fake_hub.requests if m == "GET"]
+    assert sorted(os.path.basename(p) for p in gets) == ["config.json", "model.safetensors"]
+    cached = tmp_path / "hf-cache" / "models--someone--emonext-fer" / "snapshots" / COMMIT
+    assert (cached / "model.safetensors").is_file()
+
+    # Offline (HF_HUB_OFFLINE=1): from the cache, without a request.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    fake_hub.requests.clear()
+    again, _ = models.load_model("hf-hub:someone/emonext-fer")
+    torch.testing.assert_close(logits(again), logits(model), atol=0, rtol=0)
+    assert fake_hub.requests == []
+    with pytest.raises(CLIError, match=r"could not reach the Hugging Face Hub.*not in the cache"):
+        models.load_model("hf-hub:someone/other")
+
+
+def test_evaluate_writes_beside_the_caller_for_hf_hub_names(
+    fake_hub, synthetic_root, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", "hf-hub:someone/emonext-fer", "--dataset-path", str(synthetic_root)]
+    evaluate.main(evaluate.get_args_parser().parse_args(argv + ["--tta", "none"]))
+    assert (tmp_path / "eval.json").is_file()  # not in a folder named "hf-hub:someone"
+    assert not (tmp_path / "hf-hub:someone").exists()
+
+
+def test_hf_hub_errors_are_one_line(fake_hub, capsys, repo_root):
+    with pytest.raises(CLIError, match="has no config.json and model.safetensors"):
+        models.load_model("hf-hub:someone/missing")
+    with pytest.raises(CLIError, match="not a valid Hugging Face model id"):
+        models.load_model("hf-hub:not a name")
+    status, message = command_error(
+        capsys, repo_root / "predict.py", [ASTRONAUT, "--checkpoint", "hf-hub:someone/missing"]
+    )
+    assert status == 1 and message.count("\n") == 1 and "hf-hub:someone/missing" in message
+
+
+# --------------------------------------------------------------------------- --push
+
+
+def test_push_uploads_the_folder(run_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class RepoUrl:
+        repo_id = "someone/emonext-fer"
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return RepoUrl()
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        assert sorted(os.listdir(kwargs["folder_path"])) == [
+            "README.md", "config.json", "model.safetensors"
+        ]  # fmt: skip
+        return "https://huggingface.co/someone/emonext-fer/commit/1"
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "emonext-fer"
+    export(
+        ["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out]
+        + ["--push", "someone/emonext-fer", "--private"]
+    )
+    assert [c[:2] for c in calls] == [
+        ("create_repo", "someone/emonext-fer"), ("upload_folder", "someone/emonext-fer")
+    ]  # fmt: skip
+    assert calls[0][2]["private"] is True and calls[1][2]["folder_path"] == str(out)
+    assert "hf-hub:someone/emonext-fer" in (out / "README.md").read_text()
+
+
+def test_push_without_token_or_network_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    from scripts import export as export_script
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token there
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    out = tmp_path / "emonext-fer"
+    argv = ["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out]
+    argv += ["--push", "someone/emonext-fer"]
+    status, message = command_error(capsys, Path(export_script.__file__), argv)
+    assert status == 1 and message.count("\n") == 1, message
+    assert "needs a Hugging Face token" in message and "hf auth login" in message
+    assert (out / "model.safetensors").is_file()  # written; the message says how to upload later
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9: nothing listens
+    status, message = command_error(capsys, Path(export_script.__file__), argv)
+    assert status == 1 and message.count("\n") == 1, message
+    assert "could not reach the Hugging Face Hub" in message and "hf upload" in message
