@@ -302,7 +302,7 @@ def test_evaluate_predict_export_on_the_gpu(synthetic_root, tmp_path):
     assert gpu["num_images"] == cpu["num_images"] == 28
     assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 100 / 28  # at most one borderline image
 
-    # --no-detect: the face detector is OpenCV's, on the CPU (and missing from OpenCV 5).
+    # --no-detect: the face detector (YuNet) runs on the CPU; the model is what runs on the GPU.
     args = predict.get_args_parser().parse_args(
         [
             str(ASTRONAUT),
