@@ -158,12 +158,18 @@ def add_model_arguments(
 
 
 def run_command(prog: str, main: Callable, args) -> object:
-    """main(args); a CLIError (a DeviceError among them) ends the process with one line."""
+    """main(args); a CLIError (a DeviceError among them), or a full disk or another failed write
+    (`WRITE_ERRNOS`), ends the process with one line."""
     try:
         return main(args)
     except CLIError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_status) from None
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"{prog}: error: {write_failure(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 # --------------------------------------------------------------------------- devices

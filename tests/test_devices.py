@@ -7,6 +7,8 @@ and only an index the machine has. torchrun's environment (RANK, WORLD_SIZE, LOC
 by hand and `init_process_group` records its backend instead of connecting.
 """
 
+import errno
+import os
 import runpy
 import sys
 
@@ -212,3 +214,17 @@ def test_peak_memory_is_read_on_each_ranks_own_gpu(machine, rank):
         utils.peak_memory_gb(torch.device("cuda", 2))  # the machine has two
     machine(0)
     assert utils.peak_memory_gb(torch.device("cpu")) is None  # nothing asked of CUDA
+
+
+def test_a_full_disk_in_any_command_is_one_line(tmp_path, capsys):
+    """utils.run_command, which every command's __main__ runs: the file, the reason, the room."""
+
+    def main(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "eval.json.tmp"))
+
+    with pytest.raises(SystemExit) as exited:
+        utils.run_command("evaluate.py", main, None)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evaluate.py: error: writing {tmp_path / 'eval.json.tmp'} failed: No ")
+    assert err.endswith("MB free on its disk") and len(err.splitlines()) == 1
