@@ -17,7 +17,8 @@ Output: one record per face (`source`, `frame`, `box` = [x, y, width, height] of
 to the model, `score` and `landmarks` of the detector, `label`, `probabilities`), as JSON lines
 with `--json`; a frame without a face gives one record with `box`, `label` and `probabilities`
 null and `note: "no face found"`. `--checkpoint` takes a .pt checkpoint (this project's or the
-official trainer's), a hub folder, `hf-hub:USER/NAME`, or an ONNX file of scripts/export.py.
+official trainer's), a hub folder, `hf-hub:USER/NAME`, or an ONNX or TorchScript file of
+scripts/export.py. `--output` gets one annotated file per input (`output_names`).
 Videos, the webcam and many images run on ONNX Runtime by default (exported in memory, checked
 against PyTorch), a few images on PyTorch: `--backend`, docs/INFERENCE.md.
 """
@@ -306,6 +307,28 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
     return Classifier(ort_runner(session), classes, data_config, "onnxruntime")
 
 
+def load_torchscript(path: str, device: str = "cpu") -> Classifier:
+    """A TorchScript export of scripts/export.py (always run by PyTorch, as traced); classes and
+    data config from its extra file metadata.json."""
+    try:
+        module, meta = models.deploy.load_torchscript(path, device)
+    except (RuntimeError, ValueError, OSError) as err:  # torch.jit's own reasons
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise utils.CLIError(f"{path} is not a readable TorchScript file ({reason})") from None
+    if "classes" not in meta or "data_config" not in meta:
+        raise utils.CLIError(
+            f"{path} lacks the classes/data_config metadata of scripts/export.py "
+            "(its extra file metadata.json); export it with scripts/export.py"
+        )
+    classes, data_config = json.loads(meta["classes"]), json.loads(meta["data_config"])
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return module(x.to(device)).float().cpu().numpy()
+
+    return Classifier(run, classes, data_config, "torchscript")
+
+
 def onnx_of(model: torch.nn.Module, data_config: dict) -> tuple[object, float, float]:
     """(ONNX Runtime session of `model` exported in memory, seconds the export took, largest
     |ONNX Runtime - PyTorch| logit on a fixed random batch)."""
@@ -326,8 +349,8 @@ def load_classifier(
     device: str = "cpu",
     backend: str = "torch",
 ) -> Classifier:
-    """A Classifier of a checkpoint (.pt, hub folder, hf-hub: name) or an exported .onnx file
-    (which always runs on ONNX Runtime).
+    """A Classifier of a checkpoint (.pt, hub folder, hf-hub: name), an exported .onnx file
+    (which always runs on ONNX Runtime) or an exported TorchScript file (always on PyTorch).
 
     backend "onnxruntime" exports the model in memory and runs ONNX Runtime, refused when its
     logits differ from PyTorch's by more than AGREEMENT; "auto" (main's choice for videos) falls
@@ -335,6 +358,13 @@ def load_classifier(
     """
     if checkpoint.endswith(".onnx") and os.path.isfile(checkpoint):
         return load_onnx(checkpoint, device)
+    if os.path.isfile(checkpoint) and models.deploy.is_torchscript(checkpoint):
+        if backend == "onnxruntime":
+            raise utils.CLIError(
+                f"{checkpoint} is a TorchScript file: it runs on PyTorch alone; use --backend "
+                "torch, or export an ONNX file with scripts/export.py --format onnx"
+            )
+        return load_torchscript(checkpoint, device)
     model, classes, data_config, _ = models.load_trained_model(checkpoint, weights, model_name)
     if backend != "torch":
         try:
@@ -495,11 +525,16 @@ def annotate(rgb: np.ndarray, records: list[dict]) -> np.ndarray:
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """(path, "image" | "video") for every input; folders give their images, sorted."""
+    """(path, "image" | "video") for every input; folders give their images, sorted, without
+    hidden files (`.x.png`, macOS's AppleDouble `._x.png`): no image, as in the datasets."""
     items = []
     for path in inputs:
         if os.path.isdir(path):
-            files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(
+                p
+                for p in Path(path).iterdir()
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not datasets.is_hidden(p.name)
+            )
             if not files:
                 raise utils.CLIError(
                     f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
@@ -569,7 +604,8 @@ def get_args_parser() -> utils.ArgumentParser:
     utils.add_model_arguments(
         parser,
         models.SIZES,
-        checkpoint_help=".pt checkpoint, hub folder, hf-hub:USER/NAME or exported .onnx",
+        checkpoint_help=".pt checkpoint, hub folder, hf-hub:USER/NAME, or an .onnx or TorchScript "
+        "file of scripts/export.py",
     )
     parser.add_argument(
         "--webcam",
@@ -647,6 +683,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_checked(argv, ARG_RULES)
     if args.align and (args.no_detect or args.detector != "yunet"):
         parser.error("--align needs the eye landmarks of --detector yunet (and no --no-detect)")
+    if args.output:  # before the model loads and any image is classified
+        try:
+            utils.check_output_dir(args.output, "--output")
+        except utils.CLIError as err:
+            parser.error(str(err))
     return args
 
 
@@ -660,6 +701,25 @@ def emit(records: list[dict], as_json: bool) -> None:
             p = r["probabilities"]
             rest = ", ".join(f"{c} {v:.2f}" for c, v in sorted(p.items(), key=lambda t: -t[1]))
             print(f"{r['source']} frame {r['frame']} box {r['box']}: {r['label']} ({rest})")
+
+
+def output_names(items: list[tuple[str, str]]) -> list[str]:
+    """The annotated file's name for each (path, kind) input, unique in the run (none overwrites
+    another): `<stem>_<ext>_pred.png` for images, `..._pred.mp4` for videos (`x.jpg` and `x.webp`
+    differ by their extension); a name an earlier input took gets the input's parent folder in
+    front (`d2_face_webp_pred.png`), then `_2`, `_3`... (the same file twice). Compared without
+    case, as macOS and Windows name files."""
+    taken, names = set(), []
+    for path, kind in items:
+        p = Path(path)
+        base = p.stem + (f"_{p.suffix[1:]}" if p.suffix else "")
+        suffix = "_pred.png" if kind == "image" else "_pred.mp4"
+        parent = f"{p.absolute().parent.name}_{base}"
+        candidates = itertools.chain([base, parent], (f"{parent}_{n}" for n in itertools.count(2)))
+        name = next(c + suffix for c in candidates if (c + suffix).casefold() not in taken)
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def output_path(folder: str, name: str) -> str:
@@ -677,22 +737,25 @@ def write_image(path: str, bgr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def run_images(paths, classifier, detector, args) -> list[dict]:
-    out = []
+def run_images(paths, classifier, detector, args, names: list[str] | None = None) -> list[dict]:
+    """Images in batches; printed, and with --output annotated as `names` (output_names)."""
+    names = names or output_names([(path, "image") for path in paths])
+    out, index = [], 0  # the index of the image in `paths` (chunks keep the order)
     frames = ((path, 0, read_image(path)) for path in paths)
     for chunk in chunks(frames, args.batch_size):
         records_per_frame = predict_frames(chunk, classifier, detector, args.box_scale, args.align)
-        for (path, _, rgb), records in zip(chunk, records_per_frame, strict=True):
+        for (_, _, rgb), records in zip(chunk, records_per_frame, strict=True):
             emit(records, args.json)
             out += records
             if args.output:
-                target = output_path(args.output, f"{Path(path).stem}_pred.png")
-                write_image(target, annotate(rgb, records))
+                write_image(output_path(args.output, names[index]), annotate(rgb, records))
+            index += 1
     return out
 
 
 def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
-    """Frames of a video file or camera, in chunks; smoothed, printed, optionally written."""
+    """Frames of a video file or camera, in chunks; smoothed, printed, optionally written to
+    --output as `name` (output_names)."""
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     smoother, writer, out = Smoother(args.smooth), None, []
     # A camera is answered frame by frame; a file is read in batches of frames.
@@ -709,7 +772,7 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
                 if args.output:
                     frame = annotate(rgb, records)
                     if writer is None:
-                        path = output_path(args.output, f"{name}_pred.mp4")
+                        path = output_path(args.output, name)
                         fourcc = cv2.VideoWriter_fourcc(*"mp4v")
                         h, w = frame.shape[:2]
                         writer = cv2.VideoWriter(path + ".tmp.mp4", fourcc, fps, (w, h))
@@ -741,11 +804,10 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise utils.CLIError("give at least one INPUT (image, folder, video) or --webcam")
     model_name = get_args_parser().model_name(args)  # --model NAME or emonext_SIZE, or None
     device = utils.resolve_device(args.device)
+    if args.output:  # parse_args checked it already; main may be called without it
+        utils.check_output_dir(args.output, "--output")
     items = expand_inputs(args.inputs)
-    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise utils.CLIError(
-            f"--output {args.output} is a file; give a folder for annotated images"
-        )
+    names = output_names(items)
     detector = make_detector(args)
     if args.box_scale is None:
         args.box_scale = BOX_SCALE[args.detector]
@@ -762,22 +824,24 @@ def main(args: argparse.Namespace) -> list[dict]:
     out = []
 
     # Consecutive images share batches; videos run one by one; input order is kept.
-    for kind, group in itertools.groupby(items, key=lambda item: item[1]):
-        paths = [path for path, _ in group]
+    named = zip(items, names, strict=True)
+    for kind, group in itertools.groupby(named, key=lambda item: item[0][1]):
+        paths, group_names = zip(*((path, name) for (path, _), name in group), strict=True)
         if kind == "image":
-            out += run_images(paths, classifier, detector, args)
+            out += run_images(list(paths), classifier, detector, args, list(group_names))
             continue
-        for path in paths:
+        for path, name in zip(paths, group_names, strict=True):
             capture = cv2.VideoCapture(path)
             if not capture.isOpened():
                 raise utils.CLIError(f"OpenCV cannot open the video {path}")
-            out += run_video(capture, path, Path(path).stem, classifier, detector, args)
+            out += run_video(capture, path, name, classifier, detector, args)
     if args.webcam is not None:
         capture = cv2.VideoCapture(args.webcam)
         if not capture.isOpened():
             raise utils.CLIError(f"cannot open camera {args.webcam}")
         source = f"webcam:{args.webcam}"
-        out += run_video(capture, source, f"webcam{args.webcam}", classifier, detector, args)
+        name = f"webcam{args.webcam}_pred.mp4"
+        out += run_video(capture, source, name, classifier, detector, args)
     return out
 
 

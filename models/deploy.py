@@ -1,8 +1,10 @@
-"""A trained model outside eager PyTorch: ONNX export with its metadata, ONNX Runtime sessions.
+"""A trained model outside eager PyTorch: ONNX export with its metadata, ONNX Runtime sessions,
+TorchScript files read back with theirs.
 
-`scripts/export.py` writes the ONNX file; `predict.py` exports in memory and runs ONNX Runtime
-when that is the faster path (docs/INFERENCE.md). The export uses the TorchScript-based exporter
-(`dynamo=False`) at opset 20, the lowest at which the STN's `affine_grid` exports.
+`scripts/export.py` writes the ONNX and TorchScript files; `predict.py` runs them, and exports in
+memory and runs ONNX Runtime when that is the faster path (docs/INFERENCE.md). The export uses the
+TorchScript-based exporter (`dynamo=False`) at opset 20, the lowest at which the STN's
+`affine_grid` exports (19 ends in torch's UnsupportedOperatorError).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import json
 import os
 import warnings
+import zipfile
 
 import torch
 from torch import nn
@@ -18,6 +21,11 @@ from torch import nn
 from models.hub import input_rule
 
 OPSET = 20
+MIN_OPSET = 20  # aten::affine_grid_generator (the STN) has an ONNX form from opset 20 on
+# The newest opset this torch's exporter writes (23 in torch 2.14); above it torch raises.
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", OPSET)
+# The extra file of a TorchScript export that holds `onnx_metadata` (as JSON).
+TORCHSCRIPT_METADATA = "metadata.json"
 
 
 def onnx_metadata(
@@ -84,3 +92,28 @@ def onnx_session(model: bytes | str, device: str = "cpu"):
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(model, providers=providers)
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether `path` is a TorchScript archive (torch.jit.save: a zip with the module's `code/`
+    and `constants.pkl`), which torch.load cannot read, whatever the file's extension."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def load_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """A TorchScript file of scripts/export.py on `device`, in eval mode, and its metadata
+    (`onnx_metadata`'s dict; empty when the file has no metadata.json)."""
+    extra = {TORCHSCRIPT_METADATA: ""}
+    with warnings.catch_warnings():
+        # torch.jit.load's deprecation warning says nothing a user of the file can act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(path, map_location=device, _extra_files=extra)
+    text = extra[TORCHSCRIPT_METADATA]
+    meta = json.loads(text) if text else {}
+    return module.eval(), meta if isinstance(meta, dict) else {}

@@ -181,7 +181,11 @@ def get_args_parser() -> utils.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="file (.onnx, .ts) or hub folder to write")
     parser.add_argument(
-        "--opset", default=deploy.OPSET, type=int, help="ONNX opset; the STN needs >= 20"
+        "--opset",
+        default=deploy.OPSET,
+        type=int,
+        help=f"ONNX opset, {deploy.MIN_OPSET} to {deploy.MAX_OPSET}: the STN's affine_grid "
+        f"exports from {deploy.MIN_OPSET} on, this torch writes up to {deploy.MAX_OPSET}",
     )
     parser.add_argument(
         "--tolerance", default=1e-4, type=float, help="largest accepted |export - PyTorch| logit"
@@ -215,11 +219,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.push or args.private) and args.format != "hub":
         parser.error("--push and --private need --format hub")
+    if not deploy.MIN_OPSET <= args.opset <= deploy.MAX_OPSET:
+        parser.error(
+            f"--opset {args.opset}: must be {deploy.MIN_OPSET} to {deploy.MAX_OPSET} (the STN's "
+            f"affine_grid has no ONNX form before opset {deploy.MIN_OPSET}; torch "
+            f"{torch.__version__} writes up to {deploy.MAX_OPSET})"
+        )
+    try:
+        check_output(args)
+    except utils.CLIError as err:
+        parser.error(str(err))
     return args
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before the model loads: --output's folder can be written (utils.check_output_dir), and a
+    file export does not go where a folder is, nor a hub folder where a file is."""
+    output = Path(args.output)
+    if args.format != "hub" and output.is_dir():
+        raise utils.CLIError(
+            f"--output {args.output} is a folder; give the path of the {args.format} file to write"
+        )
+    if args.format == "hub" and output.exists() and not output.is_dir():
+        raise utils.CLIError(f"--output {args.output} is a file; give a folder for the hub export")
+    # Both are written beside --output first (a temporary name), then renamed: its folder counts.
+    utils.check_output_dir(Path(os.path.abspath(output)).parent, "--output")
 
 
 def main(args: argparse.Namespace) -> float:
     """Writes the export; returns the largest logit difference found by the check."""
+    check_output(args)  # parse_args checked it already; main may be called without it
     model_name = get_args_parser().model_name(args)  # --model NAME or emonext_SIZE, or None
     device = utils.resolve_device(args.device)
     model, classes, data_config, ckpt = models.load_trained_model(

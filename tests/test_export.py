@@ -116,3 +116,43 @@ def test_real_input_is_yunets_face_on_any_opencv(monkeypatch):
     monkeypatch.setattr(cv2, "__version__", "4.5.3")
     whole = export_script.real_input(data_config)
     assert whole.shape == (1, 3, 32, 32) and not torch.equal(face, whole)
+
+
+def test_predict_runs_the_projects_torchscript_export(tmp_path, capsys, repo_root):
+    """predict.py used to refuse a TorchScript file of this project as "not a readable PyTorch
+    checkpoint (damaged, truncated...)"; it now runs it with the classes and data config of its
+    metadata.json and predicts what the .pt does."""
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    path = tmp_path / "model.ts"
+    export(["--checkpoint", checkpoint, "--format", "torchscript", "--output", path])
+    (from_ts,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path)]))
+    (from_pt,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(checkpoint)]))
+    assert from_ts["box"] == from_pt["box"] and from_ts["label"] == from_pt["label"]
+    assert list(from_ts["probabilities"]) == CLASSES
+    for c in CLASSES:
+        assert from_ts["probabilities"][c] == pytest.approx(from_pt["probabilities"][c], abs=1e-5)
+    # ONNX Runtime cannot run it: said in one line, not tried.
+    argv = [ASTRONAUT, "--checkpoint", path, "--backend", "onnxruntime"]
+    status, message = command_error(capsys, repo_root / "predict.py", argv)
+    assert status == 1 and message.count("\n") == 1 and "TorchScript file" in message, message
+
+
+def test_opset_and_output_are_checked_before_anything_is_loaded(tmp_path, capsys, repo_root):
+    """`--opset 10` ended in torch's UnsupportedOperatorError traceback after the model was
+    loaded and traced; an --output under a file, or a file export onto a folder, after the
+    export. Each is one line and exit status 2 now (the checkpoint does not even exist)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("a file")
+    missing = tmp_path / "never-read.pt"
+    for extra, expected in [
+        (["--opset", "10"], "--opset 10: must be 20 to "),
+        (["--opset", "19"], "--opset 19: must be 20 to "),
+        (["--opset", "99"], "--opset 99: must be 20 to "),
+        (["--output", blocker / "model.onnx"], "is a file, not a folder"),
+        (["--output", tmp_path], "is a folder; give the path of the onnx file"),
+    ]:
+        argv = ["--checkpoint", missing, "--format", "onnx", "--output", tmp_path / "m.onnx"]
+        status, message = command_error(capsys, repo_root / "scripts" / "export.py", argv + extra)
+        assert status == 2 and message.count("\n") == 1, message
+        assert message.startswith("export.py: error: ") and expected in message, message
+    assert sorted(tmp_path.iterdir()) == [blocker]

@@ -50,7 +50,7 @@ def test_command_finds_the_astronauts_face(checkpoint, tmp_path, repo_root):
     assert len(records) == 1
     check_face(records[0])
     assert records[0]["source"] == str(ASTRONAUT) and records[0]["frame"] == 0
-    annotated = cv2.imread(str(tmp_path / "astronaut_pred.png"))
+    annotated = cv2.imread(str(tmp_path / "astronaut_png_pred.png"))
     assert annotated is not None and annotated.shape[:2] == (384, 384)
 
 
@@ -75,7 +75,7 @@ def test_video_gives_one_record_per_frame(checkpoint, tmp_path):
     assert [r["frame"] for r in records] == list(range(5))
     for r in records:
         check_face(r)
-    capture = cv2.VideoCapture(str(out / "clip_pred.mp4"))
+    capture = cv2.VideoCapture(str(out / "clip_mp4_pred.mp4"))
     count = 0
     while capture.read()[0]:
         count += 1
@@ -263,3 +263,65 @@ def test_face_flags_are_checked(capsys, repo_root, checkpoint):
     if hasattr(cv2, "CascadeClassifier"):
         (record,) = run([ASTRONAUT, "--checkpoint", checkpoint, "--detector", "haar"])
         assert record["score"] is None and record["landmarks"] is None
+
+
+def test_every_input_gets_its_own_annotated_file(checkpoint, tmp_path):
+    """`d1/face.webp` and `d2/face.webp`, `x.jpg` and `x.webp`, or one file given twice used to
+    leave one `*_pred.png` (the last overwrote the others); each now has its own, named by a rule
+    a user can predict (docs/INFERENCE.md)."""
+    inputs = []
+    for i, rel in enumerate(["d1/face.webp", "d2/face.webp", "x.jpg", "x.webp", "X.png"]):
+        path = tmp_path / "in" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.full((48, 48, 3), 30 * i, np.uint8))
+        inputs.append(path)
+    inputs.append(inputs[0])  # the same file twice
+    out = tmp_path / "out"
+    run([*inputs, "--checkpoint", checkpoint, "--no-detect", "--output", out])
+    names = ["face_webp", "d2_face_webp", "x_jpg", "x_webp", "X_png", "d1_face_webp"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_pred.png" for n in names)
+    for i, name in enumerate(names[:5]):  # each file shows its own input (grey level 30 * i)
+        annotated = cv2.imread(str(out / f"{name}_pred.png"))
+        assert abs(int(np.median(annotated)) - 30 * i) <= 1, name
+    same = [(str(inputs[0]), "image")] * 3 + [(str(tmp_path / "face.WEBP"), "image")]
+    assert predict.output_names(same) == [
+        "face_webp_pred.png",
+        "d1_face_webp_pred.png",
+        "d1_face_webp_2_pred.png",
+        f"{tmp_path.name}_face_WEBP_pred.png",  # face_WEBP_pred.png on macOS is the first's
+    ]
+    assert predict.output_names([("a/x.mp4", "video"), ("b/x.avi", "video")]) == [
+        "x_mp4_pred.mp4",
+        "x_avi_pred.mp4",
+    ]
+
+
+def test_folders_skip_hidden_and_appledouble_files(checkpoint, tmp_path):
+    """macOS's `._0.png` (AppleDouble, not an image) used to stop the run with "cannot read
+    image"; a hidden `.hidden.png` was classified. A folder listing skips both, as the dataset
+    loaders do (datasets.is_hidden); a folder of only such files holds no images."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    cv2.imwrite(str(faces / "0.png"), np.full((48, 48), 90, np.uint8))
+    (faces / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble header
+    cv2.imwrite(str(faces / ".hidden.png"), np.full((48, 48), 10, np.uint8))
+    records = run([faces, "--checkpoint", checkpoint, "--no-detect"])
+    assert [r["source"] for r in records] == [str(faces / "0.png")]
+    (faces / "0.png").unlink()
+    with pytest.raises(CLIError, match="holds no images"):
+        run([faces, "--checkpoint", checkpoint, "--no-detect"])
+
+
+def test_output_is_checked_before_any_work(tmp_path, capsys, repo_root):
+    """An --output that cannot be a folder is one line and exit status 2 before the model is
+    loaded (the checkpoint here does not even exist); it used to fail after the first image."""
+    blocker = tmp_path / "file"
+    blocker.write_text("a file")
+    missing = tmp_path / "never-read.pt"
+    for output in [blocker, blocker / "annotated"]:
+        argv = [ASTRONAUT, "--checkpoint", missing, "--output", output]
+        status, message = command_error(capsys, repo_root / "predict.py", argv)
+        assert status == 2 and message.count("\n") == 1, message
+        assert message.startswith(f"predict.py: error: --output {output}: "), message
+        assert "is a file, not a folder" in message, message
+    assert sorted(tmp_path.iterdir()) == [blocker]
