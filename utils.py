@@ -436,7 +436,7 @@ class RunLock:
         self.path, self.folder, self.held = Path(lock_path), folder, False
 
     def holder(self) -> str | None:
-        """ "host:pid" of the live process that holds the lock; None when it is free or stale."""
+        """The live process holding the lock, as "host:pid"; None when it is free or stale."""
         try:
             host, pid = self.path.read_text().strip().rsplit(":", 1)
         except (OSError, ValueError):
