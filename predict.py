@@ -799,6 +799,22 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
     return out
 
 
+def choose_backend(
+    backend: str, checkpoint: str, items: list[tuple[str, str]], webcam, device: torch.device
+) -> str:
+    """--backend as load_classifier takes it. auto: ONNX Runtime (with PyTorch as its fallback)
+    only on the CPU and over many frames, since its in-memory export (0.2-3 s) pays back only
+    over videos, the webcam or IMAGES_FOR_ONNX images (docs/INFERENCE.md: the figures); on a GPU
+    PyTorch runs the model there."""
+    if backend == "torch" and checkpoint.endswith(".onnx"):
+        raise utils.CLIError(f"{checkpoint} is an ONNX file: it runs on ONNX Runtime alone")
+    if backend != "auto":
+        return backend
+    videos = webcam is not None or any(kind == "video" for _, kind in items)
+    many_frames = videos or sum(kind == "image" for _, kind in items) >= IMAGES_FOR_ONNX
+    return "auto" if many_frames and device.type == "cpu" else "torch"
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     if not args.inputs and args.webcam is None:
         raise utils.CLIError("give at least one INPUT (image, folder, video) or --webcam")
@@ -811,15 +827,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     detector = make_detector(args)
     if args.box_scale is None:
         args.box_scale = BOX_SCALE[args.detector]
-    # ONNX Runtime is faster on the CPU, but its in-memory export (0.2-3 s) pays back only over
-    # many frames: videos, the webcam, IMAGES_FOR_ONNX images (docs/INFERENCE.md: the figures).
-    videos = args.webcam is not None or any(kind == "video" for _, kind in items)
-    many_frames = videos or sum(kind == "image" for _, kind in items) >= IMAGES_FOR_ONNX
-    backend = args.backend
-    if backend == "torch" and args.checkpoint.endswith(".onnx"):
-        raise utils.CLIError(f"{args.checkpoint} is an ONNX file: it runs on ONNX Runtime alone")
-    if backend == "auto":
-        backend = "auto" if many_frames and device.type == "cpu" else "torch"
+    backend = choose_backend(args.backend, args.checkpoint, items, args.webcam, device)
     classifier = load_classifier(args.checkpoint, args.weights, model_name, str(device), backend)
     out = []
 

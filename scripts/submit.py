@@ -31,16 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 import utils  # noqa: E402
 
-# submit.py's own flags (dest names): everything else on the command line is train.py's.
-CLUSTER_FLAGS = ["cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
-                 "mem_gb", "partition", "timeout", "signal_delay", "max_timeouts", "slurm",
-                 "job_dir", "wait"]  # fmt: skip
-
 
 def get_args_parser() -> utils.ArgumentParser:
-    parser = utils.ArgumentParser(
-        prog="submit.py", description=__doc__, parents=[train.get_args_parser(add_help=False)]
+    """train.py's flags and submit.py's own (`cluster_parser`)."""
+    return utils.ArgumentParser(
+        prog="submit.py",
+        description=__doc__,
+        parents=[train.get_args_parser(add_help=False), cluster_parser()],
     )
+
+
+def cluster_parser() -> utils.ArgumentParser:
+    """submit.py's own flags: everything else on the command line is train.py's."""
+    parser = utils.ArgumentParser(add_help=False)
     g = parser.add_argument_group("cluster (submitit)")
     g.add_argument(
         "--cluster",
@@ -109,21 +112,9 @@ CLUSTER_RULES = {
 }
 
 
-def split_argv(parser: utils.ArgumentParser, argv: list[str]) -> list[str]:
-    """The part of `argv` that is train.py's: argv without submit.py's own flags and values."""
-    own = {s for a in parser._actions if a.dest in CLUSTER_FLAGS for s in a.option_strings}
-    out, skip = [], 0
-    for i, token in enumerate(argv):
-        if skip:
-            skip -= 1
-            continue
-        flag = token.split("=", 1)[0]
-        if flag in own:
-            action = next(a for a in parser._actions if flag in a.option_strings)
-            skip = 0 if "=" in token or action.nargs == 0 else 1
-            continue
-        out.append(argv[i])
-    return out
+def split_argv(argv: list[str]) -> list[str]:
+    """The part of `argv` that is train.py's: what submit.py's own flags leave, in order."""
+    return cluster_parser().parse_known_args(argv)[1]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -141,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         args.gpus_per_node = 8 if args.cluster == "slurm" else torch.cuda.device_count()
     if args.tasks_per_node is None:
         args.tasks_per_node = max(args.gpus_per_node, 1)
-    train_argv = split_argv(parser, argv)
+    train_argv = split_argv(argv)
     train_args = train.parse_args(train_argv)  # train.py's own checks, one line each
     if train_args.resume:
         run_dir = Path(train_args.resume).parent

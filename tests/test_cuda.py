@@ -195,6 +195,20 @@ def test_torchrun_nccl(nproc, synthetic_root, tmp_path, repo_root):
     assert sum(map(sum, results["confusion_matrix"])) == 28  # each test image counted once
 
 
+def test_submitit_local_job_on_the_gpus(synthetic_root, tmp_path, repo_root):
+    """scripts/submit.py --cluster local: one task per visible GPU, each on cuda:LOCAL_RANK with
+    NCCL, one run folder."""
+    gpus = torch.cuda.device_count()
+    argv = [sys.executable, str(repo_root / "scripts" / "submit.py"), "--cluster", "local",
+            "--wait", *TINY, "--amp", "--epochs", "1", "--dataset-path", str(synthetic_root),
+            "--output-dir", str(tmp_path), "--run-name", "job"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert results["world_size"] == gpus and results["num_gpus"] == gpus
+    assert len(set(results["weights_checksum_per_rank"])) == 1
+
+
 @pytest.mark.parametrize("mode", ["train", "val", "test"])
 def test_fast_pipeline_on_the_gpu_gives_the_cpus_pixels(mode, synthetic_root):
     """Same seed, same augmentation: pixels within 1e-4 (of 1) but for rotation-mask edges."""

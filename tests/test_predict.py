@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from inference_utils import (
     ASTRONAUT,
     CLASSES,
@@ -63,13 +64,18 @@ def test_official_checkpoint_in_process(golden_dir, tmp_path):
     assert 100 < x + w / 2 < 220 and 40 < y + h / 2 < 140  # Eileen Collins' face, top centre
 
 
-def test_video_gives_one_record_per_frame(checkpoint, tmp_path):
+def write_clip(path, fourcc: str, frames: int, step: int):
+    """A 5-fps video of the astronaut photo, moved `step` pixels right each frame."""
     frame = cv2.imread(str(ASTRONAUT))
-    path = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, frame.shape[1::-1])
-    for shift in range(5):
-        writer.write(np.roll(frame, 2 * shift, axis=1))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5, frame.shape[1::-1])
+    for shift in range(frames):
+        writer.write(np.roll(frame, step * shift, axis=1))
     writer.release()
+    return path
+
+
+def test_video_gives_one_record_per_frame(checkpoint, tmp_path):
+    path = write_clip(tmp_path / "clip.mp4", "mp4v", frames=5, step=2)
     out = tmp_path / "out"
     records = run([path, "--checkpoint", checkpoint, "--output", out, "--smooth", "3"])
     assert [r["frame"] for r in records] == list(range(5))
@@ -214,12 +220,7 @@ def test_video_runs_on_onnx_runtime_with_pytorchs_answers(
 ):
     """The default path for videos (ONNX Runtime, exported in memory) agrees with PyTorch, and
     each video reports its frames per second, backend and detector."""
-    frame = cv2.imread(str(ASTRONAUT))
-    path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, frame.shape[1::-1])
-    for shift in range(3):
-        writer.write(np.roll(frame, 3 * shift, axis=1))
-    writer.release()
+    path = write_clip(tmp_path / "clip.avi", "MJPG", frames=3, step=3)
     default = run([path, "--checkpoint", checkpoint])
     err = capsys.readouterr().err
     assert "ONNX Runtime (exported in" in err
@@ -325,3 +326,18 @@ def test_output_is_checked_before_any_work(tmp_path, capsys, repo_root):
         assert message.startswith(f"predict.py: error: --output {output}: "), message
         assert "is a file, not a folder" in message, message
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_the_default_backend_follows_the_device_and_the_number_of_frames():
+    """On a GPU the model stays on PyTorch there (CUDA's rule, no GPU needed to check it); on the
+    CPU a video, the webcam or IMAGES_FOR_ONNX images go to ONNX Runtime, fewer images do not."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    video, images = [("c.mp4", "video")], [(f"{i}.png", "image") for i in range(50)]
+    assert predict.choose_backend("auto", "m.pt", video, None, cpu) == "auto"
+    assert predict.choose_backend("auto", "m.pt", images, None, cpu) == "auto"
+    assert predict.choose_backend("auto", "m.pt", images[:49], None, cpu) == "torch"
+    assert predict.choose_backend("auto", "m.pt", [], 0, cpu) == "auto"  # the webcam
+    assert predict.choose_backend("auto", "m.pt", video, 0, gpu) == "torch"
+    assert predict.choose_backend("onnxruntime", "m.pt", [], None, gpu) == "onnxruntime"
+    with pytest.raises(CLIError, match="is an ONNX file"):
+        predict.choose_backend("torch", "m.onnx", video, None, cpu)

@@ -84,10 +84,9 @@ def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
 
 
 def test_own_flags_are_taken_out_of_trains_command_line():
-    parser = submit.get_args_parser()
     argv = ["--cluster", "local", "--nodes=1", "--wait", "--epochs", "3", "--slurm", "qos=high",
             "--amp", "--job-dir", "j"]  # fmt: skip
-    assert submit.split_argv(parser, argv) == ["--epochs", "3", "--amp"]
+    assert submit.split_argv(argv) == ["--epochs", "3", "--amp"]
 
 
 @pytest.mark.parametrize(
@@ -106,3 +105,23 @@ def test_mistakes_are_one_line_before_anything_is_submitted(argv, message, repo_
     assert done.returncode in (1, 2) and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_one_task_per_gpu_of_the_machine_or_the_node(gpus, synthetic_root, tmp_path, monkeypatch):
+    """CUDA's rule, simulated: --cluster local gives one task per visible GPU (one task on a CPU
+    machine); SLURM's default node has 8 GPUs; each task then takes cuda:LOCAL_RANK (train.py)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    common = [
+        "--dataset-path",
+        str(synthetic_root),
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
+    args, train_argv = submit.parse_args(["--cluster", "local", *common])
+    assert (args.gpus_per_node, args.tasks_per_node) == (gpus, max(gpus, 1))
+    assert "--run-name" in train_argv and "--cluster" not in train_argv  # a requeue finds the run
+    args, _ = submit.parse_args(["--cluster", "slurm", *common])
+    assert (args.gpus_per_node, args.tasks_per_node) == (8, 8)
