@@ -438,7 +438,7 @@ def resampled_scores(
     averaged over all `num_classes`: `compute_metrics` (scikit-learn, zero_division=0) exactly.
     """
     tp, true, pred = class_counts(preds, targets, num_classes, indices)
-    return 100.0 * tp.sum(1) / indices.shape[1], class_scores(tp, true, pred)[2].mean(1)
+    return 100.0 * (tp.sum(1) / indices.shape[1]), class_scores(tp, true, pred)[2].mean(1)
 
 
 def class_counts(
@@ -465,25 +465,36 @@ def class_scores(tp: np.ndarray, true: np.ndarray, pred: np.ndarray) -> tuple[np
     return ratio(tp, pred), ratio(tp, true), ratio(2.0 * tp, true + pred)
 
 
+def resampled_class_scores(
+    preds: np.ndarray, targets: np.ndarray, num_classes: int, resamples: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Accuracy (resamples,) and each class's precision, recall and F1 (resamples, num_classes),
+    in percent, of the `bootstrap_indices` resamples: one pass of `class_counts` for all four."""
+    blocks = []
+    for idx in bootstrap_indices(len(targets), resamples, seed):
+        tp, true, pred = class_counts(preds, targets, num_classes, idx)
+        blocks.append((100.0 * (tp.sum(1) / idx.shape[1]), *class_scores(tp, true, pred)))
+    return tuple(np.concatenate(parts) for parts in zip(*blocks, strict=True))
+
+
 def per_class_intervals(
     preds: np.ndarray,
     targets: np.ndarray,
     num_classes: int,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    scores: tuple[np.ndarray, ...] | None = None,
 ) -> list[dict]:
     """95 % percentile-bootstrap intervals of each class's precision, recall and F1 (percent), on
-    the resamples of `confidence_intervals` (the same seed draws the same images)."""
-    blocks = [
-        class_scores(*class_counts(preds, targets, num_classes, idx))
-        for idx in bootstrap_indices(len(targets), resamples, seed)
-    ]
-    scores = {
-        name: np.concatenate([block[i] for block in blocks])
-        for i, name in enumerate(("precision", "recall", "f1"))
-    }
+    the resamples of `confidence_intervals` (the same seed draws the same images); `scores`:
+    `resampled_class_scores` already computed."""
+    _, *per_class = scores or resampled_class_scores(preds, targets, num_classes, resamples, seed)
+    names = ("precision", "recall", "f1")
     return [
-        {f"{name}_ci95": percentile_interval(values[:, c]) for name, values in scores.items()}
+        {
+            f"{name}_ci95": percentile_interval(values[:, c])
+            for name, values in zip(names, per_class, strict=True)
+        }
         for c in range(num_classes)
     ]
 
@@ -509,11 +520,12 @@ def confidence_intervals(
     preds, targets = np.asarray(preds), np.asarray(targets)
     if len(targets) == 0 or resamples <= 0:
         return {}
-    ((acc, f1),) = bootstrap_scores([preds], targets, num_classes, resamples, seed)
+    scores = resampled_class_scores(preds, targets, num_classes, resamples, seed)
+    accuracy, _, _, f1 = scores
     return {
-        "accuracy_ci95": percentile_interval(acc),
-        "macro_f1_ci95": percentile_interval(f1),
-        "per_class_ci95": per_class_intervals(preds, targets, num_classes, resamples, seed),
+        "accuracy_ci95": percentile_interval(accuracy),
+        "macro_f1_ci95": percentile_interval(f1.mean(1)),
+        "per_class_ci95": per_class_intervals(preds, targets, num_classes, scores=scores),
         "bootstrap": {"resamples": int(resamples), "seed": int(seed), "method": "percentile"},
     }
 

@@ -384,10 +384,7 @@ def check_output_dir(folder: str | os.PathLike, flag: str, room: int = 0) -> Non
     """Before any work: `folder` exists or can be made, is a folder, can be written to, and has
     `room` bytes free (e.g. one checkpoint); else a CLIError naming the flag, the path and what to
     do. Nothing is created: the first existing folder on the way up is what is checked."""
-    path = Path(folder).absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_part(folder)
     if not existing.is_dir():
         raise CLIError(f"{flag} {folder}: {existing} is a file, not a folder; give a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -401,6 +398,14 @@ def check_output_dir(folder: str | os.PathLike, flag: str, room: int = 0) -> Non
             f"{flag} {folder}: {free / 2**20:.0f} MB free on its disk, {room / 2**20:.0f} MB "
             "needed for one checkpoint; free some space or give a folder on another disk"
         )
+
+
+def existing_part(path: str | os.PathLike) -> Path:
+    """The longest leading part of `path` that exists (what a write there would meet first)."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
 
 
 def check_file_name(name: str, flag: str) -> None:
@@ -420,17 +425,14 @@ def write_failure(err: OSError) -> str:
     where = err.filename or ""
     room = ""
     if where:
-        folder = Path(where).parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        room = f", {shutil.disk_usage(folder).free / 2**20:.0f} MB free on its disk"
+        room = f", {shutil.disk_usage(existing_part(where)).free / 2**20:.0f} MB free on its disk"
     return f"writing {where or 'a file'} failed: {err.strerror or err}{room}"
 
 
 class RunLock:
-    """One process writes a run folder: `lock_path` created exclusively, holding this process's
-    host and pid, removed on exit. A lock of a process that is gone (same host, no such pid) is
-    taken over; a live one is a CLIError naming the folder and the process."""
+    """One process writes a run folder: `lock_path` created exclusively by `acquire`, holding this
+    process's host and pid, removed by `release`. A lock of a process that is gone (same host, no
+    such pid) is taken over; `holder` names a live one."""
 
     def __init__(self, lock_path: Path, folder: Path):
         self.path, self.folder, self.held = Path(lock_path), folder, False
@@ -467,21 +469,10 @@ class RunLock:
             return True
         return False
 
-    def __enter__(self) -> RunLock:
-        if not self.acquire():
-            raise CLIError(
-                f"{self.folder} is being written by another process ({self.holder()}, the "
-                f"lock {self.path}); wait for it to end, or choose another --run-name"
-            )
-        return self
-
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
