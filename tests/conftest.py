@@ -27,11 +27,17 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """Outputs of the official code; beside the clone in CI (where their absence is a failure)."""
-    if not GOLDEN_DIR.is_dir():
+    return shared_path(GOLDEN_DIR, "golden outputs of the official code")
+
+
+def shared_path(path: Path, what: str) -> Path:
+    """A file or folder of ../shared: a failure in CI, which runs with shared/ beside the clone,
+    and a skip elsewhere."""
+    if not path.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"{GOLDEN_DIR} is missing: CI must run with shared/ beside the clone")
-        pytest.skip(f"golden outputs of the official code not found at {GOLDEN_DIR}")
-    return GOLDEN_DIR
+            pytest.fail(f"{path} is missing: CI must run with shared/ beside the clone")
+        pytest.skip(f"{what} not found at {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

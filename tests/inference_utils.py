@@ -8,6 +8,17 @@ from ema import EMA
 from models import create_model
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+# An eight-class model's classes as another project may name and order them (cross-dataset tests).
+EIGHT_MODEL = [
+    "happiness",
+    "anger",
+    "contempt",
+    "disgust",
+    "fear",
+    "neutral",
+    "sadness",
+    "surprise",
+]
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ASTRONAUT = DATA_DIR / "astronaut.png"
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from inference_utils import (
     CLASSES,
+    EIGHT_MODEL,
     command_error,
     make_official_checkpoint,
     make_project_checkpoint,
@@ -224,17 +225,6 @@ def test_outputs_are_checked_before_the_evaluation(dataset, tmp_path, repo_root,
 
 # ------------------------------------------------------------------ cross-dataset evaluation
 
-# An eight-class model's classes as another project may name and order them.
-EIGHT_MODEL = [
-    "happiness",
-    "anger",
-    "contempt",
-    "disgust",
-    "fear",
-    "neutral",
-    "sadness",
-    "surprise",
-]
 TO_DATASET = {"happiness": "Happy", "anger": "Angry", "disgust": "Disgust", "fear": "Fear",
               "neutral": "Neutral", "sadness": "Sad", "surprise": "Surprise"}  # fmt: skip
 

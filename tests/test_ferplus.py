@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from download_dataset import main, parse_args
 from importers import FERPLUS_URL, ferplus_majority
 from test_download import assert_nothing_left, one_line_error, write_csv
@@ -34,12 +35,7 @@ SPLIT_OF = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 @pytest.fixture(scope="module")
 def vote_file() -> Path:
     """The real fer2013new.csv; beside the clone in CI (where its absence is a failure)."""
-    path = FERPLUS_DIR / "fer2013new.csv"
-    if not path.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: CI must run with shared/ beside the clone")
-        pytest.skip(f"FER+ vote file not found at {path}")
-    return path
+    return shared_path(FERPLUS_DIR / "fer2013new.csv", "FER+ vote file")
 
 
 @pytest.fixture(scope="module")

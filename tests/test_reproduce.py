@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from inference_utils import CLASSES, make_project_checkpoint
+from inference_utils import CLASSES, EIGHT_MODEL, make_project_checkpoint
 
 import evaluate
 import models
@@ -188,17 +188,6 @@ def test_docs_table_lists_every_row(repo_root, doc):
 
 
 # ------------------------------------------------------------------ train-on-X, test-on-Y
-
-EIGHT_MODEL = [
-    "happiness",
-    "anger",
-    "contempt",
-    "disgust",
-    "fear",
-    "neutral",
-    "sadness",
-    "surprise",
-]
 
 
 def finished_run(folder, dataset, classes, seed: int) -> None:
