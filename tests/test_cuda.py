@@ -331,6 +331,11 @@ def test_evaluate_predict_export_on_the_gpu(synthetic_root, tmp_path):
     records = predict.main(args)
     assert len(records) == 1
     assert abs(sum(records[0]["probabilities"].values()) - 1) < 1e-4
+    # ONNX Runtime asked for on cuda: CUDA's provider where onnxruntime-gpu has it, else the CPU's
+    argv = [str(ASTRONAUT), "--checkpoint", str(checkpoint), "--device", "cuda", "--json",
+            "--no-detect", "--backend", "onnxruntime"]  # fmt: skip
+    onnx_records = predict.main(predict.get_args_parser().parse_args(argv))
+    assert onnx_records[0]["label"] == records[0]["label"]
 
     onnx_path = tmp_path / "model.onnx"
     args = export.get_args_parser().parse_args(

@@ -156,3 +156,29 @@ def test_opset_and_output_are_checked_before_anything_is_loaded(tmp_path, capsys
         assert status == 2 and message.count("\n") == 1, message
         assert message.startswith("export.py: error: ") and expected in message, message
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize(
+    "device, available, expected",
+    [
+        ("cuda:0", ["CUDAExecutionProvider", "CPUExecutionProvider"],
+         ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        ("cuda:0", ["CPUExecutionProvider"], ["CPUExecutionProvider"]),  # onnxruntime without GPU
+        ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    ],
+)  # fmt: skip
+def test_onnx_sessions_take_cuda_only_on_a_cuda_device_that_has_it(
+    device, available, expected, monkeypatch
+):
+    """CUDA's rule for ONNX Runtime, simulated: CUDA first only when asked for and provided."""
+    import onnxruntime as ort
+
+    from models import deploy
+
+    seen = {}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda m, providers: seen.setdefault("p", providers)
+    )
+    deploy.onnx_session(b"model", device)
+    assert seen["p"] == expected
