@@ -16,6 +16,7 @@ cache (HF_HOME; HF_HUB_OFFLINE=1 uses the cache alone); `push` uploads a folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -246,6 +247,11 @@ def download(name: str) -> Path:
 
     repo_id, revision = split_name(name)
     cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    # huggingface_hub logs each failed attempt ("... thrown while requesting HEAD ..."): the
+    # failure is said once, in one line, below.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         paths = [
             hf_hub_download(
@@ -285,6 +291,8 @@ def download(name: str) -> Path:
         raise WeightsError(
             f"could not download {name} ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
+    finally:
+        hub_logger.setLevel(level)
     return Path(paths[0]).parent
 
 

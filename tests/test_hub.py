@@ -349,3 +349,26 @@ def test_push_without_token_or_network_is_one_line(run_dir, tmp_path, monkeypatc
     status, message = command_error(capsys, Path(export_script.__file__), argv)
     assert status == 1 and message.count("\n") == 1, message
     assert "could not reach the Hugging Face Hub" in message and "hf upload" in message
+
+
+def test_an_unreachable_hub_is_one_line_without_its_retry_log(monkeypatch):
+    """huggingface_hub logs each failed attempt (a warning per retry when the network is down):
+    while it downloads, its warnings are off, so the user sees only the one line saying what to
+    do; its level is as it was afterwards."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    warns = []
+
+    def unreachable(*args, **kwargs):
+        warns.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        raise LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    level = logging.getLogger("huggingface_hub").level
+    with pytest.raises(CLIError, match="could not reach the Hugging Face Hub"):
+        models.load_model("hf-hub:someone/emonext-fer")
+    assert warns == [False]
+    assert logging.getLogger("huggingface_hub").level == level
