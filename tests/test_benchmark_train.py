@@ -148,4 +148,9 @@ def test_our_step_settings_equal_the_official_ones_in_fp32():
             # Adam normalises to full-size steps of random sign: no setting reproduces those,
             # nor the running means that follow them (BatchNorm cancels both out: see logits).
             continue
-        torch.testing.assert_close(weights[1][k], v, atol=1e-5, rtol=1e-4, msg=k)
+        # The localisation net's gradients start near zero (fc_loc's last layer starts at 0),
+        # so Adam turns their rounding into differences of up to 3e-5 after 4 steps (as much
+        # from channels-last alone, or fused AdamW alone); a wrong setting moves weights by
+        # about a step, 1e-3.
+        atol = 1e-4 if k.startswith("localization.") else 1e-5
+        torch.testing.assert_close(weights[1][k], v, atol=atol, rtol=1e-4, msg=k)

@@ -80,6 +80,26 @@ def test_any_input_size(size):
     assert model(torch.rand(2, 3, size, size)).shape == (2, 7)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (2, 5), (6, 6), (6, 9), (7, 7), (12, 12)])
+def test_small_map_depthwise_convolution_computes_the_convolution(shape):
+    """Maps under 7 x 7 (48-pixel inputs' last stages) take the matrix product instead of the
+    convolution: the same outputs and the same gradients for the input, weight and bias."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 5, 7, padding=3, groups=5).double()
+    x = torch.randn(3, 5, *shape, dtype=torch.float64, requires_grad=True)
+    calls = []
+    conv.register_forward_hook(lambda *_: calls.append(1))
+    ours = models.emonext.depthwise_conv(conv, x)
+    assert len(calls) == (max(shape) >= 7), "the product replaces the convolution below 7"
+    theirs = conv._conv_forward(x, conv.weight, conv.bias)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    grad = torch.randn_like(theirs)
+    params = (x, conv.weight, conv.bias)
+    ours_grads = torch.autograd.grad(ours, params, grad)
+    for g_ours, g_theirs in zip(ours_grads, torch.autograd.grad(theirs, params, grad), strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, atol=1e-12, rtol=0)
+
+
 def test_stn_starts_at_identity():
     model = create_model("emonext_atto", img_size=64).eval()
     x = torch.rand(2, 3, 64, 64)

@@ -415,14 +415,15 @@ def test_ablation_flags_are_recorded_and_restored(tiny_faces, tmp_path):
 
 
 def test_demo_reaches_its_accuracy(tmp_path, repo_root):
-    """The README's main command, as a newcomer runs it (but writing into tmp_path)."""
+    """The README's main command, as a newcomer runs it (but writing into tmp_path). About a
+    minute here; the timeout only guards against a hang, on however slow a machine."""
     data = tmp_path / "synthetic"
     command = [sys.executable, "train.py", "--demo", "--no-progress",
                "--dataset-path", str(data), "--output-dir", str(tmp_path)]  # fmt: skip
     started = time.time()
-    proc = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("emonext_atto_")]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("emonext_micro_")]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test_accuracy"] >= 60.0, results["test_accuracy"]
     print(f"demo: {results['test_accuracy']:.2f} % in {time.time() - started:.0f} s")

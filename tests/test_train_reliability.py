@@ -139,10 +139,10 @@ def test_bad_resume_files(tmp_path, capsys):
 
 
 def test_demo_keeps_the_flags_given():
-    assert train.parse_args(["--demo"]).model == "emonext_atto"
-    args = train.parse_args(["--demo", "--model-size", "femto", "--epochs", "300"])
-    assert args.model == "emonext_femto" and args.input_size == 48
-    assert args.epochs == 300  # given, even though it is the default without --demo
+    assert train.parse_args(["--demo"]).model == "emonext_micro"
+    args = train.parse_args(["--demo", "--model-size", "femto", "--epochs", "300", "--lr", "1e-3"])
+    assert args.model == "emonext_femto" and args.input_size == 48 and args.batch_size == 128
+    assert args.epochs == 300 and args.lr == 1e-3  # given, though they are the defaults
 
 
 def test_help_shows_defaults_and_points_to_the_projects_docs(repo_root):
