@@ -10,6 +10,8 @@ import pytest
 import submit
 import torch
 
+import utils
+
 # emonext_micro at 32 pixels on the 7 x 16 synthetic faces, batch 8 in each of 2 processes:
 # 7 steps an epoch.
 TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",
@@ -99,12 +101,26 @@ def test_own_flags_are_taken_out_of_trains_command_line():
         (["--cluster", "slurm", "--dataset-path", "."], "sbatch is not on PATH"),
     ],
 )
-def test_mistakes_are_one_line_before_anything_is_submitted(argv, message, repo_root, tmp_path):
-    # PATH empty: no sbatch, whatever this machine has
-    done = submit_local(repo_root, argv + ["--output-dir", tmp_path / "out"], {"PATH": ""})
-    assert done.returncode in (1, 2) and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+def test_mistakes_are_one_line_before_anything_is_submitted(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    """The command's entry point in-process, as its __main__ calls it; the next test runs one
+    case as a real command."""
+    monkeypatch.setenv("PATH", "")  # no sbatch, whatever this machine has
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_command("submit.py", submit.main, argv + ["--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code in (1, 2) and message in err, err
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err  # train.py's rules: train.py
     assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
+
+
+def test_a_mistake_is_one_line_as_a_user_runs_the_command(repo_root, tmp_path):
+    argv = ["--cluster", "slurm", "--dataset-path", ".", "--output-dir", tmp_path / "out"]
+    done = submit_local(repo_root, argv, {"PATH": ""})  # PATH empty: no sbatch
+    assert done.returncode == 1 and "sbatch is not on PATH" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("gpus", [0, 2])

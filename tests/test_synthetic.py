@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from make_synthetic import main
+from make_synthetic import main, parse_args, run
 
 import datasets
 from datasets import EXPRESSIONS, draw_face, make_synthetic
+from utils import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,9 +142,10 @@ def test_make_synthetic_refuses_empty_splits(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    """As a command: a parser error exits with 2, a folder in the way with 1; one line each."""
-    script = str(ROOT / "scripts" / "make_synthetic.py")
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    """A parser error exits with 2, a folder in the way with 1; one line each. The command's own
+    entry point in-process (`run_command(..., run, parse_args(argv))`, as its __main__ calls it),
+    and the first case once more as a real command."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
@@ -155,10 +157,15 @@ def test_command_line_errors_are_one_line(tmp_path):
         (["--out", str(mine), "--per-class", "1"], 1, "never replaced"),
     ]
     for argv, status, message in cases:
-        r = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
-        assert r.returncode == status, (argv, r.stderr)
-        assert message in one_line_error(r.stderr), argv
-        assert r.stdout == ""
+        with pytest.raises(SystemExit) as exit_info:
+            run_command("make_synthetic.py", run, parse_args(argv))
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == status, (argv, err)
+        assert message in one_line_error(err), argv
+        assert out == ""
+    script = str(ROOT / "scripts" / "make_synthetic.py")
+    r = subprocess.run([sys.executable, script, *cases[0][0]], capture_output=True, text=True)
+    assert r.returncode == 2 and cases[0][2] in one_line_error(r.stderr) and r.stdout == ""
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
