@@ -111,7 +111,7 @@ def test_mistakes_are_one_line_before_anything_is_submitted(
         utils.run_command("submit.py", submit.main, argv + ["--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code in (1, 2) and message in err, err
-    assert len(err.strip().splitlines()) == 1 and ": error: " in err  # train.py's rules: train.py
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err  # train.py names its own
     assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
 
 
