@@ -2,6 +2,7 @@
 a decompression bomb."""
 
 import os
+import signal
 import struct
 import sys
 import zlib
@@ -38,6 +39,22 @@ def shared_path(path: Path, what: str) -> Path:
             pytest.fail(f"{path} is missing: CI must run with shared/ beside the clone")
         pytest.skip(f"{what} not found at {path}")
     return path
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal, for a test that sends
+    it. A suite started as a background job (`nohup ... &`) inherits SIGINT ignored, and Python
+    then leaves it ignored; the handler found is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def sigint_default() -> None:
+    """subprocess's preexec_fn for a child that a test sends SIGINT: the default disposition, so
+    the child's Python turns it into KeyboardInterrupt even when this suite ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

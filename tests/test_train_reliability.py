@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigint_default
 
 import datasets
 import engine
@@ -274,7 +275,7 @@ def test_early_stopped_run_stays_stopped(two_epochs, tmp_path, capsys):
     assert f"continue it with `{train.resume_command(run_dir / 'last.pt')}`" in line
 
 
-def test_interrupt_messages_are_true(synthetic_root, tmp_path, monkeypatch, capsys):
+def test_interrupt_messages_are_true(synthetic_root, tmp_path, monkeypatch, capsys, ctrl_c):
     argv = SMALL + ["--epochs", "1", "--dataset-path", synthetic_root, "--output-dir", tmp_path,
                     "--run-name", "r"]  # fmt: skip
     monkeypatch.setenv("EMONEXT_FAULT", "step:2:SIGINT")  # Ctrl-C in the 2nd step of epoch 0
@@ -299,7 +300,7 @@ def test_interrupt_messages_are_true(synthetic_root, tmp_path, monkeypatch, caps
     command = shlex.split(re.search(r"`([^`]+)` tests it again", out).group(1))
     monkeypatch.delenv("EMONEXT_FAULT")
     assert run(command[2:])["epochs_run"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's, restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the one found, restored
 
 
 @pytest.mark.parametrize("where", ["train_one_epoch", "evaluate"])
@@ -529,6 +530,7 @@ def test_ctrl_c_while_setting_up_is_one_line(synthetic_root, tmp_path, repo_root
         text=True,
         timeout=300,
         env={**os.environ, "EMONEXT_FAULT": "setup:1:SIGINT"},
+        preexec_fn=sigint_default,  # as a terminal's Ctrl-C reaches it, also under nohup
     )
     assert done.returncode == 128 + signal.SIGINT
     assert done.stderr.strip() == "train.py: interrupted while setting up; nothing was trained"
