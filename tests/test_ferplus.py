@@ -241,6 +241,21 @@ def _bad_vote(header, votes):
     return header, votes
 
 
+def _huge_vote(header, votes):
+    votes[5][4] = str(10**30)  # was an OverflowError traceback
+    return header, votes
+
+
+def _no_votes(header, votes):
+    """Every vote 0: no image has a majority (the conversion wrote 0 images, exit 0)."""
+    return header, [[*row[:2], *["0"] * 10] for row in votes]
+
+
+def _no_test_votes(header, votes):
+    """No PrivateTest image has a majority: train.py refused the dataset it wrote (exit 0)."""
+    return header, [[*row[:2], *["0"] * 10] if row[0] == "PrivateTest" else row for row in votes]
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [
@@ -248,13 +263,19 @@ def _bad_vote(header, votes):
         (_swap_usage, "row 3: .* says Training but .* says PrivateTest"),
         (_bad_vote, "row 5 .*non-negative integers"),
         (lambda h, v: (h[:2] + h[3:], [r[:2] + r[3:] for r in v]), "not fer2013new.csv's"),
+        (_huge_vote, r"row 5 \(line 7\): votes must be non-negative integers of at most 10"),
+        (_no_votes, "by FER\\+'s majority rule no Training row gets a label, but train.py"),
+        (_no_test_votes, "majority rule no PrivateTest row gets a label, but train.py needs"),
     ],
-    ids=["rows", "usage", "vote", "header"],
+    ids=["rows", "usage", "vote", "header", "huge-vote", "no-votes", "no-test-votes"],
 )
 def test_vote_files_that_do_not_fit(tmp_path, mutate, match):
+    """A vote file that does not fit is one line and nothing written: a conversion gives a
+    dataset train.py accepts, or nothing."""
     fer, votes = small_pair(tmp_path, mutate)
-    with pytest.raises(DatasetError, match=match):
+    with pytest.raises(DatasetError, match=match) as err:
         main(["--csv", str(fer), "--ferplus", str(votes), "--out", str(tmp_path / "FERPlus")])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
     assert_nothing_left(tmp_path, {"fer2013.csv", "fer2013new.csv"})
 
 
