@@ -526,14 +526,17 @@ def annotate(rgb: np.ndarray, records: list[dict]) -> np.ndarray:
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
     """(path, "image" | "video") for every input; folders give their images, sorted, without
-    hidden files (`.x.png`, macOS's AppleDouble `._x.png`): no image, as in the datasets."""
+    hidden files (`.x.png`, macOS's AppleDouble `._x.png`): no image, as in the datasets; nor
+    a folder or a pipe named like one (`dir.png/`), which cannot be read as an image."""
     items = []
     for path in inputs:
         if os.path.isdir(path):
             files = sorted(
                 p
                 for p in Path(path).iterdir()
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not datasets.is_hidden(p.name)
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not datasets.is_hidden(p.name)
+                and p.is_file()
             )
             if not files:
                 raise utils.CLIError(

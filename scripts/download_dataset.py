@@ -17,8 +17,10 @@ boxes and write --image-size grayscale squares; val is carved from train (strati
 for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a photo or a
 subject is the test set and the next fold val. Images are PNG (lossless) unless --format jpg.
 The dataset is built in a temporary folder next to --out and renamed into place at the end, so an
-interrupted or failed run leaves nothing behind; a manifest.json records the source, settings,
-counts and a content hash, and a second run with the same source finds it and does nothing.
+interrupted (SIGTERM, Ctrl-C: one line) or failed run leaves nothing behind; --out is locked
+while a conversion runs (`.OUT.lock` beside it), so a second one into it is refused; a
+manifest.json records the source, settings, counts and a content hash, and a second run with the
+same source finds it and does nothing.
 --force replaces a dataset that this tool wrote (its manifest.json is there), and only once the
 new one is complete; a folder holding anything else is never replaced. Every image goes through
 datasets.decode_image: 16-bit, colour and transparent images become the 8-bit grayscale a person
@@ -28,13 +30,16 @@ sees. docs/DATA.md describes each dataset, its format, licence, split rule and c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -67,7 +72,7 @@ from datasets import (  # noqa: E402
     read_manifest,
     write_manifest,
 )
-from utils import ArgumentParser, CLIError, run_command  # noqa: E402
+from utils import ArgumentParser, CLIError, RunLock, fault_point, run_command  # noqa: E402
 
 KAGGLE_COMPETITION = "challenges-in-representation-learning-facial-expression-recognition-challenge"
 KAGGLE_FILE = "fer2013.tar.gz"
@@ -242,8 +247,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument(
         "--skip-bad-images",
         action="store_true",
-        help="--folder and the benchmarks: skip unreadable or missing images (counted in the "
-        "manifest) instead of failing",
+        help="--folder and the benchmarks: skip unreadable or missing images and malformed "
+        "label entries (counted in the manifest) instead of failing",
     )
     parser.add_argument(
         "--force",
@@ -308,9 +313,9 @@ def locate(path: Path, work: Path, depth: int = 0) -> tuple[str, Path]:
         dest = work / f"extracted-{depth}-{path.name}"
         _extract(path, kind, dest)
         return locate(dest, work, depth + 1)
-    csvs = importers.visible(path.rglob("fer2013.csv"), path) or importers.visible(
-        path.rglob("*.csv"), path
-    )
+    csvs = [p for p in importers.visible(path.rglob("fer2013.csv"), path) if p.is_file()] or [
+        p for p in importers.visible(path.rglob("*.csv"), path) if p.is_file()
+    ]  # a folder or a pipe named x.csv is no CSV
     if csvs:
         return "csv", csvs[0]
     everything = importers.visible(path.rglob("*"), path)
@@ -469,6 +474,7 @@ def _check_usages(path: Path, splits: list[str]) -> None:
 
 
 def _save(arr: np.ndarray, path: Path, fmt: str) -> None:
+    fault_point("dataset_image")  # the signal tests stop a conversion here
     if fmt == "png":
         Image.fromarray(arr).save(path, format="PNG")
     else:
@@ -500,6 +506,7 @@ def build_ferplus(csv_path: Path, votes_path: Path, dest: Path, fmt: str) -> tup
     split_to_usage = {v: k for k, v in USAGE_TO_SPLIT.items()}
     importers.check_ferplus_rows(votes, [split_to_usage[s] for s in splits], csv_path, votes_path)
     labels, reasons = importers.ferplus_majority(votes.votes, votes.names)
+    importers.check_ferplus_labels(labels, votes.usage, votes_path)  # a dataset train.py takes
     expected: dict[str, dict[str, int]] = {}
     dropped = {split: Counter() for split in SPLITS}
     rows = [["fer2013_row", "usage", "image_name", "path", "label", "dropped",
@@ -558,8 +565,8 @@ def scan_folder(root: Path) -> dict[str, dict[str, list[Path]]]:
                 raise DatasetError(f"{c} duplicates class {name!r} in {d}")
             files = sorted(
                 p
-                for p in c.iterdir()
-                if p.suffix.lower() in IMG_EXTENSIONS and not is_hidden(p.name)  # no ._0.png
+                for p in c.iterdir()  # no ._0.png, no folder or pipe named x.png
+                if p.suffix.lower() in IMG_EXTENSIONS and not is_hidden(p.name) and p.is_file()
             )
             if not files:
                 raise DatasetError(f"class folder {c} has no images")
@@ -681,6 +688,11 @@ def source_description(args: argparse.Namespace) -> dict:
         source = {"type": "gdrive", "key": f"gdrive:{args.gdrive}", "id_or_url": args.gdrive}
     elif args.csv:
         path = Path(args.csv)
+        if path.is_dir():
+            raise DatasetError(
+                f"--csv {path} is a folder; pass the fer2013.csv file in it (or the archive that "
+                "holds it), or --folder for a folder of train/ and test/ image folders"
+            )
         if not path.is_file():
             raise DatasetError(f"--csv {path}: no such file")
         digest = sha256_file(path)
@@ -842,19 +854,24 @@ def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[d
         _extract(root, kind, work / "extracted")
         root = work / "extracted"
     print(f"reading {BENCHMARKS[flag]} from {root}")
+    skip = args.skip_bad_images
     if flag == "rafdb":
-        plan = importers.read_rafdb(root)
+        plan = importers.read_rafdb(root, skip)
     elif flag == "affectnet":
-        plan = importers.read_affectnet(root, args.affectnet_classes)
+        plan = importers.read_affectnet(root, args.affectnet_classes, skip)
     elif flag == "expw":
-        plan = importers.read_expw(root)
+        plan = importers.read_expw(root, skip)
     else:
-        plan = importers.read_ckplus(root, args.last_frames, args.ckplus_neutral)
-    missing = importers.drop_missing(plan, args.skip_bad_images)
+        plan = importers.read_ckplus(root, args.last_frames, args.ckplus_neutral, skip)
+    conflicting = importers.drop_repeats(plan)
+    if conflicting:
+        print(f"left out {len(conflicting)} face(s) listed with different labels, boxes or "
+              f"splits, e.g. {conflicting[0]} (counted in the manifest)")  # fmt: skip
+    missing = importers.drop_missing(plan, skip)
     if not any(plan.splits.values()):
         raise DatasetError(f"{root}: no labelled face to import ({dict(plan.dropped)} dropped)")
     splits, rule = importers.split_plan(plan, args.val_fraction, args.seed, args.folds, args.fold)
-    size, workers, skip = args.image_size, args.workers, args.skip_bad_images
+    size, workers = args.image_size, args.workers
     expected, unreadable = importers.write_plan(
         splits, dest, args.format, size, workers, skip, plan.crop_scale
     )
@@ -867,16 +884,78 @@ def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[d
     return expected, {**facts, "skipped_bad_images": len(skipped), "skipped_images": skipped}
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C while a dataset is built; `done`: it came while the finished dataset
+    was put in place, which was let finish."""
+
+    def __init__(self, signum: int, done: bool = False):
+        super().__init__(signum)
+        self.signum, self.done = signum, done
+
+
+class StopSignals:
+    """SIGTERM and SIGINT raise Interrupted in the main thread, so that the `finally` blocks
+    remove the temporary folder and the lock; inside `hold()` (the finished dataset being put in
+    place) a signal waits until that is over. A signal that was ignored (SIGINT in a background
+    job) stays ignored; the previous handlers come back on the way out."""
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.held, self.pending = False, 0
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.held:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+        if self.pending:
+            raise Interrupted(self.pending, done=True)
+
+
 def main(args: argparse.Namespace | list[str] | None = None) -> Path:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     out = Path(args.out)
     source = source_description(args)
-    if already_there(out, source, args):
-        return out
-
+    # One conversion writes an --out at a time (train.py locks a run folder the same way).
     target = out.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(target.parent / f".{target.name}.lock", target)
+    if not lock.acquire():
+        raise DatasetError(
+            f"--out {out} is being written by another download_dataset.py ({lock.holder()}); "
+            "wait for it to finish, or choose another --out"
+        )
+    try:
+        with StopSignals() as stop:
+            if not already_there(out, source, args):
+                build(args, source, out, stop)
+    finally:
+        lock.release()
+    return out
+
+
+def build(args: argparse.Namespace, source: dict, out: Path, stop: StopSignals) -> None:
+    """The dataset built in a temporary folder beside `out`, checked, and moved into place."""
+    target = out.resolve()
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         dest = work / "dataset"
@@ -902,20 +981,30 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
             "tool": "scripts/download_dataset.py",
         }
         write_manifest(dest, manifest)
-        publish_dataset(dest, out)
-        print(f"wrote {manifest['total']} images to {out}")
+        with stop.hold():  # a signal now would leave neither the old dataset nor the new one
+            publish_dataset(dest, out)
+            print(f"wrote {manifest['total']} images to {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def run(args: argparse.Namespace) -> Path:
     """main for the command line: a DatasetError (bad input, a failed download, a folder in the
-    way) becomes a CLIError, which run_command prints as one line (exit status 1)."""
+    way) becomes a CLIError, which run_command prints as one line (exit status 1); so does a
+    stop signal (exit status 128 + the signal)."""
     try:
         return main(args)
     except DatasetError as err:
         raise CLIError(str(err)) from None
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        if getattr(err, "done", False):
+            what = f"the dataset was complete and is in {args.out}"
+        else:
+            what = f"nothing was written ({args.out} is as it was)"
+        stopped = CLIError(f"interrupted by {signal.Signals(signum).name}; {what}")
+        stopped.exit_status = 128 + signum
+        raise stopped from None
 
 
 if __name__ == "__main__":

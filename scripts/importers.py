@@ -13,8 +13,10 @@ download_dataset.py turns each into the project's layout, `OUT/{train,val,test}/
   resizes and writes the images, in parallel.
 
 Every mistake a user can make (a wrong folder, a malformed label line, a missing image) is a
-DatasetError naming the file and what to do. docs/DATA.md gives each format, with the details
-that are uncertain.
+DatasetError naming the file and what to do; with --skip-bad-images a malformed label entry or a
+missing or unreadable image is skipped and counted instead. A face listed twice is imported
+once, or, where its entries disagree (label, box, split), left out (`drop_repeats`).
+docs/DATA.md gives each format, with the details that are uncertain.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import os
+import signal
 import urllib.error
 import urllib.request
 import warnings
@@ -64,6 +67,7 @@ FERPLUS_VOTES = (
 # The classes of the first eight vote columns; the last two (unknown, not a face) are no class.
 FERPLUS_CLASSES = ("Neutral", "Happy", "Surprise", "Sad", "Angry", "Disgust", "Fear", "Contempt")
 UNKNOWN, NOT_A_FACE = 8, 9
+FERPLUS_ANNOTATORS = 10  # each image's votes: no column can hold more (and int64 holds them)
 # Why a row of fer2013.csv is not in FER+ (majority mode), in the order the rule checks.
 FERPLUS_DROPPED = ("no image name", "no majority", "majority unknown", "majority not a face")
 
@@ -78,7 +82,7 @@ class FerPlusVotes:
 
 
 def read_ferplus(path: Path) -> FerPlusVotes:
-    """fer2013new.csv, validated: its header, 12 fields a row, votes non-negative integers."""
+    """fer2013new.csv, validated: its header, 12 fields a row, votes integers 0..10."""
     usage, names, votes = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -104,8 +108,12 @@ def read_ferplus(path: Path) -> FerPlusVotes:
                     counts = [int(v) for v in fields[2:]]
                 except ValueError:
                     counts = [-1]
-                if min(counts) < 0:
-                    raise DatasetError(f"{where}: votes must be non-negative integers")
+                if min(counts) < 0 or max(counts) > FERPLUS_ANNOTATORS:
+                    raise DatasetError(
+                        f"{where}: votes must be non-negative integers of at most "
+                        f"{FERPLUS_ANNOTATORS} (FER+ has {FERPLUS_ANNOTATORS} annotators an "
+                        f"image), got {','.join(fields[2:])[:80]}"
+                    )
                 usage.append(fields[0].strip())
                 names.append(fields[1].strip())
                 votes.append(counts)
@@ -156,6 +164,25 @@ def check_ferplus_rows(votes: FerPlusVotes, usages: list[str], csv_path, votes_p
             raise DatasetError(
                 f"row {row}: {csv_path} says {ours} but {votes_path} says {theirs}; the two "
                 f"files are not row for row the same release of FER2013"
+            )
+
+
+def check_ferplus_labels(labels: np.ndarray, usages: list[str], votes_path) -> None:
+    """The images the majority rule keeps must make a dataset train.py accepts (every split
+    with images, the same classes in each): else a DatasetError, before anything is written."""
+    classes = {usage: set() for usage in dict.fromkeys(usages)}
+    for label, usage in zip(labels.tolist(), usages, strict=True):
+        if label >= 0:
+            classes[usage].add(FERPLUS_CLASSES[label])
+    every = set().union(*classes.values())
+    for usage, found in classes.items():
+        missing = sorted(every - found)
+        if not found or missing:
+            what = "gets a label" if not found else f"is labelled {', '.join(missing)}"
+            raise DatasetError(
+                f"{votes_path}: by FER+'s majority rule no {usage} row {what}, but train.py "
+                f"needs every split (Training, PublicTest, PrivateTest) to hold every class; "
+                f"nothing was written: use FER+'s own fer2013new.csv"
             )
 
 
@@ -220,22 +247,45 @@ class Plan:
     dataset: str
     splits: dict[str, list[Sample]]
     info: dict = field(default_factory=dict)
-    dropped: Counter = field(default_factory=Counter)  # reason -> labelled faces not imported
+    dropped: Counter = field(default_factory=Counter)  # reason -> label entries not imported
     crop_scale: float = 1.0  # a box's side is scaled by this (CK+'s landmark boxes are tight)
+    skip_bad_lines: bool = False  # --skip-bad-images: a malformed label entry is skipped
+
+    def bad_line(self, where: str, why: str) -> None:
+        """A label entry that cannot be used: a DatasetError naming it and --skip-bad-images,
+        or with that flag skipped and counted in `dropped`."""
+        if not self.skip_bad_lines:
+            raise DatasetError(f"{where}: {why}; fix it, or pass --skip-bad-images to skip it")
+        self.dropped["malformed label entry (--skip-bad-images)"] += 1
 
 
-def _find(root: Path, pattern: str, what: str, hint: str, kind: str = "file") -> Path:
-    """`root/pattern`, or the same up to three folders down (an archive's top folder, RAF-DB's
-    `basic/`): the first match in sorted order; else a DatasetError saying what to pass."""
+def _find(
+    root: Path, pattern: str | tuple[str, ...], what: str, hint: str, kind: str = "file"
+) -> Path:
+    """`root/pattern` (or one of the patterns, the names copies give it), or the same up to
+    three folders down (an archive's top folder, RAF-DB's `basic/`): the first match in sorted
+    order; else a DatasetError saying what to pass."""
+    patterns = (pattern,) if isinstance(pattern, str) else pattern
     for depth in range(4):
-        found = [
-            p
-            for p in visible(root.glob("/".join(["*"] * depth + [pattern])), root)
-            if (p.is_file() if kind == "file" else p.is_dir())
-        ]
-        if found:
-            return found[0]
-    raise DatasetError(f"{root} is not {what}: no {pattern} in it or below it; {hint}")
+        for name in patterns:
+            found = [
+                p
+                for p in visible(root.glob("/".join(["*"] * depth + [name])), root)
+                if (p.is_file() if kind == "file" else p.is_dir())
+            ]
+            if found:
+                return found[0]
+    names = " or ".join(patterns)
+    raise DatasetError(f"{root} is not {what}: no {names} in it or below it; {hint}")
+
+
+def _code(value) -> int | None:
+    """A label code written as an integer ('3', '3.0', 3.0 in a .npy), else None."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
@@ -261,9 +311,10 @@ RAFDB_CLASSES = {
 RAFDB_LABELS = "EmoLabel/list_patition_label.txt"  # sic: the owners' spelling
 
 
-def read_rafdb(root: Path) -> Plan:
+def read_rafdb(root: Path, skip_bad_lines: bool = False) -> Plan:
     """RAF-DB's basic emotions: the 100 x 100 aligned faces, the official train/test partition
-    (the image name's prefix), labels 1-7 (RAFDB_CLASSES)."""
+    (the image name's prefix), labels 1-7 (RAFDB_CLASSES). A name may carry the `_aligned` of
+    the image file (some copies list those) or not."""
     hint = "pass RAF-DB's basic/ folder (EmoLabel/ and Image/aligned/ inside)"
     label_file = _find(root, RAFDB_LABELS, "RAF-DB basic", hint)
     base = label_file.parent.parent
@@ -273,27 +324,26 @@ def read_rafdb(root: Path) -> Plan:
             f"{base} has {RAFDB_LABELS} but no Image/aligned/ folder; extract Image/aligned.zip "
             f"there"
         )
-    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    plan = Plan("RAF-DB", {"train": [], "test": []}, skip_bad_lines=skip_bad_lines)
     for number, fields in _lines(label_file):
         where = f"{label_file}: line {number}"
-        try:
-            code = int(fields[-1])
-        except ValueError:
-            code = 0
+        code = _code(fields[-1])
         if len(fields) < 2 or code not in RAFDB_CLASSES:
-            raise DatasetError(f"{where}: expected 'train_00001.jpg 5' (a label 1-7): {fields}")
-        stem = Path(fields[0]).stem
+            plan.bad_line(where, f"expected 'train_00001.jpg 5' (a label 1-7): {fields}")
+            continue
+        stem = Path(fields[0]).stem.removesuffix("_aligned")
         split = stem.split("_")[0]
-        if split not in splits:
-            raise DatasetError(f"{where}: image name {fields[0]!r} starts neither train_ nor test_")
+        if split not in plan.splits:
+            plan.bad_line(where, f"image name {fields[0]!r} starts neither train_ nor test_")
+            continue
         source = aligned / f"{stem}_aligned.jpg"
-        splits[split].append(Sample(source, RAFDB_CLASSES[code], stem))
-    info = {
+        plan.splits[split].append(Sample(source, RAFDB_CLASSES[code], stem))
+    plan.info = {
         "labels": str(label_file.relative_to(root)),
         "images": "Image/aligned (100 x 100)",
         "split": "official train/test; val carved from train",
     }
-    return Plan("RAF-DB", splits, info)
+    return plan
 
 
 # ---- AffectNet
@@ -312,6 +362,8 @@ AFFECTNET_COLUMNS = (
     "valence",
     "arousal",
 )
+# The lists' names: the owners' and those of copies that renamed them.
+AFFECTNET_LISTS = ("training.csv", "Manually_training.csv")
 AFFECTNET_HINT = (
     "pass the folder holding Manually_Annotated_file_lists/{training,validation}.csv and "
     "Manually_Annotated_Images/, or train_set/ and val_set/ (images/, annotations/)"
@@ -356,22 +408,28 @@ def _affectnet_csv(path: Path, images: Path, split: str, classes: int, plan: Pla
         fields = rows[row]
         if not fields:
             continue
+        where = f"{path}: line {row + 1}"
+        if len(fields) <= max(col[c] for c in needed):
+            plan.bad_line(where, f"only {len(fields)} fields: {','.join(fields)[:100]!r}")
+            continue
+        rel = fields[col["subdirectory_filepath"]].strip()
+        box = [fields[col[c]].strip() for c in needed[1:5]]
         try:
-            rel = fields[col["subdirectory_filepath"]].strip()
-            x, y, w, h = (float(fields[col[c]]) for c in needed[1:5])
-            code = int(fields[col["expression"]])
-        except (IndexError, ValueError):
-            raise DatasetError(
-                f"{path}: line {row + 1} is not 'subDirectory_filePath,face_x,face_y,"
-                f"face_width,face_height,...,expression,...': {','.join(fields)[:100]!r}"
-            ) from None
-        if not 0 <= code <= 10 or w <= 0 or h <= 0 or not rel:
-            raise DatasetError(
-                f"{path}: line {row + 1}: expression {code} not in 0..10, or "
-                f"an empty face box or file name"
+            x, y, w, h = (float(v) for v in box)
+        except ValueError:
+            x = y = w = h = float("nan")
+        code = _code(fields[col["expression"]])
+        if not rel:
+            plan.bad_line(where, "no file name")
+        elif not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+            plan.bad_line(
+                where,
+                f"face box (face_x, face_y, face_width, face_height) {','.join(box)!r} is "
+                "not four numbers with a positive width and height",
             )
-        label = _affectnet_label(code, classes, plan)
-        if label is not None:
+        elif code is None or not 0 <= code <= 10:
+            plan.bad_line(where, f"expression {fields[col['expression']]!r} is not a code 0..10")
+        elif (label := _affectnet_label(code, classes, plan)) is not None:
             name = str(Path(rel).with_suffix("")).replace("/", "_").replace("\\", "_")
             plan.splits[split].append(Sample(images / rel, label, name, (x, y, x + w, y + h)))
 
@@ -380,34 +438,33 @@ def _affectnet_npy(folder: Path, split: str, classes: int, plan: Plan) -> None:
     """One folder of the images/annotations release: images/N.jpg, annotations/N_exp.npy (the
     expression code, stored as a string or a number); the faces are already cropped."""
     jpegs = visible((folder / "images").iterdir(), folder)
-    for image in (p for p in jpegs if p.suffix.lower() == ".jpg"):
+    for image in (p for p in jpegs if p.suffix.lower() == ".jpg" and p.is_file()):
         annotation = folder / "annotations" / f"{image.stem}_exp.npy"
         try:
-            code = int(str(np.load(annotation, allow_pickle=False).item()))
-        except (OSError, ValueError) as e:
-            raise DatasetError(
-                f"cannot read the expression of {image} from {annotation}: {e}"
-            ) from None
-        if not 0 <= code <= 10:
-            raise DatasetError(f"{annotation}: expression {code} is not in 0..10")
-        label = _affectnet_label(code, classes, plan)
-        if label is not None:
+            value = np.load(annotation, allow_pickle=False).item()
+        except (OSError, ValueError, EOFError) as e:
+            plan.bad_line(str(annotation), f"cannot read the expression of {image.name}: {e}")
+            continue
+        code = _code(value)  # '3', 3 or '3.0', as copies store it
+        if code is None or not 0 <= code <= 10:
+            plan.bad_line(str(annotation), f"expression {value!r} is not a code 0..10")
+        elif (label := _affectnet_label(code, classes, plan)) is not None:
             plan.splits[split].append(Sample(image, label, image.stem))
 
 
-def read_affectnet(root: Path, classes: int = 8) -> Plan:
+def read_affectnet(root: Path, classes: int = 8, skip_bad_lines: bool = False) -> Plan:
     """AffectNet's manually annotated faces under the 7-class (no Contempt) or 8-class protocol:
     the official validation set is the test set (the test set was never released); crops by the
     face box of the CSV release."""
-    plan = Plan("AffectNet", {"train": [], "test": []})
+    plan = Plan("AffectNet", {"train": [], "test": []}, skip_bad_lines=skip_bad_lines)
     try:
-        train_csv = _find(root, "training.csv", "AffectNet", AFFECTNET_HINT)
+        train_csv = _find(root, AFFECTNET_LISTS, "AffectNet", AFFECTNET_HINT)
     except DatasetError:
         train_csv = None
     if train_csv is not None:
-        val_csv = train_csv.parent / "validation.csv"
+        val_csv = train_csv.with_name(train_csv.name.replace("training", "validation"))
         if not val_csv.is_file():
-            raise DatasetError(f"{train_csv.parent} has training.csv but no validation.csv")
+            raise DatasetError(f"{train_csv} has no {val_csv.name} beside it")
         images = _find(root, "Manually_Annotated_Images", "AffectNet", AFFECTNET_HINT, "dir")
         _affectnet_csv(train_csv, images, "train", classes, plan)
         _affectnet_csv(val_csv, images, "test", classes, plan)
@@ -439,33 +496,42 @@ def read_affectnet(root: Path, classes: int = 8) -> Plan:
 EXPW_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")  # codes 0..6
 
 
-def read_expw(root: Path) -> Plan:
+def read_expw(root: Path, skip_bad_lines: bool = False) -> Plan:
     """ExpW (Zhang et al. 2018): label.lst lines `image_name face_id top left right bottom
     confidence expression`, faces cropped by their box; no official split ("all")."""
     hint = "pass the folder holding label/label.lst and image/origin/"
     label_file = _find(root, "label.lst", "ExpW", hint)
     images = _find(root, "origin", "ExpW", hint, "dir")
-    samples = []
+    plan = Plan("ExpW", {"all": []}, skip_bad_lines=skip_bad_lines)
     for number, fields in _lines(label_file):
+        where = f"{label_file}: line {number}"
         try:
             face_id, top, left, right, bottom = (int(float(v)) for v in fields[1:6])
             code = int(fields[7])
-        except (IndexError, ValueError):
+        except (IndexError, ValueError, OverflowError):
             code = -1
         if len(fields) != 8 or not 0 <= code < len(EXPW_CLASSES):
-            raise DatasetError(
-                f"{label_file}: line {number} is not 'image_name face_id top left right bottom "
-                f"confidence expression(0-6)': {' '.join(fields)[:100]!r}"
+            plan.bad_line(
+                where,
+                "expected 'image_name face_id top left right bottom confidence "
+                f"expression(0-6)': {' '.join(fields)[:100]!r}",
             )
-        name = f"{Path(fields[0]).stem}_{face_id}"
-        box = (left, top, right, bottom)
-        samples.append(Sample(images / fields[0], EXPW_CLASSES[code], name, box, fields[0]))
-    info = {
+        elif bottom <= top or right <= left:
+            plan.bad_line(
+                where,
+                f"face box top {top} left {left} right {right} bottom {bottom} is "
+                "empty: bottom must be below top and right beyond left",
+            )
+        else:
+            name, box = f"{Path(fields[0]).stem}_{face_id}", (left, top, right, bottom)
+            sample = Sample(images / fields[0], EXPW_CLASSES[code], name, box, fields[0])
+            plan.splits["all"].append(sample)
+    plan.info = {
         "labels": str(label_file.relative_to(root)),
         "crop": "face box of label.lst",
         "split": "none official: folds by photo",
     }
-    return Plan("ExpW", {"all": samples}, info)
+    return plan
 
 
 # ---- CK+: cohn-kanade-images/S005/001/*.png + Emotion/S005/001/S005_001_00000011_emotion.txt
@@ -494,18 +560,22 @@ def _landmark_box(path: Path) -> tuple[float, float, float, float] | None:
     return float(left), float(top), float(right), float(bottom)
 
 
-def read_ckplus(root: Path, last_frames: int = 3, neutral: bool = False) -> Plan:
+def read_ckplus(
+    root: Path, last_frames: int = 3, neutral: bool = False, skip_bad_lines: bool = False
+) -> Plan:
     """CK+ (Lucey et al. 2010): the `last_frames` frames up to the peak of each labelled
     sequence (its Emotion file names the peak), cropped by the landmarks where the Landmarks
-    folder has them; with `neutral`, also each labelled sequence's first frame as Neutral."""
+    folder has them, else to the frame's centred square; with `neutral`, also each labelled
+    sequence's first frame as Neutral."""
     hint = "pass the folder holding cohn-kanade-images/ and Emotion/ (and Landmarks/)"
     frames_root = _find(root, "cohn-kanade-images", "CK+", hint, "dir")
-    emotion_root = _find(root, "Emotion", "CK+", hint, "dir")
+    emotion_root = _find(root, ("Emotion", "Emotion_labels"), "CK+", hint, "dir")
     try:
         landmarks = _find(root, "Landmarks", "CK+", hint, "dir")
     except DatasetError:
         landmarks = None
-    samples, cropped = [], 0
+    plan = Plan("CK+", {"all": []}, crop_scale=LANDMARK_MARGIN, skip_bad_lines=skip_bad_lines)
+    samples, cropped = plan.splits["all"], 0
     for emotion in visible(emotion_root.glob("*/*/*_emotion.txt"), emotion_root):
         subject, sequence = emotion.parent.parent.name, emotion.parent.name
         try:
@@ -513,14 +583,15 @@ def read_ckplus(root: Path, last_frames: int = 3, neutral: bool = False) -> Plan
         except (OSError, IndexError, ValueError):
             value = -1.0
         if value not in CKPLUS_CLASSES:
-            raise DatasetError(f"{emotion}: expected one emotion code 1-7 (e.g. 3.0000000e+00)")
+            plan.bad_line(str(emotion), "expected one emotion code 1-7 (e.g. 3.0000000e+00)")
+            continue
         peak = emotion.name.removesuffix("_emotion.txt")
-        frames = visible((frames_root / subject / sequence).glob("*.png"), frames_root)
+        folder = frames_root / subject / sequence
+        frames = [f for f in visible(folder.glob("*.png"), frames_root) if f.is_file()]
         stems = [f.stem for f in frames]
         if peak not in stems:
-            raise DatasetError(
-                f"{emotion} names frame {peak}, which is not in {frames_root / subject / sequence}"
-            )
+            plan.bad_line(str(emotion), f"names frame {peak}, which is not in {folder}")
+            continue
         end = stems.index(peak) + 1
         chosen = [(f, CKPLUS_CLASSES[int(value)]) for f in frames[max(0, end - last_frames) : end]]
         if neutral and end > last_frames:
@@ -531,22 +602,52 @@ def read_ckplus(root: Path, last_frames: int = 3, neutral: bool = False) -> Plan
                 box = _landmark_box(landmarks / subject / sequence / f"{frame.stem}_landmarks.txt")
             cropped += box is not None
             samples.append(Sample(frame, label, frame.stem, box, subject))
-    if not samples:
+    if not samples and not plan.dropped:
         raise DatasetError(f"{emotion_root} has no S*/NNN/*_emotion.txt files; {hint}")
-    info = {
+    plan.info = {
         "frames": f"last {last_frames} of each labelled sequence"
         + (", first frame as Neutral" if neutral else ""),
         "crop": f"{cropped} of {len(samples)} frames by their landmarks (margin "
-        f"{LANDMARK_MARGIN}), the others whole",
+        f"{LANDMARK_MARGIN}), the others to their centred square",
         "split": "folds by subject",
     }
-    return Plan("CK+", {"all": samples}, info, crop_scale=LANDMARK_MARGIN)
+    return plan
+
+
+REPEATED = "repeated entry (identical: its face imported once)"
+CONFLICTING = "face listed with different labels, boxes or splits (all its entries)"
+
+
+def drop_repeats(plan: Plan) -> list[str]:
+    """A face listed more than once (the same image file and name; ExpW's name holds the face
+    id) is imported once where the entries agree; where they differ in label, box or split, all
+    of them are left out and counted, so that no face lands in two classes or two splits.
+    Returns the names of the faces left out."""
+    entries: dict[tuple[Path, str], list[tuple[str, Sample]]] = {}
+    for split, samples in plan.splits.items():
+        for s in samples:
+            entries.setdefault((s.source, s.name), []).append((split, s))
+    conflicting = set()
+    for key, found in entries.items():
+        if any(entry != found[0] for entry in found):
+            plan.dropped[CONFLICTING] += len(found)
+            conflicting.add(key)
+        elif len(found) > 1:
+            plan.dropped[REPEATED] += len(found) - 1
+    for split, samples in plan.splits.items():
+        kept, seen = [], set(conflicting)
+        for s in samples:
+            if (s.source, s.name) not in seen:
+                seen.add((s.source, s.name))
+                kept.append(s)
+        plan.splits[split] = kept
+    return sorted(name for _, name in conflicting)
 
 
 def drop_missing(plan: Plan, skip: bool) -> list[str]:
-    """The samples whose image file is missing leave the plan before any split is carved (a
-    carved split must not lose them afterwards): a DatasetError naming the first, or with
-    `skip` (--skip-bad-images) the list of them."""
+    """The samples whose image file is missing (or is no regular file: a folder, a pipe) leave
+    the plan before any split is carved (a carved split must not lose them afterwards): a
+    DatasetError naming the first, or with `skip` (--skip-bad-images) the list of them."""
     missing = []
     for split, samples in plan.splits.items():
         present = [s.source.is_file() for s in samples]
@@ -554,7 +655,8 @@ def drop_missing(plan: Plan, skip: bool) -> list[str]:
         plan.splits[split] = [s for s, ok in zip(samples, present, strict=True) if ok]
     if missing and not skip:
         raise DatasetError(
-            f"{len(missing)} image(s) that the labels list are missing, e.g. {missing[0]}; "
+            f"{len(missing)} image(s) that the labels list are missing or no regular files, "
+            f"e.g. {missing[0]}; "
             f"restore them, or pass --skip-bad-images to skip them"
         )
     return missing
@@ -677,10 +779,13 @@ def square_crop(
     image: np.ndarray, box: tuple[float, float, float, float] | None, scale: float = 1.0
 ) -> np.ndarray:
     """The square of side max(width, height) * scale centred on `box`, moved inside the image
-    (and cut to it where the image is smaller), so faces keep their aspect ratio."""
-    if box is None:
-        return image
+    (and cut to it where the image is smaller), so faces keep their aspect ratio; without a
+    box, the image's centred square (a 640 x 490 CK+ frame would be squeezed otherwise)."""
     height, width = image.shape[:2]
+    if box is None:
+        side = min(height, width)
+        y0, x0 = (height - side) // 2, (width - side) // 2
+        return image[y0 : y0 + side, x0 : x0 + side]
     left, top, right, bottom = box
     if right <= 0 or bottom <= 0 or left >= width or top >= height or right <= left:
         raise ValueError(f"face box {box} lies outside the {width}x{height} image")
@@ -782,7 +887,14 @@ class _InProcess:
 def _executor(workers: int):
     if workers <= 1:
         return _InProcess()
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers)
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, initializer=_leave_signals)
+
+
+def _leave_signals() -> None:
+    """A writer process ignores Ctrl-C (the terminal sends it to every process of the group) and
+    SIGTERM: the main process stops the pool and removes what was written, in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers() -> int:

@@ -166,16 +166,17 @@ def test_the_rule_on_the_cases_that_decide_it():
 
 
 def small_pair(folder: Path, mutate=None) -> tuple[Path, Path]:
-    """A 42-row fer2013.csv and a fer2013new.csv for its rows (row r: 6 votes for emotion
-    r mod 8 and 4 for neutral, except every 5th row, which has no image name)."""
+    """A 42-row fer2013.csv and a fer2013new.csv for its rows: each Usage has 14 rows, whose
+    i-th (i < 12) gets 6 votes for emotion i mod 8 and 4 for neutral, so every split holds every
+    class (train.py accepts only such a dataset); the last two have no image name."""
     rows = write_csv(folder / "fer2013.csv")
     header = ["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger",
               "disgust", "fear", "contempt", "unknown", "NF"]  # fmt: skip
     votes = []
     for r, (_, _, usage) in enumerate(rows):
         counts = [0] * 10
-        counts[0], counts[r % 8] = 4, counts[r % 8] + 6
-        name = "" if r % 5 == 4 else f"fer{r:07d}.png"
+        counts[0], counts[r % 14 % 8] = 4, counts[r % 14 % 8] + 6
+        name = "" if r % 14 >= 12 else f"fer{r:07d}.png"
         votes.append([usage, name, *map(str, counts)])
     if mutate:
         header, votes = mutate(header, votes)
@@ -196,7 +197,7 @@ def test_ferplus_from_a_url_of_a_local_http_server(tmp_path, capsys):
         manifest = datasets.read_manifest(out)
         assert manifest["source"]["ferplus"] == url
         assert manifest["labels"]["sha256"] == hashlib.sha256(votes.read_bytes()).hexdigest()
-        assert manifest["total"] == 42 - 42 // 5  # every row with an image name has a majority
+        assert manifest["total"] == 42 - 6  # every row with an image name has a majority
         with open(votes, newline="") as f:
             rows = list(csv.reader(f))[1:]
         counts: dict[str, dict[str, int]] = {}
@@ -219,7 +220,7 @@ def test_rerun_force_and_votes_csv_as_the_tools_own(tmp_path, capsys):
     out = main(argv)
     assert main(argv) == out and "already there" in capsys.readouterr().out
     main([*argv, "--force", "--format", "jpg"])  # votes.csv is the tool's own: replaced
-    assert len(list(out.rglob("*.jpg"))) == datasets.read_manifest(out)["total"] == 34
+    assert len(list(out.rglob("*.jpg"))) == datasets.read_manifest(out)["total"] == 36
     with open(out / "votes.csv", "a") as f:
         f.write("a user's line\n")
     with pytest.raises(DatasetError, match="votes.csv"):  # changed: never deleted
@@ -241,6 +242,21 @@ def _bad_vote(header, votes):
     return header, votes
 
 
+def _huge_vote(header, votes):
+    votes[5][4] = str(10**30)  # was an OverflowError traceback
+    return header, votes
+
+
+def _no_votes(header, votes):
+    """Every vote 0: no image has a majority (the conversion wrote 0 images, exit 0)."""
+    return header, [[*row[:2], *["0"] * 10] for row in votes]
+
+
+def _no_test_votes(header, votes):
+    """No PrivateTest image has a majority: train.py refused the dataset it wrote (exit 0)."""
+    return header, [[*row[:2], *["0"] * 10] if row[0] == "PrivateTest" else row for row in votes]
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [
@@ -248,13 +264,19 @@ def _bad_vote(header, votes):
         (_swap_usage, "row 3: .* says Training but .* says PrivateTest"),
         (_bad_vote, "row 5 .*non-negative integers"),
         (lambda h, v: (h[:2] + h[3:], [r[:2] + r[3:] for r in v]), "not fer2013new.csv's"),
+        (_huge_vote, r"row 5 \(line 7\): votes must be non-negative integers of at most 10"),
+        (_no_votes, "by FER\\+'s majority rule no Training row gets a label, but train.py"),
+        (_no_test_votes, "majority rule no PrivateTest row gets a label, but train.py needs"),
     ],
-    ids=["rows", "usage", "vote", "header"],
+    ids=["rows", "usage", "vote", "header", "huge-vote", "no-votes", "no-test-votes"],
 )
 def test_vote_files_that_do_not_fit(tmp_path, mutate, match):
+    """A vote file that does not fit is one line and nothing written: a conversion gives a
+    dataset train.py accepts, or nothing."""
     fer, votes = small_pair(tmp_path, mutate)
-    with pytest.raises(DatasetError, match=match):
+    with pytest.raises(DatasetError, match=match) as err:
         main(["--csv", str(fer), "--ferplus", str(votes), "--out", str(tmp_path / "FERPlus")])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
     assert_nothing_left(tmp_path, {"fer2013.csv", "fer2013new.csv"})
 
 

@@ -3,6 +3,7 @@ laid out and labelled as their owners document them (scripts/importers.py, docs/
 
 import csv
 import re
+import shutil
 from pathlib import Path
 
 import download_dataset
@@ -321,3 +322,177 @@ def test_flags_of_another_source_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and one_line_error(capsys.readouterr().err).startswith(message)
+
+
+# ------------------------------------------------------------------------------------ real copies
+# Quirks of the copies users have (issue 31): each case used to stop the import, write a face
+# into two classes, or crop it wrongly.
+
+CONFLICTING = "face listed with different labels, boxes or splits (all its entries)"
+REPEATED = "repeated entry (identical: its face imported once)"
+MALFORMED = "malformed label entry (--skip-bad-images)"
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "a", newline="") as f:
+        f.write("".join(f"{line}\n" for line in lines))
+
+
+def located(out: Path) -> dict[str, list[tuple[str, str]]]:
+    """{file stem: [(split, class), ...]}: where each written face went."""
+    where: dict[str, list[tuple[str, str]]] = {}
+    for split, classes in written(out).items():
+        for name, stems in classes.items():
+            for stem in stems:
+                where.setdefault(stem, []).append((split, name))
+    return where
+
+
+@pytest.mark.parametrize("label", ["0", "3"], ids=["identical", "conflicting"])
+def test_affectnet_a_photo_on_two_rows(tmp_path, label):
+    """The same photo on two identical rows used to stop the import ("two train images of ...
+    would be named"): it is imported once. On two rows with different labels it went into both
+    classes: it is left out, and counted."""
+    make_affectnet_csv(tmp_path / "an")
+    training = tmp_path / "an" / "Manually_Annotated_file_lists" / "training.csv"
+    row = training.read_text().splitlines()[1].split(",")  # 00/training_0_0.jpg, code 0
+    row[6] = label
+    append_lines(training, [",".join(row)])
+    out = main(["--affectnet", str(tmp_path / "an"), "--out", str(tmp_path / "A"),
+                "--image-size", "16"])  # fmt: skip
+    where = located(out).get("00_training_0_0", [])
+    dropped = datasets.read_manifest(out)["labels"]["dropped"]
+    if label == "0":
+        assert len(where) == 1 and dropped[REPEATED] == 1
+    else:
+        assert where == [] and dropped[CONFLICTING] == 2
+
+
+def test_affectnet_malformed_box_row_is_one_line_or_skipped(tmp_path):
+    """A row whose face box is not four numbers (an empty face_height; NaN) used to stop the
+    import with "line 3 is not 'subDirectory_filePath,...'", NaN passed as a box."""
+    make_affectnet_csv(tmp_path / "an")
+    training = tmp_path / "an" / "Manually_Annotated_file_lists" / "training.csv"
+    rows = [row.split(",") for row in training.read_text().splitlines()]
+    rows[3][4], rows[9][3] = "", "nan"
+    training.write_text("\n".join(",".join(row) for row in rows) + "\n")
+    argv = ["--affectnet", str(tmp_path / "an"), "--image-size", "16"]
+    with pytest.raises(CLIError) as err:
+        download_dataset.run(download_dataset.parse_args([*argv, "--out", str(tmp_path / "o")]))
+    message = str(err.value)
+    assert message.startswith(f"{training}: line 4: face box") and "\n" not in message
+    assert message.endswith("pass --skip-bad-images to skip it")
+    assert_nothing_left(tmp_path, {"an"})
+    out = main([*argv, "--out", str(tmp_path / "o"), "--skip-bad-images"])
+    manifest = datasets.read_manifest(out)
+    assert manifest["labels"]["dropped"][MALFORMED] == 2
+    assert manifest["total"] == 8 * (4 + 2) - 2
+
+
+def test_affectnet_lists_named_manually(tmp_path):
+    """Copies that name the lists Manually_training.csv / Manually_validation.csv (as public
+    loaders of AffectNet do) were "not AffectNet"."""
+    make_affectnet_csv(tmp_path / "an")
+    lists = tmp_path / "an" / "Manually_Annotated_file_lists"
+    for name in ("training", "validation"):
+        (lists / f"{name}.csv").rename(tmp_path / "an" / f"Manually_{name}.csv")
+    lists.rmdir()
+    out = main(["--affectnet", str(tmp_path / "an"), "--out", str(tmp_path / "A"),
+                "--image-size", "16"])  # fmt: skip
+    assert datasets.read_manifest(out)["total"] == 8 * (4 + 2)
+
+
+def test_affectnet_codes_written_as_floats(tmp_path):
+    """An _exp.npy holding '0.0' (or the number 4.0) was refused as "not a code"."""
+    make_affectnet_npy(tmp_path / "npy")
+    for n, annotation in enumerate(sorted((tmp_path / "npy").rglob("*_exp.npy"))):
+        code = _code_of(annotation)
+        np.save(annotation, np.array(f"{code}.0") if n % 2 else np.array(float(code)))
+    out = main(["--affectnet", str(tmp_path / "npy"), "--out", str(tmp_path / "B")])
+    assert datasets.count_images(out)["test"] == dict.fromkeys(EIGHT, 2)
+
+
+def _code_of(annotation: Path) -> int:
+    return int(str(np.load(annotation).item()))
+
+
+def test_ckplus_without_landmarks_crops_the_centred_square(tmp_path):
+    """Without Landmarks/ the whole 64 x 49 frame (640 x 490 in CK+) was squeezed into a square:
+    faces stretched 1.3 times. Now the centred square is taken: a square face stays square."""
+    make_ckplus(tmp_path / "ck")
+    shutil.rmtree(tmp_path / "ck" / "Landmarks")
+    out = main(["--ckplus", str(tmp_path / "ck"), "--out", str(tmp_path / "CK"), "--folds", "3",
+                "--image-size", "49", "--workers", "1"])  # fmt: skip
+    for path in sorted(out.rglob("*.png"))[:20]:
+        face = np.asarray(Image.open(path)) > 70  # the 24 x 24 face (level >= 120) on 20
+        assert face.any(0).sum() == face.any(1).sum() == 24, path
+    assert "the others to their centred square" in datasets.read_manifest(out)["labels"]["crop"]
+
+
+def test_ckplus_emotion_labels_folder(tmp_path):
+    """`Emotion_labels/` (the name of CK+'s label archive, which a popular preprocessing
+    README keeps) was refused as "no Emotion"."""
+    make_ckplus(tmp_path / "ck")
+    argv = ["--folds", "3", "--image-size", "16", "--workers", "1"]
+    a = main(["--ckplus", str(tmp_path / "ck"), "--out", str(tmp_path / "a"), *argv])
+    (tmp_path / "ck" / "Emotion").rename(tmp_path / "ck" / "Emotion_labels")
+    b = main(["--ckplus", str(tmp_path / "ck"), "--out", str(tmp_path / "b"), *argv])
+    assert datasets.content_hash(b) == datasets.content_hash(a)
+
+
+@pytest.mark.parametrize("label", ["1", "3"], ids=["identical", "conflicting"])
+def test_expw_a_face_on_two_lines(tmp_path, label):
+    """An exactly repeated line of label.lst used to stop the import: it is imported once. The
+    same face listed with two labels went into both classes: it is left out, and counted."""
+    make_expw(tmp_path / "expw")
+    labels = tmp_path / "expw" / "label" / "label.lst"
+    line = labels.read_text().splitlines()[3]  # p001.jpg face 1, code 1
+    append_lines(labels, [line.rsplit(" ", 1)[0] + f" {label}"])
+    out = main(["--expw", str(tmp_path / "expw"), "--out", str(tmp_path / "ExpW"), "--folds", "3",
+                "--image-size", "16", "--workers", "1"])  # fmt: skip
+    where = located(out)
+    assert len(where["p001_0"]) == 1 and len(where.get("p001_1", [])) == (label == "1")
+    dropped = datasets.read_manifest(out)["labels"]["dropped"]
+    assert dropped == ({REPEATED: 1} if label == "1" else {CONFLICTING: 2})
+
+
+def test_expw_box_with_bottom_above_top(tmp_path):
+    """A box whose bottom is above its top was accepted and cropped (as the rows between)."""
+    make_expw(tmp_path / "expw")
+    labels = tmp_path / "expw" / "label" / "label.lst"
+    lines = labels.read_text().splitlines()
+    lines[5] = "p002.jpg 1 70 50 80 40 0.9 2"  # top 70, bottom 40
+    labels.write_text("\n".join(lines) + "\n")
+    argv = ["--expw", str(tmp_path / "expw"), "--folds", "3", "--image-size", "16"]
+    with pytest.raises(DatasetError, match=r"label.lst: line 6: face box top 70 .* bottom 40 is "
+                       r"empty.*pass --skip-bad-images"):  # fmt: skip
+        main([*argv, "--out", str(tmp_path / "o")])
+    assert_nothing_left(tmp_path, {"expw"})
+    out = main([*argv, "--out", str(tmp_path / "o"), "--skip-bad-images", "--workers", "1"])
+    assert "p002_1" not in located(out)
+    assert datasets.read_manifest(out)["labels"]["dropped"] == {MALFORMED: 1}
+
+
+def test_rafdb_names_that_carry_aligned(tmp_path):
+    """A list naming the files themselves (`train_00001_aligned.jpg 5`) looked for
+    `train_00001_aligned_aligned.jpg`: every image "missing"."""
+    make_rafdb(tmp_path / "raf")
+    a = main(["--rafdb", str(tmp_path / "raf"), "--out", str(tmp_path / "a"), "--image-size", "16"])
+    labels = tmp_path / "raf" / "basic" / "EmoLabel" / "list_patition_label.txt"
+    labels.write_text(re.sub(r"(_\d{5})\.jpg", r"\1_aligned.jpg", labels.read_text()))
+    b = main(["--rafdb", str(tmp_path / "raf"), "--out", str(tmp_path / "b"), "--image-size", "16"])
+    assert datasets.content_hash(b) == datasets.content_hash(a)
+
+
+def test_rafdb_a_face_listed_twice(tmp_path):
+    """A face listed with two labels went into both classes, which for RAF-DB could put one
+    face in train and in val (val is carved from train): such a face is left out, counted."""
+    make_rafdb(tmp_path / "raf")
+    labels = tmp_path / "raf" / "basic" / "EmoLabel" / "list_patition_label.txt"
+    # train_00006 is Fear (2), train_00001 Surprise (1): each listed again as Happy (4).
+    append_lines(labels, ["train_00006.jpg 4", "train_00001.jpg 4"])
+    out = main(["--rafdb", str(tmp_path / "raf"), "--out", str(tmp_path / "c")])
+    where = located(out)
+    assert "train_00006" not in where and "train_00001" not in where
+    assert all(len(places) == 1 for places in where.values()) and len(where) == 49 - 2
+    assert datasets.read_manifest(out)["labels"]["dropped"] == {CONFLICTING: 4}

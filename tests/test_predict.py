@@ -1,6 +1,7 @@
 """predict.py on a real photograph, a video made from it, a blank frame and bad inputs."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -311,6 +312,20 @@ def test_folders_skip_hidden_and_appledouble_files(checkpoint, tmp_path):
     (faces / "0.png").unlink()
     with pytest.raises(CLIError, match="holds no images"):
         run([faces, "--checkpoint", checkpoint, "--no-detect"])
+
+
+def test_folders_skip_pipes_and_folders_named_like_images(checkpoint, tmp_path):
+    """A FIFO named `x.png` in a folder hung predict.py (reading it waits for a writer); a
+    sub-folder named `dir.png` stopped it with "cannot read image". Only regular files are
+    images; the listing is checked first, so that the old code fails here instead of hanging."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    cv2.imwrite(str(faces / "0.png"), np.full((48, 48), 90, np.uint8))
+    os.mkfifo(faces / "pipe.png")
+    (faces / "dir.png").mkdir()
+    assert predict.expand_inputs([str(faces)]) == [(str(faces / "0.png"), "image")]
+    records = run([faces, "--checkpoint", checkpoint, "--no-detect"])
+    assert [r["source"] for r in records] == [str(faces / "0.png")]
 
 
 def test_output_is_checked_before_any_work(tmp_path, capsys, repo_root):
