@@ -4,7 +4,7 @@ Every model here has the interface the training and evaluation code relies on, l
 `forward(x, return_attention=False)` returns the logits, or `(logits, None)` when asked for the
 attention weights (none of these models has the attention module, so EmoNeXtLoss's SA term is 0),
 and `data_config` says what input the model expects (size, channels, normalisation), so that
-`datasets.py` builds the right transforms without flags. See docs/BASELINES.md.
+`datasets` builds the right transforms without flags. See docs/BASELINES.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 Finds, within and across train/val/test: exact duplicates (identical decoded pixels),
 near-duplicates (the same picture shifted by a pixel, brightened, darkened or re-encoded as JPEG;
-see datasets.py, "Duplicates"), mirrored copies (the same, flipped left to right), the same
+see datasets/duplicates.py), mirrored copies (the same, flipped left to right), the same
 picture under two labels, and blank or constant images. Images that are copies of each other
 form a group; a group is "exact" when all its images have identical pixels, "mirrored" when a
 mirrored copy joins it, "near" otherwise. The validation and test images that also occur in train

@@ -658,7 +658,7 @@ def verify(
     try:
         check_dataset(dest, tuple(s for s in SPLITS if s in on_disk))
     except DatasetError as e:
-        print(f"warning: datasets.py will refuse this dataset: {e}", file=sys.stderr)
+        print(f"warning: the loaders (datasets/) will refuse this dataset: {e}", file=sys.stderr)
     return on_disk
 
 

@@ -4,7 +4,7 @@
 
 Writes OUT/{train,val,test}/<Class>/<index>.png and OUT/manifest.json, the layout of
 scripts/download_dataset.py. The command line of `datasets.make_synthetic`, where the faces are
-drawn (datasets.py, "Synthetic faces"; docs/DATA.md describes them). Deterministic by seed.
+drawn (datasets/synthetic.py; docs/DATA.md describes them). Deterministic by seed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# make_synthetic lives in datasets.py; importing it from here still works (scripts/benchmark.py).
+# make_synthetic lives in datasets/synthetic.py; importing it from here still works
+# (scripts/benchmark.py).
 from datasets import SYNTHETIC_SPLITS, DatasetError, make_synthetic  # noqa: E402
 from utils import ArgumentParser, CLIError, run_command  # noqa: E402
 

@@ -271,7 +271,9 @@ def test_split_overlap_is_cached_by_pixels_and_labels(synthetic_root, tmp_path, 
     leaky = datasets.SplitData(images, targets, val.classes, val.paths, 0)
     searches = []
     search = datasets.overlap_counts
-    monkeypatch.setattr(datasets, "overlap_counts", lambda *a: searches.append(1) or search(*a))
+    monkeypatch.setattr(
+        datasets.duplicates, "overlap_counts", lambda *a: searches.append(1) or search(*a)
+    )
     root = tmp_path / "ds"
     root.mkdir()
 
@@ -324,7 +326,7 @@ def test_the_audit_writes_nothing_into_the_dataset_and_skips_hidden_files(
     assert len(report["groups"]) == len(planted[1])  # the same groups, no more
     cached = list((tmp_path / "xdg" / "emonext").glob("*/*-*.pt"))
     assert sorted(p.name.split("-")[0] for p in cached) == ["test", "train", "val"]
-    monkeypatch.setattr(datasets, "decode_image", lambda *a: 1 / 0)  # now read, not decoded
+    monkeypatch.setattr(datasets.folders, "decode_image", lambda *a: 1 / 0)  # now read, not decoded
     assert audit_dataset.audit(root)["summary"] == report["summary"]
     assert listing() == before
 

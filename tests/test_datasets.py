@@ -66,7 +66,7 @@ def test_load_split_and_cache(synthetic_root, monkeypatch):
     assert split.classes == CLASSES and len(split.paths) == 28 and split.skipped == 0
     assert any((synthetic_root / ".cache").glob("val-*.pt"))
     # The second load comes from the cache: no image is decoded.
-    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)
+    monkeypatch.setattr(datasets.folders, "decode_image", lambda p: 1 / 0)
     again = load_split(synthetic_root, "val")
     assert torch.equal(again.images, split.images) and again.paths == split.paths
 
@@ -126,7 +126,7 @@ def test_the_cache_can_stay_out_of_the_dataset_folder(copy_root, tmp_path, monke
     assert not (copy_root / ".cache").exists()
     assert len(list((tmp_path / "xdg" / "emonext").glob("*/val-*.pt"))) == 1
     load_split(copy_root, "test")  # train.py's: into the dataset folder
-    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)  # both read, not decoded
+    monkeypatch.setattr(datasets.folders, "decode_image", lambda p: 1 / 0)  # both read, not decoded
     assert torch.equal(load_split(copy_root, "val", cache_in_dataset=False).images, first.images)
     load_split(copy_root, "test", cache_in_dataset=False)
     assert len(list((tmp_path / "xdg" / "emonext").glob("*/*.pt"))) == 1
@@ -139,7 +139,7 @@ def test_cache_falls_back_to_the_user_cache(copy_root, tmp_path, monkeypatch):
     (copy_root / ".cache").write_text("not a folder")
     first = load_split(copy_root, "val")
     assert len(list((tmp_path / "xdg" / "emonext").glob("*/val-*.pt"))) == 1
-    monkeypatch.setattr(datasets, "decode_image", lambda p: 1 / 0)  # read, not decoded
+    monkeypatch.setattr(datasets.folders, "decode_image", lambda p: 1 / 0)  # read, not decoded
     assert torch.equal(load_split(copy_root, "val").images, first.images)
 
 

@@ -78,6 +78,24 @@ def test_the_plumbing_module_imports_nothing_else_of_the_project(repo_root):
     assert {"torch", "numpy"} <= imported_modules(tree)  # the check reads real imports
 
 
+# datasets/ (ARCHITECTURE.md): its rooms in the order data flows; each imports only those above.
+DATA_ROOMS = ["folders", "manifest", "duplicates", "synthetic", "transforms", "warp", "loader"]
+
+
+def test_the_data_rooms_import_one_way_and_stay_small(repo_root):
+    """No cycle among datasets/'s modules, none over about 1,000 lines, and each in the list
+    above (a new room, e.g. an augmentation beside the loader, takes its place in the order)."""
+    package = repo_root / "datasets"
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted([*DATA_ROOMS, "__init__"])
+    for k, room in enumerate(DATA_ROOMS):
+        text = (package / f"{room}.py").read_text()
+        tree = ast.parse(text)
+        relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        assert relative <= set(DATA_ROOMS[:k]), room
+        assert imported_modules(tree) & PROJECT_MODULES == set(), room  # only relative imports
+        assert len(text.splitlines()) <= 1000, room
+
+
 def declared_flags(tree) -> set[str]:
     """The option strings of every add_argument call with literal strings."""
     flags = set()

@@ -185,7 +185,7 @@ def test_load_pretrained_reports_unexpected_keys(tmp_path):
 
 def test_official_class_order_is_the_datasets():
     """The official trainer's checkpoints record no classes: their outputs are ImageFolder's
-    sorted folder names, which must be the order datasets.py reads FER2013 in."""
+    sorted folder names, which must be the order datasets/ reads FER2013 in."""
     assert list(OFFICIAL_CLASSES) == datasets.CLASSES == sorted(datasets.CLASSES)
 
 
