@@ -1331,10 +1331,41 @@ def ten_crop_views(resize_hw: tuple[int, int], size: int) -> list[tuple[int, int
 # --------------------------------------------------------------------------------------------
 
 
+def balanced_epoch_length(dataset_size: int, num_classes: int, world_size: int) -> int:
+    """Images in one epoch of `balanced_order`, over all ranks: the dataset's size rounded up to
+    a multiple of classes x ranks, so that every class and every rank gets a whole share."""
+    step = num_classes * world_size
+    return math.ceil(dataset_size / step) * step
+
+
+def balanced_order(
+    targets: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int
+) -> torch.Tensor:
+    """This rank's image indices for one epoch of `--sampler balanced`.
+
+    Every class present in `targets` is drawn exactly `balanced_epoch_length / classes` times,
+    each draw an image of the class chosen uniformly with replacement; the draws are shuffled and
+    rank r takes r::world_size of them. The order depends only on (targets, seed, epoch), the
+    same on every rank (the shuffle's rule), so a resumed run draws what it would have drawn.
+    """
+    counts = torch.bincount(targets)
+    present = torch.nonzero(counts)[:, 0]
+    length = balanced_epoch_length(len(targets), len(present), world_size)
+    g = torch.Generator().manual_seed(_mix_seed(seed, epoch, 2))  # 2: not the shuffle's stream
+    by_class = torch.argsort(targets, stable=True)  # image indices, class after class
+    first = torch.cumsum(counts, 0) - counts  # where each class starts in by_class
+    drawn = present.repeat_interleave(length // len(present))
+    # uniform in [0, count): float64 keeps floor(u * count) < count for any dataset size
+    within = (torch.rand(length, generator=g, dtype=torch.float64) * counts[drawn]).long()
+    order = by_class[first[drawn] + within][torch.randperm(length, generator=g)]
+    return order[rank::world_size]
+
+
 class Loader:
     """Batches of one split for one rank. Iterate for an epoch; call set_epoch(e) before each.
 
-    The epoch's order and augmentation depend only on (seed, epoch, rank).
+    The epoch's order and augmentation depend only on (seed, epoch, rank). `sampler` "balanced"
+    (training only) draws classes equally often (`balanced_order`) instead of every image once.
     """
 
     def __init__(
@@ -1350,6 +1381,7 @@ class Loader:
         rank: int,
         world_size: int,
         augment: dict | None,
+        sampler: str = "shuffle",
     ):
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
@@ -1363,7 +1395,14 @@ class Loader:
         self.epoch = 0
         self.classes = list(split.classes)
         self.dataset_size = len(split.targets)
-        if mode == "train":  # DistributedSampler: pad so every rank gets the same count
+        if sampler not in ("shuffle", "balanced") or (sampler == "balanced" and mode != "train"):
+            raise ValueError(f"sampler must be 'shuffle' ('balanced' to train), got {sampler!r}")
+        self.sampler = sampler
+        if sampler == "balanced":
+            classes = int((torch.bincount(split.targets) > 0).sum())
+            self.num_samples = balanced_epoch_length(self.dataset_size, classes, world_size)
+            self.num_samples //= world_size
+        elif mode == "train":  # DistributedSampler: pad so every rank gets the same count
             self.num_samples = math.ceil(self.dataset_size / world_size)
         else:  # evaluation: rank r gets r::world_size, every image counted exactly once
             self.num_samples = len(range(rank, self.dataset_size, world_size))
@@ -1378,6 +1417,10 @@ class Loader:
 
     def indices(self) -> torch.Tensor:
         """This rank's image indices for the current epoch, in order."""
+        if self.sampler == "balanced":
+            return balanced_order(
+                self.split.targets, self.seed, self.epoch, self.rank, self.world_size
+            )
         n = self.dataset_size
         if self.shuffle:  # same permutation on every rank (seed, epoch), like DistributedSampler
             g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
@@ -1622,6 +1665,7 @@ def build_loader(
     augment: dict | None = None,
     contiguous: bool = False,
     cache: bool = True,
+    sampler: str = "shuffle",
 ) -> Loader:
     """Batches (images float32 on `device`, targets int64 on `device`) of root/split.
 
@@ -1630,7 +1674,8 @@ def build_loader(
     data_config has mean/std. In the fast pipeline the C channels are a broadcast view of one
     plane unless `contiguous` (or normalisation) materialises them. num_workers applies to the
     pil pipeline only. rank/world_size shard the split (train: padded like DistributedSampler;
-    val/test: rank r gets r::world_size, so every image is counted once).
+    val/test: rank r gets r::world_size, so every image is counted once). sampler "balanced"
+    (mode "train"): every class equally often per epoch (`balanced_order`).
     """
     data_config = data_config or DataConfig()
     if shuffle is None:
@@ -1647,6 +1692,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         augment=augment,
+        sampler=sampler,
     )
     if pipeline == "fast":
         return FastLoader(data, contiguous=contiguous, **common)
