@@ -597,7 +597,7 @@ def format_report(metrics: dict) -> str:
             f"{ci('balanced_accuracy_ci95')} (mean per-class recall)"
         )
     if "ece" in metrics:
-        nll, brier = metrics["nll_ci95"], metrics["brier_ci95"]
+        nll, brier = metrics.get("nll_ci95"), metrics.get("brier_ci95")
         lines.append(
             f"calibration: ECE {metrics['ece']:.2f} %{ci('ece_ci95')}   "
             f"NLL {metrics['nll']:.4f}"

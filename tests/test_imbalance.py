@@ -161,18 +161,15 @@ def test_balanced_run_resumes_exactly_and_reports_balanced_accuracy(skewed, tmp_
 
 
 @pytest.mark.parametrize(
-    "flag, value",
-    [
-        ("--effective-number-beta", "1"),
-        ("--logit-adjustment", "-1"),
-        ("--sampler", "weighted"),
-        ("--loss-weighting", "focal"),
-    ],  # fmt: skip
-)
-def test_imbalance_flags_are_checked(flag, value, capsys):
+    "flag, value, rule",
+    [("--effective-number-beta", "1", "in [0, 1)"), ("--logit-adjustment", "-1", "at least 0"),
+     ("--sampler", "weighted", "invalid choice"), ("--loss-weighting", "focal", "invalid choice")],
+)  # fmt: skip
+def test_imbalance_flags_are_checked(flag, value, rule, capsys):
     with pytest.raises(SystemExit) as err:
         train.parse_args(FAST + [flag, value])
-    assert err.value.code == 2 and flag in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and flag in message and rule in message
 
 
 def test_help_names_the_imbalance_flags():
