@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
@@ -359,16 +361,22 @@ def gather_predictions(
 
 
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy and macro-F1 in percent, per-class precision/recall/F1/support, confusion matrix."""
+    """Accuracy, balanced accuracy and macro-F1 in percent, per-class precision/recall/F1/support,
+    confusion matrix, and the calibration of the softmax probabilities (`calibration_metrics`:
+    ECE in percent, NLL, Brier)."""
     preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
     y = targets.numpy()
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y, preds, labels=labels, zero_division=0
     )
+    # scikit-learn's balanced_accuracy_score: the mean recall of the classes that have images
+    present = support > 0
     return {
         "accuracy": 100.0 * float((preds == y).mean()) if len(y) else 0.0,
+        "balanced_accuracy": 100.0 * float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": 100.0 * float(f1.mean()),
+        **calibration_metrics(logits, targets, len(classes)),
         "per_class": {
             name: {
                 "precision": 100.0 * float(precision[i]),
@@ -468,12 +476,16 @@ def class_scores(tp: np.ndarray, true: np.ndarray, pred: np.ndarray) -> tuple[np
 def resampled_class_scores(
     preds: np.ndarray, targets: np.ndarray, num_classes: int, resamples: int, seed: int
 ) -> tuple[np.ndarray, ...]:
-    """Accuracy (resamples,) and each class's precision, recall and F1 (resamples, num_classes),
-    in percent, of the `bootstrap_indices` resamples: one pass of `class_counts` for all four."""
+    """Accuracy and balanced accuracy (resamples,) and each class's precision, recall and F1
+    (resamples, num_classes), in percent, of the `bootstrap_indices` resamples: one pass of
+    `class_counts` for all five. Balanced accuracy averages the recalls of the classes a
+    resample has images of (scikit-learn's balanced_accuracy_score)."""
     blocks = []
     for idx in bootstrap_indices(len(targets), resamples, seed):
         tp, true, pred = class_counts(preds, targets, num_classes, idx)
-        blocks.append((100.0 * (tp.sum(1) / idx.shape[1]), *class_scores(tp, true, pred)))
+        precision, recall, f1 = class_scores(tp, true, pred)
+        balanced = (recall * (true > 0)).sum(1) / (true > 0).sum(1)
+        blocks.append((100.0 * (tp.sum(1) / idx.shape[1]), balanced, precision, recall, f1))
     return tuple(np.concatenate(parts) for parts in zip(*blocks, strict=True))
 
 
@@ -488,7 +500,9 @@ def per_class_intervals(
     """95 % percentile-bootstrap intervals of each class's precision, recall and F1 (percent), on
     the resamples of `confidence_intervals` (the same seed draws the same images); `scores`:
     `resampled_class_scores` already computed."""
-    _, *per_class = scores or resampled_class_scores(preds, targets, num_classes, resamples, seed)
+    _, _, *per_class = scores or resampled_class_scores(
+        preds, targets, num_classes, resamples, seed
+    )
     names = ("precision", "recall", "f1")
     return [
         {
@@ -521,9 +535,10 @@ def confidence_intervals(
     if len(targets) == 0 or resamples <= 0:
         return {}
     scores = resampled_class_scores(preds, targets, num_classes, resamples, seed)
-    accuracy, _, _, f1 = scores
+    accuracy, balanced, _, _, f1 = scores
     return {
         "accuracy_ci95": percentile_interval(accuracy),
+        "balanced_accuracy_ci95": percentile_interval(balanced),
         "macro_f1_ci95": percentile_interval(f1.mean(1)),
         "per_class_ci95": per_class_intervals(preds, targets, num_classes, scores=scores),
         "bootstrap": {"resamples": int(resamples), "seed": int(seed), "method": "percentile"},
@@ -537,14 +552,19 @@ def metrics_with_intervals(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> dict:
-    """`compute_metrics`, plus `confidence_intervals` when `resamples` > 0: accuracy_ci95,
-    macro_f1_ci95, and precision_ci95, recall_ci95 and f1_ci95 in each class's entry."""
+    """`compute_metrics`, plus `confidence_intervals` and `calibration_metrics`' intervals when
+    `resamples` > 0 (on the same resamples): accuracy_ci95, balanced_accuracy_ci95,
+    macro_f1_ci95, ece_ci95, nll_ci95, brier_ci95, and precision_ci95, recall_ci95 and f1_ci95
+    in each class's entry."""
     metrics = compute_metrics(logits, targets, classes)
     preds = logits.argmax(1).numpy() if len(targets) else np.zeros(0, dtype=int)
     intervals = confidence_intervals(preds, targets.numpy(), len(classes), resamples, seed)
     for name, class_intervals in zip(classes, intervals.pop("per_class_ci95", []), strict=False):
         metrics["per_class"][name].update(class_intervals)
     metrics.update(intervals)
+    if intervals:
+        calibration = calibration_metrics(logits, targets, len(classes), resamples, seed)
+        metrics.update({k: v for k, v in calibration.items() if k.endswith("_ci95")})
     return metrics
 
 
@@ -553,7 +573,8 @@ def format_interval(interval: list[float] | None) -> str:
 
 
 def format_report(metrics: dict) -> str:
-    """The metrics as a plain-text table (per class, then accuracy and macro-F1)."""
+    """The metrics as a plain-text table (per class, then accuracy and macro-F1, balanced
+    accuracy, calibration)."""
     width = max(len(c) for c in metrics["classes"]) + 2
     lines = [f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for name, m in metrics["per_class"].items():
@@ -561,11 +582,159 @@ def format_report(metrics: dict) -> str:
             f"{name:<{width}}{m['precision']:>10.2f}{m['recall']:>10.2f}{m['f1']:>10.2f}"
             f"{m['support']:>10d}"
         )
-    ci = {k: " 95 % CI " + format_interval(metrics[k]) for k in ("accuracy_ci95", "macro_f1_ci95")
-          if metrics.get(k)}  # fmt: skip
+
+    def ci(key: str) -> str:
+        return " 95 % CI " + format_interval(metrics[key]) if metrics.get(key) else ""
+
     lines.append(
-        f"accuracy {metrics['accuracy']:.2f} %{ci.get('accuracy_ci95', '')}   "
-        f"macro-F1 {metrics['macro_f1']:.2f} %{ci.get('macro_f1_ci95', '')}   "
+        f"accuracy {metrics['accuracy']:.2f} %{ci('accuracy_ci95')}   "
+        f"macro-F1 {metrics['macro_f1']:.2f} %{ci('macro_f1_ci95')}   "
         f"({metrics['num_images']} images)"
     )
+    if "balanced_accuracy" in metrics:
+        lines.append(
+            f"balanced accuracy {metrics['balanced_accuracy']:.2f} %"
+            f"{ci('balanced_accuracy_ci95')} (mean per-class recall)"
+        )
+    if "ece" in metrics:
+        nll, brier = metrics.get("nll_ci95"), metrics.get("brier_ci95")
+        lines.append(
+            f"calibration: ECE {metrics['ece']:.2f} %{ci('ece_ci95')}   "
+            f"NLL {metrics['nll']:.4f}"
+            + (f" 95 % CI [{nll[0]:.4f}, {nll[1]:.4f}]" if nll else "")
+            + f"   Brier {metrics['brier']:.4f}"
+            + (f" 95 % CI [{brier[0]:.4f}, {brier[1]:.4f}]" if brier else "")
+        )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- calibration
+# Whether the probabilities mean what they say (Guo et al. 2017, "On Calibration of Modern Neural
+# Networks"): among images given 80 % confidence, are 80 % right? Three measures of the softmax
+# of the logits (TenCrop: of the crops' mean logits), each an average over images, so that the
+# bootstrap resamples them as it resamples the accuracy.
+
+CALIBRATION_BINS = 15  # Guo et al.'s and torchmetrics' MulticlassCalibrationError's default
+
+
+class CalibrationTerms(NamedTuple):
+    """Per image: top-1 confidence, whether the top-1 class is right, its NLL and Brier term."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    nll: np.ndarray
+    brier: np.ndarray
+
+
+def calibration_terms(logits: torch.Tensor, targets: torch.Tensor, num_classes: int):
+    """The per-image terms of ECE, NLL and Brier, in float64."""
+    log_p = torch.log_softmax(logits.double().reshape(len(targets), num_classes), 1)
+    p = log_p.exp()
+    confidence, top1 = p.max(1)
+    one_hot = F.one_hot(targets.long(), num_classes).double()
+    return CalibrationTerms(
+        confidence=confidence.numpy(),
+        correct=(top1 == targets).double().numpy(),
+        nll=-log_p.gather(1, targets.long()[:, None])[:, 0].numpy(),
+        brier=((p - one_hot) ** 2).sum(1).numpy(),
+    )
+
+
+def confidence_bins(confidence: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Each confidence's bin: [k/bins, (k+1)/bins), and a bin of its own for exactly 1.0, as
+    torchmetrics' `_binning_bucketize` (torch.bucketize(right=True) - 1) places them."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.searchsorted(edges, confidence, side="right") - 1
+
+
+def resampled_calibration(
+    terms: CalibrationTerms, indices: np.ndarray, bins: int = CALIBRATION_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ECE (percent), NLL and Brier of every resample (one row of `indices` each).
+
+    ECE = sum over bins of (images in bin / n) * |accuracy(bin) - mean confidence(bin)|
+        = (1/n) * sum over bins of |sum over the bin's images of (correct - confidence)|,
+    the second form summed for all resamples at once by one `bincount` over (resample, bin).
+    """
+    resamples, n = indices.shape
+    cells = (
+        np.arange(resamples)[:, None] * (bins + 1)
+        + confidence_bins(terms.confidence, bins)[indices]
+    )
+    gap = (terms.correct - terms.confidence)[indices]
+    per_bin = np.bincount(cells.ravel(), gap.ravel(), minlength=resamples * (bins + 1))
+    ece = 100.0 * np.abs(per_bin.reshape(resamples, bins + 1)).sum(1) / n
+    return ece, terms.nll[indices].mean(1), terms.brier[indices].mean(1)
+
+
+def calibration_metrics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    resamples: int = 0,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict:
+    """ECE (15 equal-width bins of top-1 confidence, L1, in percent: torchmetrics'
+    MulticlassCalibrationError), NLL (mean -log p(true class), nats) and the Brier score (mean
+    over images of sum over classes (p - one-hot)^2, in [0, 2]); with `resamples` > 0 their 95 %
+    intervals on the resamples of `confidence_intervals` (the same seed draws the same images)."""
+    if len(targets) == 0:
+        return {"ece": 0.0, "nll": 0.0, "brier": 0.0}
+    terms = calibration_terms(logits, targets, num_classes)
+    (ece,), (nll,), (brier,) = resampled_calibration(terms, np.arange(len(targets))[None])
+    out = {"ece": float(ece), "nll": float(nll), "brier": float(brier)}
+    if resamples > 0:
+        blocks = [resampled_calibration(terms, idx) for idx in
+                  bootstrap_indices(len(targets), resamples, seed)]  # fmt: skip
+        for name, values in zip(("ece", "nll", "brier"), zip(*blocks, strict=True), strict=True):
+            out[f"{name}_ci95"] = percentile_interval(np.concatenate(values))
+    return out
+
+
+def reliability_bins(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int, bins: int = CALIBRATION_BINS
+) -> dict:
+    """The reliability diagram's data: per confidence bin (the last one: confidence exactly 1),
+    its images, mean top-1 confidence and accuracy (percent; None for an empty bin)."""
+    terms = calibration_terms(logits, targets, num_classes)
+    which = confidence_bins(terms.confidence, bins)
+    count = np.bincount(which, minlength=bins + 1)
+    confidence = np.bincount(which, terms.confidence, minlength=bins + 1)
+    correct = np.bincount(which, terms.correct, minlength=bins + 1)
+
+    def mean(total: np.ndarray) -> list:
+        return [100.0 * float(t / c) if c else None for t, c in zip(total, count, strict=True)]
+
+    return {
+        "edges": np.linspace(0.0, 100.0, bins + 1).tolist(),
+        "count": count.tolist(),
+        "confidence": mean(confidence),
+        "accuracy": mean(correct),
+    }
+
+
+# --------------------------------------------------------------------------- temperature scaling
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature T > 0 that minimises the NLL of softmax(logits / T) (Guo et al. 2017).
+
+    One parameter, fitted as log T by L-BFGS with a strong-Wolfe line search in float64: the
+    NLL is convex in 1/T, so the minimum found is the minimum. Dividing by T > 0 keeps every
+    argmax, so accuracy is unchanged by construction.
+    """
+    logits, targets = logits.detach().double(), targets.long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12, tolerance_change=1e-15,
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())

@@ -4,6 +4,7 @@
     python evaluate.py --checkpoint official.pt --model-size tiny --weights ema --tta tencrop
     python evaluate.py --checkpoint A.pt --compare B.pt --dataset-path FER2013
     python evaluate.py --checkpoint ferplus_run/last.pt --dataset-path RAF-DB   # cross-dataset
+    python evaluate.py --checkpoint run/last.pt --dataset-path FER2013 --fit-temperature
 
 Accepts this project's checkpoints and the official trainer's (`{"model", "ema", "best_acc"}`,
 whose architecture is read off the tensors; `--model-size` checks or overrides it). The default
@@ -12,9 +13,11 @@ the ten crops. Accuracy and macro-F1 come with 95 % bootstrap intervals; `--comp
 paired comparison (docs/EVALUATION.md). A dataset whose classes differ from the model's (a FER+
 model on FER2013, a FER2013 model on FER+ or CK+) is scored on the classes both have, matched by
 name: images of classes the model lacks are excluded and counted, the model's extra classes are
-masked out of the argmax, and the figures without the mask are reported too. Writes `eval.json`
-and `confusion_matrix_<split>.png` beside the checkpoint (or to `--output`) and, with
-`--predictions`, one CSV row per image.
+masked out of the argmax, and the figures without the mask are reported too. Balanced accuracy and
+the calibration of the probabilities (ECE, NLL, Brier) come with intervals too; `--fit-temperature`
+fits temperature scaling on the val split and stores it for predict.py and the exports. Writes
+`eval.json`, `confusion_matrix_<split>.png` and `reliability_<split>.png` beside the checkpoint
+(or to `--output`) and, with `--predictions`, one CSV row per image.
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ from engine import (
     BOOTSTRAP_SEED,
     amp_settings,
     bootstrap_scores,
+    calibration_metrics,
     confidence_intervals,
+    fit_temperature,
     format_interval,
     format_report,
     metrics_with_intervals,
     percentile_interval,
     predict,
+    reliability_bins,
     resampled_scores,
 )
 from utils import (
@@ -58,6 +64,7 @@ from utils import (
     resolve_device,
     run_command,
     save_confusion_matrix,
+    save_figure,
     write_text_atomic,
 )
 
@@ -102,6 +109,13 @@ def get_args_parser() -> ArgumentParser:
         "--bootstrap-seed", type=int, default=BOOTSTRAP_SEED, help="seed of the resampling"
     )
     parser.add_argument(
+        "--fit-temperature",
+        action="store_true",
+        help="fit temperature scaling (Guo et al. 2017) on the val split, report the split's "
+        "calibration before and after, and store the temperature for predict.py and "
+        "scripts/export.py (beside a .pt file, in a hub folder's config.json)",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help="folder for eval.json and the confusion matrix (default: the checkpoint's folder)",
@@ -135,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     before anything is read; where the results go included (an evaluation takes minutes)."""
     parser = get_args_parser()
     args = parser.parse_checked(argv, ARG_RULES)
+    if args.fit_temperature and args.split == "val":
+        parser.error("--fit-temperature fits on the val split: report another --split (test)")
     try:
         check_outputs(args)
     except CLIError as err:
@@ -157,6 +173,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     a CLIError naming the flag if not."""
     flag = "--output" if args.output else "--output (default: the checkpoint's folder)"
     check_output_dir(output_folder(args), flag)
+    if args.fit_temperature and os.path.exists(args.checkpoint):  # a hub folder, or beside a .pt
+        ckpt = Path(os.path.abspath(args.checkpoint))
+        where = ckpt if ckpt.is_dir() else ckpt.parent
+        check_output_dir(where, "--checkpoint (--fit-temperature stores the temperature there)")
     if args.predictions:
         path = Path(args.predictions)
         if path.is_dir():
@@ -464,6 +484,102 @@ def compare(
     }
 
 
+# --------------------------------------------------------------------------- calibration
+
+
+def fitted_temperature(
+    args: argparse.Namespace, device: torch.device, a: Scores, match: ClassMatch, model_name
+) -> tuple[float, dict, str | None]:
+    """--fit-temperature: (T fitted on the val split's logits, under the same protocol, what to
+    record of the fit, where T was stored or None: models.calibration.store_temperature)."""
+    if not match.identical:
+        raise CLIError(
+            f"--fit-temperature: {args.checkpoint}'s classes are not the dataset's; fit it on "
+            "the dataset it was trained on"
+        )
+    val = score(args.checkpoint, argparse.Namespace(**{**vars(args), "split": "val"}), device,
+                model_name)  # fmt: skip
+    temperature = fit_temperature(val.logits, val.targets)
+    k = len(a.classes)
+    fit = {
+        "fitted_on": {"dataset_path": os.path.abspath(args.dataset_path), "split": "val",
+                      "tta": args.tta, "images": len(val.targets)},
+        "val_nll_before": calibration_metrics(val.logits, val.targets, k)["nll"],
+        "val_nll_after": calibration_metrics(val.logits / temperature, val.targets, k)["nll"],
+        "method": "temperature scaling (Guo et al. 2017): argmin over T of the NLL of "
+        "softmax(logits / T), L-BFGS on log T",
+    }  # fmt: skip
+    stored = models.calibration.store_temperature(args.checkpoint, a.ckpt, temperature, fit)
+    return temperature, fit, str(stored) if stored else None
+
+
+def temperature_report(
+    args: argparse.Namespace, device: torch.device, a: Scores, match: ClassMatch, view, model_name
+) -> dict | None:
+    """eval.json's `temperature`: the fitted (--fit-temperature) or stored temperature, and this
+    split's calibration before and after dividing the logits by it (the argmax, hence accuracy,
+    is the same); None without either."""
+    if args.fit_temperature:
+        temperature, fit, stored = fitted_temperature(args, device, a, match, model_name)
+        report = {"value": temperature, "stored_in": stored, **fit}
+    elif a.ckpt.get("temperature") is not None:
+        temperature = a.ckpt["temperature"]
+        report = {"value": temperature, "stored_in": a.ckpt["temperature_note"]}
+    else:
+        if a.ckpt.get("temperature_note"):
+            print(a.ckpt["temperature_note"])
+        return None
+    k = len(match.shared)
+    scaled = view.logits / temperature
+    before = calibration_metrics(view.logits, view.targets, k, args.bootstrap, args.bootstrap_seed)
+    after = calibration_metrics(scaled, view.targets, k, args.bootstrap, args.bootstrap_seed)
+    same = torch.equal(scaled.argmax(1), view.logits.argmax(1)) if len(scaled) else True
+    report.update(before=before, after=after, same_predictions=bool(same))
+    report["reliability_after"] = reliability_bins(scaled, view.targets, k)
+    return report
+
+
+def describe_temperature(report: dict, split: str) -> str:
+    before, after = report["before"], report["after"]
+    if report.get("fitted_on"):
+        how = f"fitted on val ({report['fitted_on']['images']} images)"
+        where = f"stored in {report['stored_in']}" if report["stored_in"] else (
+            "not stored: the checkpoint is not a local file or folder")  # fmt: skip
+    else:
+        how, where = "stored", f"from {report['stored_in']}"
+    return (
+        f"temperature scaling: T = {report['value']:.4f} {how}; {split} ECE {before['ece']:.2f} % "
+        f"-> {after['ece']:.2f} %, NLL {before['nll']:.4f} -> {after['nll']:.4f}, Brier "
+        f"{before['brier']:.4f} -> {after['brier']:.4f}; predictions "
+        f"{'unchanged' if report['same_predictions'] else 'CHANGED'}; {where}"
+    )
+
+
+def reliability_figure(curves: dict[str, dict], title: str):
+    """The reliability diagram: accuracy against mean top-1 confidence per bin (engine's
+    `reliability_bins`), one line per set of probabilities in `curves`, the diagonal being
+    perfect calibration; below it, the images per bin."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 6.5))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 100], [0, 100], color="grey", linestyle="--", label="perfectly calibrated")
+    for (label, bins), marker in zip(curves.items(), "os^", strict=False):
+        full = [i for i, c in enumerate(bins["count"]) if c]
+        x = [bins["confidence"][i] for i in full]
+        top.plot(x, [bins["accuracy"][i] for i in full], marker=marker, label=label)
+        bottom.plot(x, [bins["count"][i] for i in full], marker=marker, label=label)
+    top.set_xlim(0, 100)
+    top.set_ylim(0, 100)
+    top.set_ylabel("accuracy in the bin (%)")
+    top.set_title(title)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("mean top-1 confidence in the bin (%)")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -547,13 +663,29 @@ def main(args: argparse.Namespace) -> dict:
         print(describe_cross_dataset(record["cross_dataset"], args.split))
     if args.compare:
         record["compare"] = compare(args, device, scores, match, view)
+    record["reliability"] = reliability_bins(view.logits, view.targets, len(match.shared))
+    curves = {f"softmax(logits): ECE {metrics['ece']:.2f} %": record["reliability"]}
+    temperature = temperature_report(args, device, scores, match, view, model_name)
+    if temperature is not None:
+        record["temperature"] = temperature
+        print(describe_temperature(temperature, args.split))
+        label = (
+            f"softmax(logits / {temperature['value']:.3g}): ECE {temperature['after']['ece']:.2f} %"
+        )
+        curves[label] = temperature["reliability_after"]
     write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,
         os.path.join(output, f"confusion_matrix_{args.split}.png"),
         title=f"{scores.model.model_name} {args.split}: accuracy {metrics['accuracy']:.2f} %",
     )
-    print(f"wrote {output}/eval.json and confusion_matrix_{args.split}.png")
+    save_figure(
+        reliability_figure(curves, f"{scores.model.model_name} {args.split}: reliability"),
+        os.path.join(output, f"reliability_{args.split}.png"),
+    )
+    print(
+        f"wrote {output}/eval.json, confusion_matrix_{args.split}.png, reliability_{args.split}.png"
+    )
     if args.predictions:
         write_predictions(args.predictions, scores, match)
     return record

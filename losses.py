@@ -1,4 +1,6 @@
-"""EmoNeXt's loss: label-smoothed cross-entropy plus the self-attention (SA) regulariser."""
+"""EmoNeXt's loss: label-smoothed cross-entropy plus the self-attention (SA) regulariser, with the
+class-imbalance corrections `--loss-weighting` (Cui et al. 2019) and `--logit-adjustment`
+(Menon et al. 2021)."""
 
 from __future__ import annotations
 
@@ -17,18 +19,64 @@ def attention_variance(weights: torch.Tensor) -> torch.Tensor:
     return ((weights - weights.mean()) ** 2).mean()
 
 
+def class_weights(counts: torch.Tensor, scheme: str, beta: float = 0.9999) -> torch.Tensor | None:
+    """Per-class loss weights from the training images per class `counts`; None for "none".
+
+    "inverse-frequency": w_c proportional to 1 / n_c. "effective-number" (Cui et al. 2019,
+    "Class-Balanced Loss Based on Effective Number of Samples"): w_c proportional to
+    (1 - beta) / (1 - beta^n_c), the inverse of the class's effective number of samples; beta 0
+    gives equal weights, beta -> 1 inverse frequency. Both normalised as Cui et al. do, to sum
+    to the number of classes (a balanced dataset keeps weights 1). A class without images gets
+    weight 0 (no image of it is ever weighted).
+    """
+    if scheme == "none":
+        return None
+    n = counts.double()
+    if scheme == "inverse-frequency":
+        raw = 1.0 / n
+    elif scheme == "effective-number":
+        raw = (1.0 - beta) / (1.0 - beta**n)
+    else:
+        raise ValueError(f"unknown loss weighting {scheme!r}")
+    raw = torch.where(n > 0, raw, torch.zeros_like(raw))
+    return (raw * (n > 0).sum() / raw.sum()).float()
+
+
+def logit_adjustment(counts: torch.Tensor, tau: float) -> torch.Tensor | None:
+    """tau * log(prior) per class (Menon et al. 2021, "Long-tail learning via logit adjustment",
+    its logit-adjusted loss), added to the logits inside the loss only: predictions use the
+    plain logits, which the adjusted loss fits for the balanced error. None for tau 0."""
+    if tau == 0:
+        return None
+    prior = counts.double() / counts.sum()
+    return (tau * torch.log(prior)).float()
+
+
 class EmoNeXtLoss(nn.Module):
-    """L = CE(logits, y, label_smoothing) + sa_weight * attention_variance(W).
+    """L = mean_i w[y_i] * CE(logits_i + adjustment, y_i, label_smoothing)
+           + sa_weight * attention_variance(W).
+
+    `class_weights` w (`class_weights`; None: all 1) weigh each image's smoothed cross-entropy
+    by its class, averaged over the batch (Cui et al.'s class-balanced loss); `adjustment`
+    (`logit_adjustment`; None: 0) shifts the logits the cross-entropy sees, the smoothed target
+    unchanged. With neither, this is exactly F.cross_entropy(logits, y, label_smoothing).
 
     `forward(logits, attention_weights, targets)` returns the total; the last call's parts are kept,
     detached, in `self.parts` ({"ce": ..., "sa": ...}) for logging without a host sync. Models
     without an attention module pass `attention_weights=None`: the SA term is then 0.
     """
 
-    def __init__(self, label_smoothing: float = 0.2, sa_weight: float = 1.0):
+    def __init__(
+        self,
+        label_smoothing: float = 0.2,
+        sa_weight: float = 1.0,
+        class_weights: torch.Tensor | None = None,
+        adjustment: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.sa_weight = sa_weight
+        self.class_weights, self.adjustment = class_weights, adjustment
         self.parts: dict[str, torch.Tensor] = {}
 
     def forward(
@@ -37,7 +85,16 @@ class EmoNeXtLoss(nn.Module):
         attention_weights: torch.Tensor | None,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        logits = logits.float()
+        if self.adjustment is not None:
+            logits = logits + self.adjustment.to(logits.device)
+        if self.class_weights is None:
+            ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        else:
+            per_image = F.cross_entropy(
+                logits, targets, label_smoothing=self.label_smoothing, reduction="none"
+            )
+            ce = (self.class_weights.to(logits.device)[targets] * per_image).mean()
         if attention_weights is None:
             sa = torch.zeros((), device=ce.device)
         else:

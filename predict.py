@@ -14,7 +14,9 @@ crop, [0, 1], repeated to the model's channels). `--detector haar` uses OpenCV 4
 where OpenCV still ships it.
 
 Output: one record per face (`source`, `frame`, `box` = [x, y, width, height] of the crop given
-to the model, `score` and `landmarks` of the detector, `label`, `probabilities`), as JSON lines
+to the model, `score` and `landmarks` of the detector, `label`, `probabilities`, and `calibrated`
+and `temperature`: the probabilities are softmax(logits / temperature) where evaluate.py
+--fit-temperature stored a temperature for the model, softmax(logits) otherwise), as JSON lines
 with `--json`; a frame without a face gives one record with `box`, `label` and `probabilities`
 null and `note: "no face found"`. `--checkpoint` takes a .pt checkpoint (this project's or the
 official trainer's), a hub folder, `hf-hub:USER/NAME`, or an ONNX or TorchScript file of
@@ -270,7 +272,9 @@ def read_image(path: str) -> np.ndarray:
 
 
 class Classifier:
-    """Class probabilities of face crops, from a PyTorch model or an ONNX Runtime session."""
+    """Class probabilities of face crops, from a PyTorch model or an ONNX Runtime session:
+    softmax(logits / temperature), the calibrated ones when the model has a stored temperature
+    (models/calibration.py), else softmax(logits)."""
 
     def __init__(
         self,
@@ -278,15 +282,25 @@ class Classifier:
         classes: list[str],
         data_config: dict,
         backend: str = "torch",
+        temperature: float | None = None,
     ):
         self.run, self.classes, self.data_config = run, classes, data_config
-        self.backend = backend
+        self.backend, self.temperature = backend, temperature
 
     def __call__(self, crops: list[np.ndarray]) -> np.ndarray:
         if not crops:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        logits = torch.from_numpy(self.run(face_tensor(crops, self.data_config)))
-        return torch.softmax(logits.float(), 1).numpy()
+        logits = torch.from_numpy(self.run(face_tensor(crops, self.data_config))).float()
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return torch.softmax(logits, 1).numpy()
+
+
+def stored_temperature(meta: dict, path: str) -> float | None:
+    """The calibration temperature in an export's metadata (None: none), validated."""
+    if "temperature" not in meta:
+        return None
+    return models.calibration.check_temperature(meta["temperature"], f"{path} (metadata)")
 
 
 def ort_runner(session) -> Callable[[torch.Tensor], np.ndarray]:
@@ -304,7 +318,8 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
     if "classes" not in meta or "data_config" not in meta:
         raise utils.CLIError(f"{path} lacks the classes/data_config metadata of scripts/export.py")
     classes, data_config = json.loads(meta["classes"]), json.loads(meta["data_config"])
-    return Classifier(ort_runner(session), classes, data_config, "onnxruntime")
+    temperature = stored_temperature(meta, path)
+    return Classifier(ort_runner(session), classes, data_config, "onnxruntime", temperature)
 
 
 def load_torchscript(path: str, device: str = "cpu") -> Classifier:
@@ -326,7 +341,8 @@ def load_torchscript(path: str, device: str = "cpu") -> Classifier:
     def run(x: torch.Tensor) -> np.ndarray:
         return module(x.to(device)).float().cpu().numpy()
 
-    return Classifier(run, classes, data_config, "torchscript")
+    temperature = stored_temperature(meta, path)
+    return Classifier(run, classes, data_config, "torchscript", temperature)
 
 
 def onnx_of(model: torch.nn.Module, data_config: dict) -> tuple[object, float, float]:
@@ -365,7 +381,10 @@ def load_classifier(
                 "torch, or export an ONNX file with scripts/export.py --format onnx"
             )
         return load_torchscript(checkpoint, device)
-    model, classes, data_config, _ = models.load_trained_model(checkpoint, weights, model_name)
+    model, classes, data_config, ckpt = models.load_trained_model(checkpoint, weights, model_name)
+    temperature = ckpt["temperature"]
+    if temperature is None and ckpt["temperature_note"]:  # a stored one that does not apply
+        print(f"predict.py: {ckpt['temperature_note']}", file=sys.stderr)
     if backend != "torch":
         try:
             session, seconds, diff = onnx_of(model, data_config)
@@ -377,7 +396,8 @@ def load_classifier(
                 f"{diff:.0e} of PyTorch's)",
                 file=sys.stderr,
             )
-            return Classifier(ort_runner(session), classes, data_config, "onnxruntime")
+            runner = ort_runner(session)
+            return Classifier(runner, classes, data_config, "onnxruntime", temperature)
         why = diff if isinstance(diff, str) else f"its logits differ from PyTorch's by {diff:.1e}"
         if backend == "onnxruntime":
             raise utils.CLIError(
@@ -390,7 +410,7 @@ def load_classifier(
     def run(x: torch.Tensor) -> np.ndarray:
         return model(x.to(device)).float().cpu().numpy()
 
-    return Classifier(run, classes, data_config, "torch")
+    return Classifier(run, classes, data_config, "torch", temperature)
 
 
 # --------------------------------------------------------------------------- frames -> records
@@ -435,6 +455,9 @@ def predict_frames(
                 else [[round(float(v), 1) for v in point] for point in face.landmarks],
                 "label": classifier.classes[int(p.argmax())],
                 "probabilities": {c: float(v) for c, v in zip(classifier.classes, p, strict=True)},
+                # softmax(logits / temperature): calibrated when the model has a temperature
+                "calibrated": classifier.temperature is not None,
+                "temperature": classifier.temperature,
             }
             if angle is not None:
                 record["angle"] = round(angle, 1)

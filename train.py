@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import datasets
 import engine
+import losses
 import models
 import utils
 from ema import EMA
@@ -80,6 +81,14 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
         type=int,
         default=None,
         help="input side in pixels (default: the model's, 224 for EmoNeXt)",
+    )
+    g.add_argument(
+        "--sampler",
+        choices=["shuffle", "balanced"],
+        default="shuffle",
+        help="shuffle: every training image once per epoch; balanced: every class equally often, "
+        "images drawn with replacement, an epoch as long as the training set rounded up to a "
+        "multiple of classes x processes (imbalanced datasets such as AffectNet)",
     )
 
     g = utils.add_model_arguments(p, models.SIZES, default_size="tiny")
@@ -136,6 +145,29 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
     )
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--label-smoothing", type=float, default=0.2, help="cross-entropy smoothing")
+    g.add_argument(
+        "--loss-weighting",
+        choices=["none", "inverse-frequency", "effective-number"],
+        default="none",
+        help="weigh each image's cross-entropy by its class: 1 / images of the class, or 1 / "
+        "the class's effective number of samples (Cui et al. 2019); normalised to mean 1 over "
+        "the classes",
+    )
+    g.add_argument(
+        "--effective-number-beta",
+        type=float,
+        default=0.9999,
+        help="beta of --loss-weighting effective-number, in [0, 1): 0 weighs classes equally, "
+        "towards 1 as inverse-frequency",
+    )
+    g.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=0.0,
+        metavar="TAU",
+        help="logit-adjusted loss (Menon et al. 2021): the cross-entropy sees logits + TAU * "
+        "log(class prior); 1 is the paper's choice, 0 is off",
+    )
     g.add_argument(
         "--sa-weight",
         type=float,
@@ -282,6 +314,8 @@ ARG_RULES = {
     "weight_decay": ("at least 0", lambda v: v >= 0),
     "clip_grad": ("at least 0 (0: no clipping)", lambda v: v >= 0),
     "label_smoothing": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "effective_number_beta": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "logit_adjustment": ("at least 0", lambda v: v >= 0),
     "sa_weight": ("at least 0", lambda v: v >= 0),
     "ema_beta": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "ema_update_every": ("at least 1", lambda v: v >= 1),
@@ -680,6 +714,7 @@ def build_loaders(
                 world_size=world_size,
                 skip_bad_images=args.skip_bad_images,
                 augment=augment if split == "train" else None,
+                sampler=args.sampler if split == "train" else "shuffle",
             )
             for split in datasets.SPLITS
         }
@@ -731,11 +766,27 @@ class Training:
     channels_last: bool
 
 
+def build_criterion(args: argparse.Namespace, class_counts: torch.Tensor) -> EmoNeXtLoss:
+    """The EmoNeXt loss with --loss-weighting and --logit-adjustment, from the training split's
+    images per class."""
+    return EmoNeXtLoss(
+        args.label_smoothing,
+        args.sa_weight,
+        losses.class_weights(class_counts, args.loss_weighting, args.effective_number_beta),
+        losses.logit_adjustment(class_counts, args.logit_adjustment),
+    )
+
+
 def build_training(
-    args: argparse.Namespace, model: nn.Module, device: torch.device, channels_last: bool
+    args: argparse.Namespace,
+    model: nn.Module,
+    device: torch.device,
+    channels_last: bool,
+    class_counts: torch.Tensor,
 ) -> Training:
     """AdamW over the trainable parameters (fused on CUDA), the warm-restart schedule, the EMA,
-    the loss, AMP, and the DDP and --compile wrappers."""
+    the loss (`build_criterion`; `class_counts`: the training images per class), AMP, and the
+    DDP and --compile wrappers."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
@@ -755,7 +806,7 @@ def build_training(
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, args),
         scaler=scaler,
-        criterion=EmoNeXtLoss(args.label_smoothing, args.sa_weight),
+        criterion=build_criterion(args, class_counts),
         amp_dtype=amp_dtype,
         channels_last=channels_last,
     )
@@ -919,6 +970,7 @@ def epoch_record(
         "train_accuracy": stats["accuracy"],
         "val_accuracy": val["accuracy"],
         "val_macro_f1": val["macro_f1"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
         "best_val_accuracy": state.best_accuracy,
         "nonfinite_steps": stats["nonfinite"],
         "images_per_s": stats["images_per_s"],
@@ -1037,6 +1089,11 @@ def test_models(
     return test, test_best, best_epoch
 
 
+# results.json's figures of the final EMA weights besides accuracy and macro-F1 (engine's keys)
+CALIBRATION_AND_BALANCE = [f"{name}{ci}" for name in ("balanced_accuracy", "ece", "nll", "brier")
+                           for ci in ("", "_ci95")]  # fmt: skip
+
+
 def test_and_report(
     training: Training,
     state: TrainState,
@@ -1079,6 +1136,8 @@ def test_and_report(
         "test_accuracy_best_ema_ci95": best_ci95.get("ema"),
         "macro_f1": test["macro_f1"],
         "macro_f1_ci95": test["macro_f1_ci95"],
+        # of the final EMA weights too; definitions in docs/EVALUATION.md
+        **{k: test[k] for k in CALIBRATION_AND_BALANCE},
         "per_class": test["per_class"],
         "confusion_matrix": test["confusion_matrix"],
         "classes": list(classes),
@@ -1232,7 +1291,8 @@ def main(
             log(f"initialised from {args.checkpoint}")
         loaders = build_loaders(args, model.data_config, device, rank, world_size)
         data_sizes, skipped, overlap = check_data(args, loaders, resume_ckpt, master, log)
-        training = build_training(args, model, device, channels_last)
+        class_counts = torch.bincount(loaders["train"].split.targets, minlength=len(classes))
+        training = build_training(args, model, device, channels_last, class_counts)
         run_info = {  # what every checkpoint says besides the training state
             "args": dict(vars(args)),
             "data_sizes": data_sizes,

@@ -21,6 +21,7 @@ One room per part, data flowing down this list (a module imports only those abov
 - ``synthetic``: the synthetic faces
 - ``transforms``: augmentation parameters and the `pil` pipeline's torchvision transforms
 - ``warp``: the `fast` pipeline's on-device affine warp
+- ``sampler``: the epoch's order: the seeds of every stream, `--sampler balanced`
 - ``loader``: `Loader`, `FastLoader`, `PilLoader`, `build_loader`, `denormalize`
 
 The public names of every room are importable from ``datasets`` itself.
@@ -74,6 +75,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .sampler import balanced_epoch_length, balanced_order
 from .synthetic import (
     BACKDROP_STD,
     EXPRESSIONS,
@@ -109,6 +111,8 @@ __all__ = [
     "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops", "pil_transform",
     # warp
     "fast_warp", "make_theta", "ten_crop_views",
+    # sampler
+    "balanced_epoch_length", "balanced_order",
     # loader
     "FastLoader", "Loader", "PilLoader", "build_loader", "denormalize",
 ]  # fmt: skip

@@ -7,21 +7,15 @@ import math
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
 from .folders import DataConfig, SplitData, decode_image, load_split
+from .sampler import _mix_seed, balanced_epoch_length, balanced_order
 from .transforms import _center_offset, _resized_hw, _resolve_augment, pil_transform
 from .warp import _fixed_views_grid, fast_warp, make_theta, ten_crop_views
-
-
-def _mix_seed(*values: int) -> int:
-    """One 63-bit seed from several ints, stable across platforms and processes."""
-    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 class _PilDataset(torch.utils.data.Dataset):
@@ -52,7 +46,8 @@ class _PilDataset(torch.utils.data.Dataset):
 class Loader:
     """Batches of one split for one rank. Iterate for an epoch; call set_epoch(e) before each.
 
-    The epoch's order and augmentation depend only on (seed, epoch, rank).
+    The epoch's order and augmentation depend only on (seed, epoch, rank). `sampler` "balanced"
+    (training only) draws classes equally often (`balanced_order`) instead of every image once.
     """
 
     def __init__(
@@ -68,6 +63,7 @@ class Loader:
         rank: int,
         world_size: int,
         augment: dict | None,
+        sampler: str = "shuffle",
     ):
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
@@ -81,7 +77,14 @@ class Loader:
         self.epoch = 0
         self.classes = list(split.classes)
         self.dataset_size = len(split.targets)
-        if mode == "train":  # DistributedSampler: pad so every rank gets the same count
+        if sampler not in ("shuffle", "balanced") or (sampler == "balanced" and mode != "train"):
+            raise ValueError(f"sampler must be 'shuffle' ('balanced' to train), got {sampler!r}")
+        self.sampler = sampler
+        if sampler == "balanced":
+            classes = int((torch.bincount(split.targets) > 0).sum())
+            self.num_samples = balanced_epoch_length(self.dataset_size, classes, world_size)
+            self.num_samples //= world_size
+        elif mode == "train":  # DistributedSampler: pad so every rank gets the same count
             self.num_samples = math.ceil(self.dataset_size / world_size)
         else:  # evaluation: rank r gets r::world_size, every image counted exactly once
             self.num_samples = len(range(rank, self.dataset_size, world_size))
@@ -96,6 +99,10 @@ class Loader:
 
     def indices(self) -> torch.Tensor:
         """This rank's image indices for the current epoch, in order."""
+        if self.sampler == "balanced":
+            return balanced_order(
+                self.split.targets, self.seed, self.epoch, self.rank, self.world_size
+            )
         n = self.dataset_size
         if self.shuffle:  # same permutation on every rank (seed, epoch), like DistributedSampler
             g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
@@ -340,6 +347,7 @@ def build_loader(
     augment: dict | None = None,
     contiguous: bool = False,
     cache: bool = True,
+    sampler: str = "shuffle",
 ) -> Loader:
     """Batches (images float32 on `device`, targets int64 on `device`) of root/split.
 
@@ -348,7 +356,8 @@ def build_loader(
     data_config has mean/std. In the fast pipeline the C channels are a broadcast view of one
     plane unless `contiguous` (or normalisation) materialises them. num_workers applies to the
     pil pipeline only. rank/world_size shard the split (train: padded like DistributedSampler;
-    val/test: rank r gets r::world_size, so every image is counted once).
+    val/test: rank r gets r::world_size, so every image is counted once). sampler "balanced"
+    (mode "train"): every class equally often per epoch (`balanced_order`).
     """
     data_config = data_config or DataConfig()
     if shuffle is None:
@@ -365,6 +374,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         augment=augment,
+        sampler=sampler,
     )
     if pipeline == "fast":
         return FastLoader(data, contiguous=contiguous, **common)

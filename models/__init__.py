@@ -18,7 +18,7 @@ import os
 
 from torch import nn
 
-from models import baselines, deploy, emonext, hub  # noqa: F401  (registers the models by name)
+from models import baselines, calibration, deploy, emonext, hub  # noqa: F401  (registers them)
 from models.baselines import TimmModel, create_timm_model
 from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
@@ -48,6 +48,7 @@ __all__ = [
     "load_pretrained",
     "load_trained_model",
     "register_model",
+    "calibration",
     "hub",
 ]
 
@@ -151,7 +152,9 @@ def load_trained_model(
     `weights` and `model_name` are as in `load_model`. Class names and data config come from the
     checkpoint where it records them (this project's checkpoints do); the official trainer's
     checkpoints get OFFICIAL_CLASSES and the model's default config (224 input, resize 236, no
-    normalisation), which is how the official code trained. Every mistake is a WeightsError.
+    normalisation), which is how the official code trained. The checkpoint's `temperature` is
+    the one stored for these weights (models/calibration.py) or None, `temperature_note` where
+    it came from or why a stored one does not apply. Every mistake is a WeightsError.
     """
     try:
         model, ckpt = load_model(checkpoint, weights, model_name)
@@ -167,4 +170,5 @@ def load_trained_model(
     data_config = dict(model.data_config)
     data_config.update(ckpt.get("data_config") or {})
     model.data_config = data_config
+    ckpt["temperature"], ckpt["temperature_note"] = calibration.read_temperature(checkpoint, ckpt)
     return model, classes, data_config, ckpt

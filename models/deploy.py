@@ -29,14 +29,26 @@ TORCHSCRIPT_METADATA = "metadata.json"
 
 
 def onnx_metadata(
-    model: nn.Module, classes: list[str], data_config: dict, source: str, weights: str
+    model: nn.Module,
+    classes: list[str],
+    data_config: dict,
+    source: str,
+    weights: str,
+    temperature: float | None = None,
 ) -> dict[str, str]:
     """What travels inside an export (ONNX metadata_props / TorchScript's metadata.json): class
-    names, data config and the input rule; string keys and values, as ONNX needs."""
+    names, data config, the input rule and the calibration `temperature` where there is one
+    (models/calibration.py); string keys and values, as ONNX needs."""
     dc = dict(data_config)
     resize = dc.get("resize_size") or round(dc["image_size"] * 236 / 224)
     normalise = dc.get("mean") is not None and dc.get("std") is not None
-    return {
+    output = f"float32 N x {len(classes)}: logits (softmax gives probabilities)"
+    if temperature is not None:
+        output = (
+            f"float32 N x {len(classes)}: logits (softmax(logits / temperature) gives calibrated "
+            "probabilities)"
+        )
+    meta = {
         "classes": json.dumps(list(classes)),
         "data_config": json.dumps(dc),
         "model_name": model.model_name,
@@ -46,10 +58,13 @@ def onnx_metadata(
         "mean": json.dumps(list(dc["mean"])) if normalise else "none",
         "std": json.dumps(list(dc["std"])) if normalise else "none",
         "input": input_rule(dc),
-        "output": f"float32 N x {len(classes)}: logits (softmax gives probabilities)",
+        "output": output,
         "source_checkpoint": os.path.basename(str(source)),
         "weights": weights,
     }
+    if temperature is not None:
+        meta["temperature"] = repr(float(temperature))
+    return meta
 
 
 def to_onnx(

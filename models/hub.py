@@ -2,7 +2,8 @@
 
 - `config.json`: everything needed to rebuild the model and feed it (`model_name`,
   `model_kwargs`, `label_names` = the classes in output order, `data_config`, the `input` rule,
-  which `weights` of the checkpoint), plus timm's hub keys (`architecture`, `model_args`,
+  which `weights` of the checkpoint, the calibration `temperature` where one was fitted:
+  models/calibration.py), plus timm's hub keys (`architecture`, `model_args`,
   `pretrained_cfg`) where timm can build the model, so that `timm.create_model("local-dir:DIR")`
   and `"hf-hub:USER/NAME"` load it too once `import models` has registered the EmoNeXt names.
 - `model.safetensors`: the weights alone, no pickle (nothing in it can run code).
@@ -103,10 +104,16 @@ def _timm_keys(model: nn.Module, num_classes: int, data_config: dict) -> dict:
 
 
 def hub_config(
-    model: nn.Module, classes: list[str], data_config: dict, weights: str, source: dict
+    model: nn.Module,
+    classes: list[str],
+    data_config: dict,
+    weights: str,
+    source: dict,
+    temperature: float | None = None,
 ) -> dict:
     """config.json of a trained model. `weights`: which of the checkpoint's ("ema", "model");
-    `source`: where it came from (checkpoint file name, epoch, commit, versions)."""
+    `source`: where it came from (checkpoint file name, epoch, commit, versions); `temperature`:
+    its calibration (models/calibration.py), None for none."""
     dc = {k: data_config.get(k) for k in DATA_CONFIG_KEYS}  # datasets.DataConfig's fields
     dc.update({k: list(dc[k]) for k in ("mean", "std") if dc[k] is not None})
     timm_keys = _timm_keys(model, len(classes), dc)
@@ -123,6 +130,7 @@ def hub_config(
         "input": input_rule(dc),
         "grey_to_rgb": GREY_TO_RGB,
         "weights": weights,
+        "temperature": temperature,
         "source": source,
         "emonext_hub_format": FORMAT,
     }
@@ -414,6 +422,13 @@ def model_card(
             "No test score is recorded for these weights (no results.json beside the "
             "checkpoint, or it scores other weights): measure with `evaluate.py`."
         )
+    if config.get("temperature") is not None:
+        lines += [
+            "",
+            f"Calibrated probabilities are softmax(logits / {config['temperature']:.4g}): "
+            "temperature scaling fitted on the validation split (`evaluate.py "
+            "--fit-temperature`); config.json's `temperature`. The argmax is the same.",
+        ]
     lines += _card_training(config, ckpt, args) + _card_usage(config, name)
     return f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 

@@ -9,13 +9,14 @@
 ONNX and TorchScript map a float32 batch (N, C, S, S), a grayscale face in [0, 1] repeated on C
 channels, to logits (N, classes); the batch size is free. Their preprocessing travels with them:
 ONNX `metadata_props` / a TorchScript extra file `metadata.json` hold the class names, the data
-config and a sentence saying how to build the input (models/deploy.py).
+config, a sentence saying how to build the input and, when evaluate.py --fit-temperature stored
+one for the checkpoint, the calibration temperature (models/deploy.py, models/calibration.py).
 
 A hub folder (models/hub.py) is `config.json` (model name and arguments, classes, data config,
-grey-to-RGB rule, which weights; timm's keys too), `model.safetensors` and a `README.md` model
-card, with the test scores of the run's results.json when it sits beside the checkpoint;
-`--push REPO_ID` uploads it with huggingface_hub. `models.load_model(DIR or hf-hub:REPO_ID)` and
-every command's `--checkpoint` read it back.
+grey-to-RGB rule, which weights, the temperature if any; timm's keys too), `model.safetensors`
+and a `README.md` model card, with the test scores of the run's results.json when it sits beside
+the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
+`models.load_model(DIR or hf-hub:REPO_ID)` and every command's `--checkpoint` read it back.
 
 Every export is compared with the PyTorch model on random inputs and on a real face (the
 astronaut photograph of tests/data, through predict.py's detector and transform); a mismatch
@@ -146,7 +147,9 @@ def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float
         "exported_at_commit": utils.git_commit(),
     }
     source = {k: v for k, v in source.items() if v is not None}
-    config = hub.hub_config(model, classes, data_config, ckpt["weights_used"], source)
+    config = hub.hub_config(
+        model, classes, data_config, ckpt["weights_used"], source, ckpt.get("temperature")
+    )
     name = args.push or Path(os.path.abspath(args.output)).name
     card = hub.model_card(config, ckpt, run_results(args.checkpoint), name, args.license)
     tmp = hub.write_folder(args.output, hub.hub_state_dict(model), config, card)
@@ -267,10 +270,19 @@ def main(args: argparse.Namespace) -> float:
         what = "hub folder (config.json, model.safetensors, README.md)"
     else:
         meta = deploy.onnx_metadata(
-            model, classes, data_config, args.checkpoint, ckpt["weights_used"]
+            model,
+            classes,
+            data_config,
+            args.checkpoint,
+            ckpt["weights_used"],
+            ckpt.get("temperature"),
         )
         diff = export_file(model, example, checks, meta, args, device)
         what = f"{args.format}, input N x {chans} x {size} x {size}"
+    if ckpt.get("temperature") is not None:
+        what += f", calibration temperature {ckpt['temperature']:.4g} ({ckpt['temperature_note']})"
+    elif ckpt.get("temperature_note"):
+        print(f"export.py: {ckpt['temperature_note']}; exported without it", file=sys.stderr)
     print(
         f"wrote {args.output}: {model.model_name} ({ckpt['weights_used']} weights), {what}, "
         f"logits for {len(classes)} classes; max |export - PyTorch on {device}| = {diff:.1e} "
