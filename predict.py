@@ -20,7 +20,8 @@ and `temperature`: the probabilities are softmax(logits / temperature) where eva
 with `--json`; a frame without a face gives one record with `box`, `label` and `probabilities`
 null and `note: "no face found"`. `--checkpoint` takes a .pt checkpoint (this project's or the
 official trainer's), a hub folder, `hf-hub:USER/NAME`, or an ONNX or TorchScript file of
-scripts/export.py. `--output` gets one annotated file per input (`output_names`).
+scripts/export.py (TorchScript only with `--allow-torchscript`: its code runs as it loads).
+`--output` gets one annotated file per input (`output_names`).
 Videos, the webcam and many images run on ONNX Runtime by default (exported in memory, checked
 against PyTorch), a few images on PyTorch: `--backend`, docs/INFERENCE.md.
 """
@@ -315,9 +316,8 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
     except Exception as err:  # onnxruntime raises its own exception types
         raise utils.CLIError(f"{path} is not a readable ONNX model ({err})") from err
     meta = session.get_modelmeta().custom_metadata_map
-    if "classes" not in meta or "data_config" not in meta:
-        raise utils.CLIError(f"{path} lacks the classes/data_config metadata of scripts/export.py")
-    classes, data_config = json.loads(meta["classes"]), json.loads(meta["data_config"])
+    shapes = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    classes, data_config = models.deploy.read_metadata(meta, path, *shapes)
     temperature = stored_temperature(meta, path)
     return Classifier(ort_runner(session), classes, data_config, "onnxruntime", temperature)
 
@@ -330,12 +330,7 @@ def load_torchscript(path: str, device: str = "cpu") -> Classifier:
     except (RuntimeError, ValueError, OSError) as err:  # torch.jit's own reasons
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise utils.CLIError(f"{path} is not a readable TorchScript file ({reason})") from None
-    if "classes" not in meta or "data_config" not in meta:
-        raise utils.CLIError(
-            f"{path} lacks the classes/data_config metadata of scripts/export.py "
-            "(its extra file metadata.json); export it with scripts/export.py"
-        )
-    classes, data_config = json.loads(meta["classes"]), json.loads(meta["data_config"])
+    classes, data_config = models.deploy.read_metadata(meta, path)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> np.ndarray:
@@ -364,9 +359,11 @@ def load_classifier(
     model_name: str | None = None,
     device: str = "cpu",
     backend: str = "torch",
+    allow_torchscript: bool = False,
 ) -> Classifier:
     """A Classifier of a checkpoint (.pt, hub folder, hf-hub: name), an exported .onnx file
-    (which always runs on ONNX Runtime) or an exported TorchScript file (always on PyTorch).
+    (which always runs on ONNX Runtime) or an exported TorchScript file (always on PyTorch, and
+    only with `allow_torchscript`: it is code, which runs as it loads).
 
     backend "onnxruntime" exports the model in memory and runs ONNX Runtime, refused when its
     logits differ from PyTorch's by more than AGREEMENT; "auto" (main's choice for videos) falls
@@ -375,6 +372,9 @@ def load_classifier(
     if checkpoint.endswith(".onnx") and os.path.isfile(checkpoint):
         return load_onnx(checkpoint, device)
     if os.path.isfile(checkpoint) and models.deploy.is_torchscript(checkpoint):
+        if not allow_torchscript:
+            refusal = models.weights.torchscript_refusal(checkpoint, "--allow-torchscript")
+            raise utils.CLIError(refusal)
         if backend == "onnxruntime":
             raise utils.CLIError(
                 f"{checkpoint} is a TorchScript file: it runs on PyTorch alone; use --backend "
@@ -630,8 +630,14 @@ def get_args_parser() -> utils.ArgumentParser:
     utils.add_model_arguments(
         parser,
         models.SIZES,
-        checkpoint_help=".pt checkpoint, hub folder, hf-hub:USER/NAME, or an .onnx or TorchScript "
-        "file of scripts/export.py",
+        checkpoint_help=".pt checkpoint, hub folder, hf-hub:USER/NAME, an .onnx file of "
+        "scripts/export.py, or its TorchScript file with --allow-torchscript",
+    )
+    parser.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="run a TorchScript --checkpoint: it is a program and runs its own code as it loads, "
+        "so give it only for a file you trust (default: refused)",
     )
     parser.add_argument(
         "--webcam",
@@ -854,7 +860,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.box_scale is None:
         args.box_scale = BOX_SCALE[args.detector]
     backend = choose_backend(args.backend, args.checkpoint, items, args.webcam, device)
-    classifier = load_classifier(args.checkpoint, args.weights, model_name, str(device), backend)
+    classifier = load_classifier(
+        args.checkpoint, args.weights, model_name, str(device), backend, args.allow_torchscript
+    )
     out = []
 
     # Consecutive images share batches; videos run one by one; input order is kept.

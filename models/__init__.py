@@ -22,6 +22,7 @@ from models import baselines, calibration, deploy, emonext, hub  # noqa: F401  (
 from models.baselines import TimmModel, create_timm_model
 from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
+from models.schema import check_classes, check_data_config, check_model_fields
 from models.weights import (
     OFFICIAL_CLASSES,
     LoadReport,
@@ -113,6 +114,11 @@ def load_model(
     state dict of the ResEmoteNet code).
     """
     ckpt = read_checkpoint(source)
+    # What the file says to build is checked before anything is built (models/schema.py).
+    if "model_name" in ckpt:
+        check_model_fields(ckpt, str(source))
+    elif ckpt.get("data_config") is not None:
+        check_data_config(ckpt["data_config"], str(source), whole=False)
     kwargs = {}
     if "model_name" in ckpt and model_name in (None, ckpt["model_name"]):
         model_name = ckpt["model_name"]
@@ -136,8 +142,11 @@ def load_model(
     kwargs.update(overrides)
     if model_meta(model_name).get("size"):  # no stochastic-depth modules in an inference model
         kwargs.setdefault("drop_path_rate", 0.0)
-    model = create_model(model_name, verbose=False, **kwargs)
-    ckpt = load_checkpoint(model, ckpt, weights)
+    try:
+        model = create_model(model_name, verbose=False, **kwargs)
+    except TypeError as err:  # a timm model that takes no such argument (e.g. img_size)
+        raise WeightsError(f"{source}: model_kwargs do not fit {model_name} ({err})") from None
+    ckpt = load_checkpoint(model, ckpt, weights, name=str(source))
     if isinstance(ckpt.get("data_config"), dict):  # what the model was trained with
         model.data_config = dict(ckpt["data_config"])
     return model.eval(), ckpt
@@ -160,12 +169,9 @@ def load_trained_model(
         model, ckpt = load_model(checkpoint, weights, model_name)
     except ValueError as err:  # e.g. a --model name that is not registered
         raise WeightsError(str(err)) from err
-    classes = list(ckpt.get("classes") or OFFICIAL_CLASSES)
-    if len(classes) != model.num_classes:
-        raise WeightsError(
-            f"{checkpoint}: the model has {model.num_classes} outputs but the checkpoint names "
-            f"{len(classes)} classes"
-        )
+    classes = ckpt.get("classes")
+    classes = list(OFFICIAL_CLASSES) if classes is None else classes
+    classes = check_classes(classes, str(checkpoint), "classes", model.num_classes)
     # What the checkpoint records wins; a key it lacks keeps the model's default.
     data_config = dict(model.data_config)
     data_config.update(ckpt.get("data_config") or {})

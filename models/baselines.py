@@ -22,6 +22,7 @@ from models.registry import register_model
 from models.weights import (
     LoadReport,
     WeightsError,
+    check_values,
     clean_state_dict,
     extract_state_dict,
     read_checkpoint,
@@ -359,6 +360,7 @@ def load_timm_weights(model: TimmModel, path: str) -> LoadReport:
             f"{path} lacks {len(missing)} tensors of this timm model, e.g. "
             f"{', '.join(missing[:5])}: it is not a checkpoint of this architecture"
         )
+    check_values(to_load, own, path)
     net.load_state_dict(to_load, strict=False)  # completeness checked above
     report.loaded = len(to_load)
     model.reset_classifier(model.num_classes)

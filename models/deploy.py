@@ -13,12 +13,13 @@ import io
 import json
 import os
 import warnings
-import zipfile
 
 import torch
 from torch import nn
 
 from models.hub import input_rule
+from models.schema import check_classes, check_data_config, refuse
+from models.weights import WeightsError, is_torchscript  # noqa: F401  (predict.py uses it)
 
 OPSET = 20
 MIN_OPSET = 20  # aten::affine_grid_generator (the STN) has an ONNX form from opset 20 on
@@ -67,6 +68,37 @@ def onnx_metadata(
     return meta
 
 
+def read_metadata(
+    meta: dict, source: str, input_shape: list | None = None, output_shape: list | None = None
+) -> tuple[list[str], dict]:
+    """(class names, data config) of an export's metadata (`onnx_metadata`), checked as a hub
+    folder's are (models/schema.py); against the model's input and output shapes where known."""
+    if "classes" not in meta or "data_config" not in meta:
+        raise WeightsError(
+            f"{source} lacks the classes/data_config metadata of scripts/export.py; export it "
+            "again with scripts/export.py"
+        )
+    accepted = {
+        "classes": "a JSON list of class names",
+        "data_config": "a JSON object of image_size, resize_size, in_chans, mean, std",
+    }
+    values = {}
+    for key, what in accepted.items():
+        try:
+            values[key] = json.loads(meta[key])
+        except (TypeError, ValueError):
+            raise refuse(source, f"metadata {key}", meta[key], what) from None
+    outputs = output_shape[-1] if output_shape and isinstance(output_shape[-1], int) else None
+    classes = check_classes(values["classes"], source, "metadata classes", outputs)
+    data_config = check_data_config(values["data_config"], source, "metadata data_config")
+    expected = [data_config["in_chans"], data_config["image_size"], data_config["image_size"]]
+    for got, want in zip((input_shape or [])[1:], expected, strict=False):
+        if isinstance(got, int) and got != want:
+            what = f"in_chans and image_size of the model's input, {input_shape[1:]}"
+            raise refuse(source, "metadata data_config", values["data_config"], what)
+    return classes, data_config
+
+
 def to_onnx(
     model: nn.Module, example: torch.Tensor, opset: int = OPSET, metadata: dict | None = None
 ) -> bytes:
@@ -107,17 +139,6 @@ def onnx_session(model: bytes | str, device: str = "cpu"):
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(model, providers=providers)
-
-
-def is_torchscript(path: str | os.PathLike) -> bool:
-    """Whether `path` is a TorchScript archive (torch.jit.save: a zip with the module's `code/`
-    and `constants.pkl`), which torch.load cannot read, whatever the file's extension."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def load_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:

@@ -19,17 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.schema import DATA_CONFIG_KEYS, check_hub_config
 from models.weights import WeightsError
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 HUB_PREFIX = "hf-hub:"
-DATA_CONFIG_KEYS = ("image_size", "resize_size", "in_chans", "mean", "std")
 FORMAT = 1  # `emonext_hub_format`: bumped when a reader of older folders needs to know
 # PIL's convert("L") (torchvision's Grayscale): ITU-R 601-2 luma.
 GREY_TO_RGB = (
@@ -193,7 +194,8 @@ def publish(tmp: Path, folder: str | os.PathLike) -> None:
 
 def read_folder(folder: str | os.PathLike, source: str | None = None) -> dict:
     """A hub folder as a checkpoint dict: {"model": weights, "model_name", "model_kwargs",
-    "classes", "data_config", "hub": {"weights", "config", "source"}}."""
+    "classes", "data_config", "hub": {"weights", "config", "source"}}. config.json is checked
+    against models/schema.py's schema before the weights are read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -208,11 +210,13 @@ def read_folder(folder: str | os.PathLike, source: str | None = None) -> dict:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightsError(f"{config_path} is not readable JSON ({err})") from None
-    if not isinstance(config, dict) or "model_name" not in config:
+    if isinstance(config, dict) and "model_name" not in config:
         raise WeightsError(
             f"{config_path} has no model_name: not a folder of scripts/export.py --format hub "
             "(a plain timm folder loads with timm.create_model('local-dir:...'))"
         )
+    # Before anything is built: nothing in it may name a file to open or a URL to download.
+    check_hub_config(config, str(config_path), FORMAT)
     if not weights_path.is_file():
         raise WeightsError(f"{name} has {CONFIG} but no {WEIGHTS}")
     try:
@@ -221,13 +225,12 @@ def read_folder(folder: str | os.PathLike, source: str | None = None) -> dict:
         raise WeightsError(
             f"{weights_path} is not a readable safetensors file (damaged or truncated: {err})"
         ) from None
-    classes = config.get("label_names")
     return {
         "model": state_dict,
         "model_name": config["model_name"],
-        "model_kwargs": dict(config.get("model_kwargs") or {}),
-        "classes": list(classes) if isinstance(classes, list) else None,
-        "data_config": dict(config.get("data_config") or {}),
+        "model_kwargs": dict(config.get("model_kwargs", {})),
+        "classes": list(config["label_names"]),
+        "data_config": dict(config["data_config"]),
         "git_commit": (config.get("source") or {}).get("git_commit"),
         "hub": {"weights": config.get("weights", "model"), "config": config, "source": name},
     }
@@ -512,7 +515,9 @@ def push(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-    again = f"upload it later with `hf upload {repo_id} {folder}`"
+    # hf upload REPO FOLDER . puts the folder's files at the repository's root, as below.
+    command = ["hf", "upload", repo_id, str(folder), "."] + (["--private"] if private else [])
+    again = f"upload it later with `{shlex.join(command)}`"
     if not get_token():
         raise WeightsError(
             f"--push needs a Hugging Face token with write access: run `hf auth login` or set "

@@ -9,7 +9,9 @@
   state dicts, hub folders and `hf-hub:` names (models/hub.py), loaded strictly.
 
 Every .pt file is read with `torch.load(..., weights_only=True)` and every hub folder's weights
-with safetensors: a checkpoint can never run code.
+with safetensors: a checkpoint can never run code. A TorchScript file (a program: its code runs
+as it loads) is refused by name, never loaded. Every tensor loaded into a model is checked
+(`check_values`): floating point where the model's is, and finite.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.error
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +135,28 @@ def _unreadable_message(source: str, err: Exception) -> str:
     )
 
 
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether `path` is a TorchScript archive (torch.jit.save: a zip with the module's `code/`
+    and `constants.pkl`), whatever the file's extension. Loading one runs its code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def torchscript_refusal(source: str, flag: str = "") -> str:
+    """Why a TorchScript file is not loaded: it is a program, not weights. `flag`: the option
+    that runs it anyway, where the command has one."""
+    run = f"; {flag} runs it, for a file you trust as you would a program" if flag else ""
+    return (
+        f"{source} is a TorchScript file, not a checkpoint: it holds code, which would run as it "
+        "loads, so it is not loaded; use the .pt checkpoint or hub folder it was exported from"
+        + run
+    )
+
+
 def read_checkpoint(source: str | os.PathLike) -> dict:
     """A checkpoint dict from a local .pt file, an http(s) URL (both read with weights_only=True),
     a hub folder (`models.hub`: config.json + model.safetensors) or `hf-hub:USER/NAME[@REV]`."""
@@ -146,6 +171,8 @@ def read_checkpoint(source: str | os.PathLike) -> dict:
         return hub.read_folder(source)
     if not os.path.isfile(source):
         raise WeightsError(f"checkpoint {source} does not exist")
+    if is_torchscript(source):
+        raise WeightsError(torchscript_refusal(source))
     if source.endswith(".safetensors"):
         return _read_safetensors(source)
     try:
@@ -288,6 +315,7 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
     sd, _ = extract_state_dict(read_checkpoint(source), "model")
     sd = timm_to_official(sd)
     own = model.state_dict()
+    check_values(sd, own, source)
     report = LoadReport(source=str(source))
     to_load = {}
     for k, v in sd.items():
@@ -322,18 +350,47 @@ def load_pretrained(model: nn.Module, source: str, num_classes: int | None = Non
     return report
 
 
+def check_values(state_dict: dict, own: dict, source) -> None:
+    """Refuse weights that cannot be right, which loading would accept silently: a tensor that is
+    not floating point where the model's is (int64 or bool, cast to float on loading), or one
+    holding NaN or infinity where the freshly built model's does not (every output NaN)."""
+    for key, value in state_dict.items():
+        mine = own.get(key)
+        if not isinstance(mine, torch.Tensor):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+        if mine.is_floating_point() and not value.is_floating_point():
+            raise WeightsError(
+                f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')}, where the "
+                "model's weights are floating point: these are not weights of this model"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            if torch.isfinite(mine).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise WeightsError(
+                    f"{source}: tensor {key} holds {bad} NaN or infinite values (of "
+                    f"{value.numel()}): the weights are broken (a diverged run?); use another "
+                    "checkpoint, e.g. an earlier epoch's"
+                )
+
+
 # --------------------------------------------------------------------------- whole models
 
 
-def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, weights: str = "auto"):
+def load_checkpoint(
+    model: nn.Module, source: str | os.PathLike | dict, weights: str = "auto", name: str = ""
+):
     """Load full-model weights strictly; returns the checkpoint dict with `weights_used` set.
 
-    `source` is a path, a URL or an already-read checkpoint dict.
+    `source` is a path, a URL or an already-read checkpoint dict (`name`: its file, for errors).
     """
     ckpt = source if isinstance(source, dict) else read_checkpoint(source)
+    name = name or (str(source) if not isinstance(source, dict) else "checkpoint")
     sd, which = extract_state_dict(ckpt, weights)
     sd = to_model_layout(sd, model)
     own = model.state_dict()
+    check_values(sd, own, name)
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     wrong = [
@@ -342,7 +399,6 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | dict, weights:
         if k in own and sd[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong:
-        name = source if not isinstance(source, dict) else "checkpoint"
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:4])})")

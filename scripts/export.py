@@ -17,6 +17,8 @@ grey-to-RGB rule, which weights, the temperature if any; timm's keys too), `mode
 and a `README.md` model card, with the test scores of the run's results.json when it sits beside
 the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
 `models.load_model(DIR or hf-hub:REPO_ID)` and every command's `--checkpoint` read it back.
+`--output` is a new or empty folder, or one holding an earlier hub export, replaced with
+`--force`; a folder of other files is never written into.
 
 Every export is compared with the PyTorch model on random inputs and on a real face (the
 astronaut photograph of tests/data, through predict.py's detector and transform); a mismatch
@@ -208,6 +210,12 @@ def get_args_parser() -> utils.ArgumentParser:
         "--private", action="store_true", help="with --push: create the repository private"
     )
     hub_group.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the earlier hub export that --output holds (a folder holding any other "
+        "file is never written into)",
+    )
+    hub_group.add_argument(
         "--license",
         default="mit",
         help="licence id in the model card (huggingface.co/docs/hub/repositories-licenses)",
@@ -220,8 +228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if (args.push or args.private) and args.format != "hub":
-        parser.error("--push and --private need --format hub")
+    if (args.push or args.private or args.force) and args.format != "hub":
+        parser.error("--push, --private and --force need --format hub")
+    if args.push and not is_repo_id(args.push):
+        parser.error(
+            f"--push {args.push}: not a Hugging Face repository id; give USER/NAME (letters, "
+            "digits, '-', '_' and '.', at most 96 characters each, no '--' or '..')"
+        )
     if not deploy.MIN_OPSET <= args.opset <= deploy.MAX_OPSET:
         parser.error(
             f"--opset {args.opset}: must be {deploy.MIN_OPSET} to {deploy.MAX_OPSET} (the STN's "
@@ -235,9 +248,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def is_repo_id(repo_id: str) -> bool:
+    """USER/NAME as the Hugging Face Hub accepts it (huggingface_hub's own check)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return repo_id.count("/") == 1
+
+
+def is_hub_export(folder: Path) -> bool:
+    """Whether `folder` holds a hub export of this project: its three files and nothing else,
+    with the config.json that hub.hub_config writes."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= {hub.CONFIG, hub.WEIGHTS, hub.CARD} or hub.CONFIG not in names:
+        return False
+    try:
+        config = json.loads((folder / hub.CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "emonext_hub_format" in config
+
+
+def check_hub_output(folder: Path, force: bool) -> None:
+    """A hub export goes into a new or empty folder, or replaces an earlier one with --force. A
+    folder holding anything else (a project's README.md, a user's config.json) is never written
+    into, as download_dataset.py never replaces a folder it did not write."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not is_hub_export(folder):
+        names = sorted(p.name for p in folder.iterdir())
+        mine = (hub.CONFIG, hub.WEIGHTS, hub.CARD)
+        example = next((n for n in names if n not in mine), names[0])
+        raise utils.CLIError(
+            f"--output {folder} holds files that scripts/export.py did not write (e.g. "
+            f"{example}); a hub export never replaces or joins them, not even with --force: "
+            "give a new or empty folder"
+        )
+    if not force:
+        raise utils.CLIError(
+            f"--output {folder} holds an earlier hub export; pass --force to replace it, or "
+            "give a new or empty folder"
+        )
+
+
 def check_output(args: argparse.Namespace) -> None:
-    """Before the model loads: --output's folder can be written (utils.check_output_dir), and a
-    file export does not go where a folder is, nor a hub folder where a file is."""
+    """Before the model loads: --output's folder can be written (utils.check_output_dir), a
+    file export does not go where a folder is, nor a hub folder where a file is or into a folder
+    of other files (check_hub_output)."""
     output = Path(args.output)
     if args.format != "hub" and output.is_dir():
         raise utils.CLIError(
@@ -245,6 +306,8 @@ def check_output(args: argparse.Namespace) -> None:
         )
     if args.format == "hub" and output.exists() and not output.is_dir():
         raise utils.CLIError(f"--output {args.output} is a file; give a folder for the hub export")
+    if args.format == "hub":
+        check_hub_output(output, args.force)
     # Both are written beside --output first (a temporary name), then renamed: its folder counts.
     utils.check_output_dir(Path(os.path.abspath(output)).parent, "--output")
 

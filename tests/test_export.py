@@ -120,21 +120,122 @@ def test_real_input_is_yunets_face_on_any_opencv(monkeypatch):
 
 def test_predict_runs_the_projects_torchscript_export(tmp_path, capsys, repo_root):
     """predict.py used to refuse a TorchScript file of this project as "not a readable PyTorch
-    checkpoint (damaged, truncated...)"; it now runs it with the classes and data config of its
-    metadata.json and predicts what the .pt does."""
+    checkpoint (damaged, truncated...)"; with --allow-torchscript it now runs it with the classes
+    and data config of its metadata.json and predicts what the .pt does. Without the flag, and
+    in evaluate.py, it is refused as what it is: a TorchScript file, code."""
     checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
     path = tmp_path / "model.ts"
     export(["--checkpoint", checkpoint, "--format", "torchscript", "--output", path])
-    (from_ts,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path)]))
+    for script, argv in [
+        ("predict.py", [ASTRONAUT, "--checkpoint", path]),
+        ("evaluate.py", ["--checkpoint", path, "--dataset-path", tmp_path / "FER2013"]),
+    ]:
+        status, message = command_error(capsys, repo_root / script, argv)
+        assert status == 1 and message.count("\n") == 1, message
+        assert f"{path} is a TorchScript file, not a checkpoint: it holds code" in message
+        assert "damaged" not in message
+    (from_ts,) = predict.main(
+        predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path), "--allow-torchscript"])
+    )
     (from_pt,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(checkpoint)]))
     assert from_ts["box"] == from_pt["box"] and from_ts["label"] == from_pt["label"]
     assert list(from_ts["probabilities"]) == CLASSES
     for c in CLASSES:
         assert from_ts["probabilities"][c] == pytest.approx(from_pt["probabilities"][c], abs=1e-5)
     # ONNX Runtime cannot run it: said in one line, not tried.
-    argv = [ASTRONAUT, "--checkpoint", path, "--backend", "onnxruntime"]
+    argv = [ASTRONAUT, "--checkpoint", path, "--backend", "onnxruntime", "--allow-torchscript"]
     status, message = command_error(capsys, repo_root / "predict.py", argv)
     assert status == 1 and message.count("\n") == 1 and "TorchScript file" in message, message
+
+
+class RunsCode(torch.nn.Module):
+    """A TorchScript program posing as weights: loading it creates MARKER.load, running it
+    MARKER (torch.from_file with shared=True creates the file it names)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker, self.loaded = marker, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ran = torch.from_file(self.marker, shared=True, size=1)
+        return torch.zeros(x.shape[0], 7) + ran.sum()  # 7: len(CLASSES)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.marker, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        self.loaded = torch.from_file(self.marker + ".load", shared=True, size=1).numel()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_a_torchscript_file_runs_only_with_allow_torchscript(tmp_path, capsys, repo_root):
+    """`predict.py --checkpoint innocent_weights.pt`, a TorchScript archive, ran its code (it
+    read /etc/passwd in the report). Every command and loader now refuses it unread, in one line
+    that says why; predict.py runs it only with --allow-torchscript."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "innocent_weights.pt"
+    data_config = {"image_size": 32, "resize_size": None, "in_chans": 3, "mean": None, "std": None}
+    meta = {"classes": json.dumps(CLASSES), "data_config": json.dumps(data_config)}
+    torch.jit.save(
+        torch.jit.script(RunsCode(str(marker))), path, {"metadata.json": json.dumps(meta)}
+    )
+    for script, argv in [
+        ("predict.py", [ASTRONAUT, "--checkpoint", path, "--no-detect", "--json"]),
+        ("evaluate.py", ["--checkpoint", path, "--dataset-path", tmp_path / "FER2013"]),
+        ("scripts/export.py", ["--checkpoint", path, "--format", "onnx", "--output", "m.onnx"]),
+    ]:
+        status, message = command_error(capsys, repo_root / script, argv)
+        assert status == 1 and message.count("\n") == 1, message
+        assert "is a TorchScript file, not a checkpoint: it holds code, which would run" in message
+        assert ("--allow-torchscript runs it" in message) == (script == "predict.py"), message
+    with pytest.raises(CLIError, match="is a TorchScript file"):
+        load_trained_model(path)
+    assert not list(tmp_path.glob("code-ran*"))  # nothing of it ran
+    argv = [str(ASTRONAUT), "--checkpoint", str(path), "--no-detect", "--allow-torchscript"]
+    (record,) = predict.main(predict.parse_args(argv))
+    assert sorted(p.name for p in tmp_path.glob("code-ran*")) == ["code-ran", "code-ran.load"]
+    assert list(record["probabilities"]) == CLASSES
+
+
+def test_tampered_onnx_metadata_is_one_line(tmp_path):
+    """Classes that are not JSON, a dict, the wrong number of classes for the output, a string
+    image size or one the input does not have: tracebacks before; one line naming the key now."""
+    import onnx
+
+    from models import deploy
+
+    torch.manual_seed(0)  # a stand-in model: the metadata is what is tested
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 32), torch.nn.Flatten()).eval()
+    model.model_name = "emonext_atto"
+    data_config = {"image_size": 32, "resize_size": None, "in_chans": 3, "mean": None, "std": None}
+    meta = deploy.onnx_metadata(model, CLASSES, data_config, "x.pt", "model")
+    good = tmp_path / "good.onnx"
+    good.write_bytes(deploy.to_onnx(model, torch.rand(1, 3, 32, 32), metadata=meta))
+    assert predict.load_onnx(str(good)).classes == CLASSES
+    config = json.loads(meta["data_config"])
+    cases = [
+        ("classes", "Angry, Disgust", "metadata classes is 'Angry, Disgust' (a str)"),
+        ("classes", json.dumps({"0": "Angry"}), "accepted: a list of 7 distinct class names"),
+        ("classes", json.dumps(CLASSES[:6]), "(the model has 7 outputs)"),
+        ("classes", json.dumps(CLASSES[:6] + ["Angry"]), "'Angry' appears twice"),
+        ("data_config", json.dumps({**config, "image_size": "32"}), "data_config.image_size"),
+        ("data_config", json.dumps({**config, "image_size": 48}), "the model's input, [3, 32"),
+        ("data_config", "{", "a JSON object of image_size"),
+    ]
+    for key, value, expected in cases:
+        proto = onnx.load(str(good))
+        next(p for p in proto.metadata_props if p.key == key).value = value
+        path = tmp_path / "tampered.onnx"
+        onnx.save(proto, str(path))
+        with pytest.raises(CLIError) as err:
+            predict.load_onnx(str(path))
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message, message
+        assert expected in message, message
 
 
 def test_opset_and_output_are_checked_before_anything_is_loaded(tmp_path, capsys, repo_root):

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -161,20 +162,50 @@ def test_every_command_takes_a_hub_folder(hub_dir, run_dir, synthetic_root, tmp_
     assert args.checkpoint == "hf-hub:someone/emonext"  # refused only when it is fetched
 
 
-def test_export_keeps_what_it_did_not_write_and_fails_cleanly(run_dir, tmp_path):
-    out = tmp_path / "folder"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    export(["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out])
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "notes.txt"
-    ]  # fmt: skip
+def test_export_writes_only_into_new_empty_or_its_own_folders(
+    run_dir, hub_dir, tmp_path, capsys, monkeypatch
+):
+    """`--output myproj` replaced the user's README.md and config.json, and `--output .` in a
+    git checkout the project's README.md. A folder holding files the export did not write is
+    refused before anything is read, with or without --force; an earlier hub export is replaced
+    with --force only. A failed check leaves nothing."""
+    from scripts import export as export_script
+
+    never_read = tmp_path / "never-read.pt"  # each refusal comes before the checkpoint is read
+    mine = tmp_path / "myproj"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my project\n")
+    (mine / "config.json").write_text('{"lr": 0.1}\n')
+    checkout = tmp_path / "checkout"  # a git checkout of a project: `--output .` from inside it
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / "README.md").write_text("# the project\n")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(hub_dir, earlier)
+    (earlier / "README.md").write_text("the earlier export's card\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.chdir(checkout)
+    cases = [
+        (mine, [], "holds files that scripts/export.py did not write (e.g. README.md)"),
+        (mine, ["--force"], "not even with --force: give a new or empty folder"),
+        (".", ["--force"], "--output . holds files that scripts/export.py did not write"),
+        (earlier, [], "holds an earlier hub export; pass --force to replace it"),
+    ]
+    for output, extra, expected in cases:
+        argv = ["--checkpoint", never_read, "--format", "hub", "--output", output, *extra]
+        status, message = command_error(capsys, Path(export_script.__file__), argv)
+        assert status == 2 and message.count("\n") == 1, message
+        assert message.startswith("export.py: error: ") and expected in message, message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    export(["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", earlier, "--force"])
+    assert (earlier / "README.md").read_text().startswith("---\n")  # a new model card
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(p.name for p in hub_dir.iterdir())
     with pytest.raises(CLIError, match="differs from PyTorch"):
         export(
             ["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", tmp_path / "new"]
             + ["--tolerance", "-1"]
         )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))
 
 
 def test_broken_folders_are_one_line_errors(hub_dir, tmp_path):
@@ -192,6 +223,88 @@ def test_broken_folders_are_one_line_errors(hub_dir, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(CLIError, match="not readable JSON"):
         models.load_trained_model(broken)
+
+
+def _bad_configs(url: str, pickle: Path) -> list:
+    """(change to a good config.json, what its refusal says): each a value that reached model
+    building unchecked at a04f099."""
+
+    def kwargs(**values):
+        return lambda config: config["model_kwargs"].update(values)
+
+    def data(**values):
+        return lambda config: config["data_config"].update(values)
+
+    def top(key, value=None):
+        if value is None:
+            return lambda config: config.pop(key)
+        return lambda config: config.update({key: value})
+
+    def timm_with_pickle(config):
+        config.update(model_name="timm:resnet18")
+        config["model_kwargs"] = {"num_classes": 7, "checkpoint_path": str(pickle)}
+
+    return [
+        (kwargs(pretrained=f"{url}/convnext.pth"), f"model_kwargs.pretrained is '{url}/"),
+        (timm_with_pickle, "model_kwargs.checkpoint_path is"),
+        (kwargs(colour=True), "model_kwargs.colour is not an argument of emonext_micro; accepted"),
+        (top("model_kwargs", [7, 64]), "model_kwargs is [7, 64] (a list); accepted: an object"),
+        (kwargs(img_size="64"), "model_kwargs.img_size is '64' (a str); accepted: an integer"),
+        (top("data_config"), "data_config is missing; it is required"),
+        (data(image_size="48"), "data_config.image_size is '48' (a str); accepted: an integer"),
+        (data(image_size=48), "data_config.image_size is 48 (a int); accepted: 64, the model's"),
+        (data(mean=[0.5] * 3, std=[0.0] * 3), "data_config.std is [0.0, 0.0, 0.0] (a list)"),
+        (top("label_names"), "label_names is missing; it is required"),
+        (top("label_names", "Angry"), "label_names is 'Angry' (a str); accepted: a list of 7"),
+        (top("label_names", CLASSES[:6] + ["Angry"]), "'Angry' appears twice"),
+        (top("label_names", CLASSES[:6]), "accepted: a list of 7 distinct class names"),
+        (top("model_name", "timm:hf-hub:someone/model"), "model_name is 'timm:hf-hub:someone/"),
+        (top("model_name", "emonext_huge"), "model_name is 'emonext_huge' (a str); accepted:"),
+        (top("weights", "all"), 'weights is \'all\' (a str); accepted: "model", "ema" or'),
+        (top("url", url), "unknown key 'url'; accepted: model_name, label_names"),
+    ]
+
+
+def test_config_json_is_checked_before_anything_is_built(hub_dir, tmp_path, capsys, repo_root):
+    """`model_kwargs.pretrained` set to a URL was downloaded; `timm:resnet18` with a
+    `checkpoint_path` read a pickle; a missing data_config, `image_size: "48"`, model_kwargs
+    as a list or with unknown keys were tracebacks; missing or duplicate label_names went through
+    with FER2013's names or 6 classes. config.json is now checked whole first: one line naming
+    the file, the key and what is accepted, and nothing is downloaded or opened."""
+    requests = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    pickle = tmp_path / "resnet18.pth"
+    pickle.write_bytes(b"never opened")
+    try:
+        for n, (change, expected) in enumerate(_bad_configs(url, pickle)):
+            folder = tmp_path / f"bad{n}"
+            folder.mkdir()
+            (folder / "model.safetensors").symlink_to(hub_dir / "model.safetensors")
+            config = json.loads((hub_dir / "config.json").read_text())
+            change(config)
+            (folder / "config.json").write_text(json.dumps(config))
+            with pytest.raises(CLIError) as err:
+                models.load_trained_model(folder)
+            message = str(err.value)
+            assert message.startswith(f"{folder / 'config.json'}: "), message
+            assert expected in message and "\n" not in message, message
+        argv = [ASTRONAUT, "--checkpoint", tmp_path / "bad0"]  # through a command: exit 1
+        status, message = command_error(capsys, repo_root / "predict.py", argv)
+        assert status == 1 and message.count("\n") == 1 and "model_kwargs.pretrained" in message
+    finally:
+        server.shutdown()
+    assert requests == []  # nothing was downloaded
 
 
 # --------------------------------------------------------------------------- hf-hub: names
@@ -332,23 +445,63 @@ def test_push_uploads_the_folder(run_dir, tmp_path, monkeypatch):
 
 
 def test_push_without_token_or_network_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """Each failure is one line whose `hf upload` command works as printed: run through the hf
+    command line (its upload calls stopped), it uploads the folder, spaces in its name and all,
+    to the repository's root, private when --private was given (it was uploaded public)."""
+    import shlex
+
+    import huggingface_hub
+    from huggingface_hub.cli import hf
+
     from scripts import export as export_script
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token there
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    out = tmp_path / "emonext-fer"
+    out = tmp_path / "my models" / "emonext-fer"
     argv = ["--checkpoint", run_dir / "last.pt", "--format", "hub", "--output", out]
-    argv += ["--push", "someone/emonext-fer"]
+    argv += ["--push", "someone/emonext-fer", "--private"]
     status, message = command_error(capsys, Path(export_script.__file__), argv)
     assert status == 1 and message.count("\n") == 1, message
     assert "needs a Hugging Face token" in message and "hf auth login" in message
     assert (out / "model.safetensors").is_file()  # written; the message says how to upload later
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9: nothing listens
-    status, message = command_error(capsys, Path(export_script.__file__), argv)
+    status, message = command_error(capsys, Path(export_script.__file__), argv + ["--force"])
     assert status == 1 and message.count("\n") == 1, message
     assert "could not reach the Hugging Face Hub" in message and "hf upload" in message
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_repo",
+        lambda self, **kwargs: calls.append(kwargs) or type("Url", (), {"repo_id": "x"}),
+    )
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "upload_folder", lambda self, **kwargs: calls.append(kwargs) or ""
+    )
+    printed = message.split("`")[1]
+    monkeypatch.setattr("sys.argv", shlex.split(printed))
+    with pytest.raises(SystemExit) as exit_info:
+        hf.main()
+    assert exit_info.value.code in (0, None), printed
+    created, uploaded = calls
+    assert created["repo_id"] == "someone/emonext-fer" and created["private"] is True
+    assert uploaded["folder_path"] == str(out) and uploaded["path_in_repo"] == "."
+
+
+def test_push_checks_the_repository_id_before_the_export(tmp_path, capsys):
+    """A --push id the Hub refuses failed after the export, in huggingface_hub's words; it is
+    now one line and exit status 2 before anything is read (the checkpoint does not exist)."""
+    from scripts import export as export_script
+
+    for repo_id in ("emonext fer", "someone/emonext/fer", "someone/emonext@main", "emonext-fer"):
+        argv = ["--checkpoint", tmp_path / "never-read.pt", "--format", "hub"]
+        argv += ["--output", tmp_path / "out", "--push", repo_id]
+        status, message = command_error(capsys, Path(export_script.__file__), argv)
+        assert status == 2 and message.count("\n") == 1, message
+        assert f"--push {repo_id}: not a Hugging Face repository id; give USER/NAME" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unreachable_hub_is_one_line_without_its_retry_log(monkeypatch):

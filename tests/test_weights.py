@@ -226,3 +226,56 @@ def test_bare_safetensors_state_dict_loads(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nope}")
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
         read_checkpoint(tmp_path / "broken.safetensors")
+
+
+def test_weights_that_cannot_be_right_are_refused_by_every_loader(tmp_path):
+    """int64 and bool tensors were cast silently (every probability 0.14), NaN weights gave NaN
+    probabilities and a plausible accuracy. Every loader refuses them in one line naming the
+    file and the tensor: .pt (this project's, the official trainer's, a bare state dict),
+    .safetensors, a hub folder, and pretrained backbones."""
+    from safetensors.torch import save_file
+
+    from models import hub
+
+    torch.manual_seed(0)
+    model = create_model("emonext_atto", img_size=32, drop_path_rate=0.0).eval()
+    good, kwargs = model.state_dict(), model.model_kwargs
+    bad = {
+        "int64": ("head.weight", good["head.weight"].round().long(), "is int64, where the model"),
+        "bool": ("head.bias", good["head.bias"] > 0, "is bool, where the model"),
+        "nan": ("norm.weight", torch.full_like(good["norm.weight"], float("nan")), "holds 320 NaN"),
+        "inf": ("stages.0.0.gamma", good["stages.0.0.gamma"] / 0, "holds 40 NaN or infinite"),
+    }
+
+    def project(path, sd):
+        torch.save({"model": sd, "model_name": "emonext_atto", "model_kwargs": kwargs}, path)
+
+    def official(path, sd):
+        ema = {f"ema_model.{k}": v for k, v in sd.items()}
+        torch.save({"model": sd, "ema": ema, "best_acc": 0.5}, path)
+
+    def hub_folder(path, sd):
+        config = hub.hub_config(model, list(OFFICIAL_CLASSES), model.data_config, "model", {})
+        hub.publish(hub.write_folder(path, sd, config, "card"), path)
+
+    writers = [  # (file, how it is written, which bad tensor): each loader, each kind of fault
+        ("project.pt", project, "int64"),
+        ("official.pth", official, "nan"),
+        ("bare.pt", lambda path, sd: torch.save(sd, path), "bool"),
+        ("bare.safetensors", lambda path, sd: save_file(sd, str(path)), "inf"),
+        ("hub", hub_folder, "nan"),
+    ]
+    for name, write, kind in writers:
+        key, value, expected = bad[kind]
+        path = tmp_path / name
+        write(path, {**good, key: value})
+        with pytest.raises(WeightsError) as err:
+            load_trained_model(path)
+        message = str(err.value)
+        assert str(path) in message and f"tensor {key} " in message, message
+        assert expected in message and "\n" not in message, message
+    backbone = convnext_checkpoint("convnext_atto")
+    backbone["model"]["stages.1.0.pwconv1.weight"][0, 0] = float("nan")
+    torch.save(backbone, tmp_path / "convnext_atto_nan.pth")
+    with pytest.raises(WeightsError, match="tensor stages.1.0.pwconv1.weight holds 1 NaN"):
+        create_model("emonext_atto", pretrained=str(tmp_path / "convnext_atto_nan.pth"))
