@@ -231,7 +231,7 @@ class ArgumentParser(argparse.ArgumentParser):
         bad = f"{path}: {key}: {yaml_text(value)}: must be {accepted}"
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             # YAML reads yes, no, on, off and dates as other types: text must be quoted then
-            quote = not isinstance(value, (list, dict))
+            quote = action.type is None and not isinstance(value, (list, dict))
             self.error(bad + (" (put text in quotes: YAML reads yes, no, on, off and dates as "
                               "other types)" if quote else ""))  # fmt: skip
         text = str(value)
