@@ -5,9 +5,10 @@
     python train.py --demo                      # synthetic faces, small model, CPU, minutes
 
 docs/RECIPE.md describes the recipe and the official trainer's defects fixed here. Outputs go to
-`--output-dir/<run-name>/`: best.pt, last.pt, metrics.jsonl, stn_epoch_NNN.png,
-confusion_matrix.png and results.json. `--resume RUN/last.pt` continues a run with the arguments
-it was started with; docs/RELIABILITY.md lists what may change on resume.
+`--output-dir/<run-name>/`: best.pt, last.pt, metrics.jsonl, config.yaml, stn_epoch_NNN.png,
+confusion_matrix.png and results.json. `-c FILE.yaml` takes flag values from a file (configs/);
+`--resume RUN/last.pt` continues a run with the arguments it was started with;
+docs/RELIABILITY.md lists what may change on resume.
 """
 
 from __future__ import annotations
@@ -209,6 +210,15 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
     )
 
     g = p.add_argument_group("run")
+    g.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML file of flag values, keys written with underscores (batch_size: 128), as "
+        "timm's train.py reads them; flags on the command line override it. configs/ holds the "
+        "recipes; a run folder's config.yaml repeats that run (docs/RECIPE.md)",
+    )
     g.add_argument("--output-dir", default="output", help="where run folders are created")
     g.add_argument("--run-name", default=None, help="run folder name (default: model and time)")
     g.add_argument(
@@ -484,10 +494,13 @@ def resume_args(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (sys.argv when None) as main's arguments: --demo's and a resumed run's
-    values filled in, everything checked."""
+    """The command line (sys.argv when None) as main's arguments: -c FILE's, --demo's and a
+    resumed run's values filled in, everything checked. A -c file's values count as flags given
+    before the command line's: with --resume they follow the resume rules as typed flags do."""
     parser = get_args_parser()
+    argv = parser.expand_config(argv, ARG_RULES)  # -c FILE: its values, as flags given first
     args = parser.parse_args(argv)
+    args.config = parser.config_file
     explicit = parser.explicit(argv)
     parser.check(args, ARG_RULES)  # the values given, before a resumed run's replace them
     if args.resume:
@@ -978,6 +991,23 @@ def epoch_record(
     }
 
 
+def write_config(run_dir: Path, ckpt: dict) -> None:
+    """RUN/config.yaml: every argument of the run as -c reads it, so that
+    `python train.py -c RUN/config.yaml --run-name NEW` trains it again. Written with each epoch,
+    as last.pt records them (a resumed run's new --epochs included). -c and --resume are left
+    out: they say where the values came from, not what the run is."""
+    import yaml
+
+    values = {k: v for k, v in ckpt["args"].items() if k not in ("config", "resume")}
+    header = (
+        f"# The arguments of the run in this folder (train.py, commit {ckpt['git_commit']}).\n"
+        "# python train.py -c THIS_FILE --run-name NEW trains it again; flags override it.\n"
+    )
+    utils.write_text_atomic(
+        run_dir / "config.yaml", header + yaml.safe_dump(values, sort_keys=False)
+    )
+
+
 def write_epoch(
     run_dir: Path,
     writer: utils.CheckpointWriter,
@@ -1000,6 +1030,7 @@ def write_epoch(
     """
     # Made now, not at the start: a run that ends before its first epoch leaves nothing.
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, ckpt)
     writer.wait()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

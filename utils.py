@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import errno
 import math
 import os
@@ -65,8 +66,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.config_file: str | None = None  # the -c FILE that `expand_config` read
+        self.from_config: set[str] = set()  # the dests it set that the command line did not
 
     def error(self, message: str):
+        # A message that starts with a flag whose value came from -c FILE says so: the user did
+        # not type it (train.py's rules and its resume rules name flags, not files).
+        flag = re.match(r"--?[\w-]+", message)
+        action = self._option_string_actions.get(flag.group()) if flag else None
+        if action is not None and action.dest in self.from_config:
+            message += f" (set by {self.config_file})"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def flag(self, dest: str) -> str:
@@ -112,6 +121,138 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"--model {model} and --model-size {size} name different models; give one")
         size = size or default_size
         return model or (f"emonext_{size}" if size else None)
+
+    # ---- -c/--config FILE: flag values in a YAML file (docs/RECIPE.md)
+
+    def expand_config(
+        self, argv: list[str] | None, rules: dict[str, tuple[str, Callable]]
+    ) -> list[str]:
+        """`argv` (sys.argv when None) with `-c/--config FILE` replaced by the flags that FILE
+        sets, put first so that the command line overrides them: timm's train.py, where a first
+        parser reads -c and the file's keys (dest names: batch_size) become the defaults.
+
+        Written out as flags, a file's values meet every check the command line's get, and count
+        as given (`explicit`): --demo keeps them and --resume compares them with the run's. Each
+        value is also converted and checked here (`rules` as in `check`), so that a mistake is one
+        line naming the file, the key and what it accepts, before any work.
+        """
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        first = ArgumentParser(prog=self.prog, add_help=False)
+        first.add_argument("-c", "--config", action="append", default=[])
+        found, rest = first.parse_known_args(argv)
+        if not found.config:
+            return argv
+        if len(found.config) > 1:
+            self.error(f"-c/--config given {len(found.config)} times: give one file")
+        path = found.config[0]
+        actions = {a.dest: a for a in self._actions if a.option_strings and a.dest != "help"}
+        actions.pop("config", None)
+        tokens = []
+        for key, value in self._read_config(path).items():
+            tokens += self._config_tokens(path, key, value, actions, rules)
+        given = self.explicit(rest)
+        self.config_file = path
+        self.from_config = {self._option_string_actions[t.split("=")[0]].dest for t in tokens}
+        self.from_config -= given
+        return tokens + rest
+
+    def _read_config(self, path: str) -> dict:
+        """The mapping in the YAML file `path` (yaml.safe_load: plain data, never objects)."""
+        import yaml  # only a command given -c pays for it
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(2**20 + 1)
+        except OSError as err:
+            self.error(f"-c {path}: {err.strerror or err}; give a YAML file of flag values")
+        except UnicodeDecodeError:
+            self.error(f"-c {path}: not a text file; give a YAML file of flag values")
+        if len(text) > 2**20:
+            self.error(f"-c {path}: larger than 1 MB, not a config file")
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            self.error(f"-c {path}: not valid YAML{where}: {problem}")
+        if values is None:  # empty, or comments only
+            return {}
+        if not isinstance(values, dict):
+            self.error(
+                f"-c {path}: holds a {type(values).__name__}; give a mapping of flag names to "
+                "values, one per line (batch_size: 64)"
+            )
+        return values
+
+    def _config_tokens(
+        self, path: str, key, value, actions: dict, rules: dict[str, tuple[str, Callable]]
+    ) -> list[str]:
+        """The command-line tokens that give `key` the `value` of the file `path`."""
+        if key == "config":
+            self.error(f"{path}: config: a config file cannot name another; merge them into one")
+        action = actions.get(key) if isinstance(key, str) else None
+        if action is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(actions), 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            self.error(
+                f"{path}: unknown key {key!r}{hint}; the keys are {self.prog}'s flags written "
+                f"with underscores: {', '.join(sorted(actions))}"
+            )
+        if action.nargs == 0:  # --amp, --no-stn (store_true), --channels-last/--no-channels-last
+            if value is None and action.default is None:
+                return []
+            if not isinstance(value, bool):
+                self.error(f"{path}: {key}: {yaml_text(value)}: must be true or false")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                return [action.option_strings[0 if value else 1]]
+            return [action.option_strings[0]] if value == action.const else []
+        items = value if isinstance(action, argparse._AppendAction) else [value]
+        tokens = []
+        for item in items if isinstance(items, list) else [items]:
+            text = self._config_value(path, key, item, action, rules)
+            if text is not None:  # `--flag=value`, one token: a value may start with "-"
+                tokens.append(f"{action.option_strings[-1]}={text}")
+        return tokens
+
+    def _config_value(
+        self, path: str, key: str, value, action: argparse.Action, rules: dict
+    ) -> str | None:
+        """`value` as the command line would give it, checked as the command line's would be;
+        None for a null where the flag's default is None (nothing to give)."""
+        if value is None and action.default is None:
+            return None
+        if action.choices is not None:
+            accepted = "one of " + ", ".join(map(str, action.choices))
+        else:
+            accepted = {int: "a whole number", float: "a number"}.get(action.type, "text")
+        if key in rules:
+            accepted += f" ({rules[key][0]})"
+        bad = f"{path}: {key}: {yaml_text(value)}: must be {accepted}"
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            # YAML reads yes, no, on, off and dates as other types: text must be quoted then
+            quote = action.type is None and not isinstance(value, (list, dict))
+            self.error(bad + (" (put text in quotes: YAML reads yes, no, on, off and dates as "
+                              "other types)" if quote else ""))  # fmt: skip
+        text = str(value)
+        try:
+            converted = action.type(text) if callable(action.type) else text
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            self.error(bad)
+        if action.choices is not None and converted not in action.choices:
+            self.error(bad)
+        if key in rules:
+            finite = not isinstance(converted, float) or math.isfinite(converted)
+            if not finite or not rules[key][1](converted):
+                self.error(bad)
+        return text
+
+
+def yaml_text(value) -> str:
+    """A value read from YAML as the file wrote it: null, true, 'two', 0.5."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 DEVICE_HELP = "cpu, cuda or cuda:N (default: a GPU if there is one; cuda:LOCAL_RANK under torchrun)"

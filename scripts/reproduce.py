@@ -7,6 +7,7 @@
     python scripts/reproduce.py --table-only                    # rebuild OUT/results.md
     python scripts/reproduce.py --cross-dataset FER2013,FERPlus,RAF-DB   # train-on-X, test-on-Y
     python scripts/reproduce.py --compare emonext_tiny,emonext_tiny_no_stn   # seeds and McNemar
+    python scripts/reproduce.py --config configs/rafdb.yaml --config configs/ferplus.yaml
 
 Each row runs with `--seeds N` seeds, 2001 (the official seed) and the next N - 1, into
 `OUT/ROW/seed_SEED/`. Runs go one after another. A run whose results.json exists is done and
@@ -15,6 +16,11 @@ run the table `OUT/results.md` is rewritten: per row the paper's accuracy, ours 
 deviation over the finished seeds), the 95 % interval of that mean over seeds (t distribution),
 the test-set 95 % bootstrap interval, macro-F1, the difference, epochs, GPU hours, device, date
 and commit; "not run" for rows without results.
+
+--config FILE adds a row that runs `train.py -c FILE` (a recipe of configs/, or a run's
+config.yaml), named after the file, with the file's own dataset (--dataset-path overrides it);
+given without --rows, only the config rows run. Every file is checked by train.py's parser
+before anything runs.
 
 --compare A,B compares two rows: a seed-level test (Welch's t over the seeds' test accuracies,
 with the 95 % interval of the difference of the means) beside, for every seed both rows have
@@ -97,14 +103,16 @@ ROWS: list[dict] = [
     _row("timm_convnextv2_tiny", "timm:convnextv2_tiny", "--pretrained", "timm"),
 ]  # fmt: skip
 ROW_IDS = [r["row"] for r in ROWS]
+DEFAULT_DATASET = "FER2013"
 
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--dataset-path",
-        default="FER2013",
-        help="FER2013 folder passed to train.py (docs/DATA.md)",
+        default=None,
+        help="dataset folder passed to train.py (docs/DATA.md) (default: FER2013; a --config "
+        "row's own dataset_path)",
     )
     parser.add_argument(
         "--output-dir",
@@ -113,6 +121,14 @@ def get_args_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--rows", default="", help=f"comma-separated row ids (default: all): {', '.join(ROW_IDS)}"
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a row that trains with `train.py -c FILE`, named after the file (may be given more "
+        "than once; without --rows, only these rows run)",
     )
     parser.add_argument(
         "--epochs",
@@ -181,6 +197,26 @@ def select_rows(spec: str) -> list[dict]:
     return [r for r in ROWS if r["row"] in names]
 
 
+def config_rows(paths: list[str]) -> list[dict]:
+    """A row for each train.py config file (--config), named after the file, each checked by
+    train.py's parser (one line naming the file and the key) before anything runs."""
+    if not paths:
+        return []
+    import train  # torch: only config rows need train.py's parser
+
+    rows = []
+    for path in paths:
+        parser = train.get_args_parser()
+        args = parser.parse_args(parser.expand_config(["-c", path], train.ARG_RULES))
+        name = Path(path).stem
+        if name in ROW_IDS or name in [r["row"] for r in rows]:
+            raise CLIError(f"--config {path}: another row is named {name}; rename the file")
+        model = parser.model_name(args, default_size="tiny")
+        row = _row(name, model, source=f"train.py -c {path}")
+        rows.append({**row, "config": path, "dataset_path": args.dataset_path})
+    return rows
+
+
 def seeds_of(args: argparse.Namespace) -> list[int]:
     return [args.first_seed + k for k in range(args.seeds)]
 
@@ -203,9 +239,12 @@ def run_status(row: dict, seed: int, output_dir: str | Path) -> str:
 def build_command(row: dict, seed: int, args: argparse.Namespace) -> list[str]:
     """The train.py command of one seed of a row; resumes from its last.pt if interrupted."""
     folder = run_dir(row, seed, args.output_dir)
-    cmd = ["python", "train.py", "--dataset-path", str(args.dataset_path)]
+    cmd = ["python", "train.py"] + (["-c", str(row["config"])] if "config" in row else [])
+    dataset = args.dataset_path or row.get("dataset_path") or DEFAULT_DATASET
+    cmd += ["--dataset-path", str(dataset)]
     cmd += ["--output-dir", str(folder.parent), "--run-name", folder.name, "--seed", str(seed)]
-    cmd += ["--model", row["model"], "--amp", *row["flags"]]
+    if "config" not in row:  # a config row's model and precision are its file's
+        cmd += ["--model", row["model"], "--amp", *row["flags"]]
     if args.epochs is not None:
         cmd += ["--epochs", str(args.epochs)]
     if getattr(args, "device", None):
@@ -362,11 +401,11 @@ def make_table(rows: list[dict], output_dir: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(output_dir: str | Path) -> Path:
-    """OUT/results.md: every row of the paper's table, run or not."""
+def write_table(output_dir: str | Path, extra: list[dict] = ()) -> Path:
+    """OUT/results.md: every row of the paper's table, run or not, and the `extra` rows."""
     path = Path(output_dir) / "results.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(make_table(ROWS, output_dir))
+    path.write_text(make_table(ROWS + list(extra), output_dir))
     return path
 
 
@@ -644,12 +683,14 @@ def compare(args: argparse.Namespace) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     if args.cross_dataset or args.compare:
+        args.dataset_path = args.dataset_path or DEFAULT_DATASET
         paths = ([cross_dataset(args)] if args.cross_dataset else []) + compare(args)
         for path in paths:
             print(path.read_text(), end="")
             print(f"written to {path}")
         return 0
-    rows = select_rows(args.rows)
+    configs = config_rows(args.config)
+    rows = (select_rows(args.rows) if args.rows or not configs else []) + configs
     if args.dry_run:
         for row in rows:
             paper = f"{row['paper']:.2f} %" if row["paper"] is not None else "no number"
@@ -660,8 +701,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if not args.table_only:
         # train.py runs in the repository root: make relative paths mean the same to both.
-        args.dataset_path = str(Path(args.dataset_path).resolve())
+        args.dataset_path = str(Path(args.dataset_path).resolve()) if args.dataset_path else None
         args.output_dir = str(Path(args.output_dir).resolve())
+        for row in configs:
+            row["config"] = str(Path(row["config"]).resolve())
+            row["dataset_path"] = str(Path(row["dataset_path"]).resolve())
         for row in rows:
             for seed in seeds_of(args):
                 name = f"{row['row']} seed {seed}"
@@ -673,11 +717,11 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{name} ({status}): {shlex.join(cmd)}", flush=True)
                 cmd[0] = sys.executable  # the interpreter running this script
                 result = subprocess.run(cmd, cwd=REPO_ROOT)
-                write_table(args.output_dir)
+                write_table(args.output_dir, configs)
                 if result.returncode != 0:
                     print(f"{name} failed (exit code {result.returncode}); rerun to resume")
                     return result.returncode
-    path = write_table(args.output_dir)
+    path = write_table(args.output_dir, configs)
     print(path.read_text(), end="")
     print(f"written to {path}")
     return 0

@@ -4,8 +4,10 @@
         --model-size base --amp --in_22k --output-dir /shared/emonext
     python scripts/submit.py --cluster local --tasks-per-node 2 --wait --demo --epochs 3
 
-Every train.py flag is accepted and passed on; the run folder gets a fixed name at submission
-(--run-name, default MODEL_DATE-TIME), so that a requeued job finds it. Each task runs
+Every train.py flag is accepted and passed on, -c FILE too (its keys may also be this script's
+flags; it is read once, at submission, and the job gets its values as flags); the run folder
+gets a fixed name at submission (--run-name, default MODEL_DATE-TIME), so that a requeued job
+finds it. Each task runs
 train.py's main with torch.distributed's environment from submitit (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT; NCCL on GPUs, gloo on CPUs). When SLURM signals a
 preemption or an approaching time limit (submitit's USR2, `--signal-delay` seconds before the
@@ -120,8 +122,10 @@ def split_argv(argv: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """(the cluster flags, train.py's command line with a fixed --run-name), both checked:
     train.py's flags exactly as train.py checks them, before anything is submitted."""
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
+    # -c FILE (train.py's flags and these): written out as flags now, so that the job (each
+    # requeue included) runs with the values of submission, whatever becomes of the file.
+    argv = parser.expand_config(argv, {**train.ARG_RULES, **CLUSTER_RULES})
     args = parser.parse_checked(argv, CLUSTER_RULES)
     if args.cluster == "local" and args.nodes != 1:
         parser.error(f"--nodes {args.nodes}: the local executor runs on one machine; give 1")

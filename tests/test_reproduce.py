@@ -1,6 +1,7 @@
 """scripts/reproduce.py: the commands of the paper's table, resuming, and the results table."""
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from inference_utils import CLASSES, EIGHT_MODEL, make_project_checkpoint
 
 import evaluate
 import models
+import train
 from scripts import reproduce
 from utils import CLIError
 
@@ -113,6 +115,66 @@ def test_bad_arguments_are_one_line(repo_root):
         )
         assert result.returncode == status and result.stderr.startswith(line), result.stderr
         assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+# ------------------------------------------------------------------ rows from config files
+
+
+def test_config_rows_run_train_py_with_their_file(repo_root, tmp_path, capsys):
+    rafdb, ferplus = (str(repo_root / "configs" / f"{n}.yaml") for n in ("rafdb", "ferplus"))
+    argv = ["--config", rafdb, "--config", ferplus, "--output-dir", str(tmp_path)]
+    assert reproduce.main(reproduce.parse_args([*argv, "--dry-run", "--seeds", "2"])) == 0
+    out = capsys.readouterr().out
+    commands = [shlex.split(c) for c in out.splitlines() if c.startswith("python train.py")]
+    assert len(commands) == 4  # the config rows only, without --rows
+    assert commands[0] == [
+        "python", "train.py", "-c", rafdb, "--dataset-path", "RAF-DB", "--output-dir",
+        str(tmp_path / "rafdb"), "--run-name", "seed_2001", "--seed", "2001",
+    ]  # fmt: skip
+    assert commands[3][2:6] == ["-c", ferplus, "--dataset-path", "FERPlus"]
+    assert f"# rafdb: paper no number, train.py -c {rafdb}" in out
+    args = train.parse_args(commands[0][2:])  # each command is one train.py reads
+    assert (args.dataset_path, args.in_22k, args.amp, args.seed) == ("RAF-DB", True, True, 2001)
+
+    # --dataset-path overrides the file's, --rows adds the paper's rows, --epochs and the extra
+    # flags come last, and an interrupted seed resumes
+    args = reproduce.parse_args([*argv, "--rows", "emonext_tiny", "--dataset-path", "elsewhere",
+                                 "--epochs", "3", "--", "--batch-size", "32"])  # fmt: skip
+    rows = reproduce.select_rows(args.rows) + reproduce.config_rows(args.config)
+    assert [r["row"] for r in rows] == ["emonext_tiny", "rafdb", "ferplus"]
+    (tmp_path / "rafdb" / "seed_2001").mkdir(parents=True)
+    (tmp_path / "rafdb" / "seed_2001" / "last.pt").write_bytes(b"")
+    command = reproduce.build_command(rows[1], 2001, args)
+    assert command[2:6] == ["-c", rafdb, "--dataset-path", "elsewhere"]
+    assert command[-6:] == ["--epochs", "3", "--resume",
+                            str(tmp_path / "rafdb" / "seed_2001" / "last.pt"), "--batch-size",
+                            "32"]  # fmt: skip
+
+    # the table has the config rows
+    fake_results(tmp_path, "ferplus")
+    assert reproduce.main(reproduce.parse_args([*argv, "--table-only"])) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| ferplus | not published | 72.50 % | 1 |" in table and "| rafdb | " in table
+    assert "| emonext_tiny | 73.34 % | not run |" in table  # and the paper's rows
+
+
+def test_a_bad_config_row_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 0.002\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: fast\n")
+    out = tmp_path / "out"
+    args = reproduce.parse_args(["--config", str(good), "--config", str(bad), "--output-dir",
+                                 str(out)])  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        reproduce.main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"{bad}: lr: 'fast': must be a number (positive)" in err and not out.exists()
+    (tmp_path / "emonext_tiny.yaml").write_text("lr: 0.002\n")
+    with pytest.raises(CLIError, match="another row is named emonext_tiny; rename the file"):
+        reproduce.config_rows([str(tmp_path / "emonext_tiny.yaml")])
 
 
 def fake_results(output_dir, row: str, seed: int = 2001, **values) -> None:

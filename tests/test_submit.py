@@ -10,6 +10,7 @@ import pytest
 import submit
 import torch
 
+import train
 import utils
 
 # emonext_micro at 32 pixels on the 7 x 16 synthetic faces, batch 8 in each of 2 processes:
@@ -113,6 +114,32 @@ def test_mistakes_are_one_line_before_anything_is_submitted(
     assert exit_info.value.code in (1, 2) and message in err, err
     assert len(err.strip().splitlines()) == 1 and ": error: " in err  # train.py names its own
     assert not (tmp_path / "out").exists()  # nothing submitted, nothing written
+
+
+def test_a_config_file_is_read_once_at_submission(tmp_path, monkeypatch, capsys):
+    """-c FILE through submit.py: its keys may be train.py's or submit.py's; the job gets its
+    values as flags, so a requeue runs with them whatever becomes of the file."""
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "cluster: local\ntasks_per_node: 2\ngpus_per_node: 0\nlr: 2.0e-3\nepochs: 3\n"
+    )
+    out = tmp_path / "out"
+    argv = ["-c", str(config), "--epochs", "4", "--output-dir", str(out), "--run-name", "r"]
+    args, train_argv = submit.parse_args(argv)
+    assert (args.cluster, args.tasks_per_node, args.gpus_per_node) == ("local", 2, 0)
+    assert str(config) not in train_argv and "-c" not in train_argv
+    config.write_text("lr: 0.5\n")  # changed after submission
+    job = train.parse_args(train_argv)
+    assert (job.lr, job.epochs, job.run_name) == (2e-3, 4, "r")  # the command line's --epochs
+
+    monkeypatch.setenv("PATH", "")  # no sbatch: nothing could be submitted anyway
+    config.write_text("nodes: 0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_command("submit.py", submit.main, ["-c", str(config), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"submit.py: error: {config}: nodes: 0: must be a whole number")
+    assert not out.exists()
 
 
 def test_a_mistake_is_one_line_as_a_user_runs_the_command(repo_root, tmp_path):
