@@ -1598,7 +1598,7 @@ def main(
                         training.train_model, loaders["val"], device, classes, training.amp_dtype
                     )
                     improved = state.end_epoch(epoch, val["accuracy"], time.time() - started)
-                    lr = training.optimizer.param_groups[0]["lr"]
+                    lr = max(g["lr"] for g in training.optimizer.param_groups)  # the head's
                     record = epoch_record(epoch, state, stats, val, lr, time.time() - started)
                     ckpt = make_checkpoint(training, state, run_info, device)  # collective in DDP
                     if master:

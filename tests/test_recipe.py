@@ -217,7 +217,7 @@ def test_recipe_run_resumes_exactly_and_averages(synthetic_root, tmp_path, repo_
     mean = (parts[0]["model"][key].double() + parts[1]["model"][key].double()) / 2
     assert torch.equal(averaged["model"][key], mean.float())
     assert averaged["averaged_epochs"] in ([0, 1], [1, 0]) and "optimizer" not in averaged
-    model, classes, _, _ = models.load_trained_model(straight / "averaged.pt")
+    model, classes, _, _ = models.load_trained_model(straight / "averaged.pt", weights="model")
     assert torch.equal(model.head.weight, mean.float()) and len(classes) == 7
     evaluate = [sys.executable, "evaluate.py", "--checkpoint", str(straight / "averaged.pt"),
                 "--dataset-path", str(synthetic_root), "--device", "cpu"]  # fmt: skip
