@@ -280,3 +280,21 @@ def test_help_names_convnexts_recipe(repo_root):
     for default in ("0.8", "1.0", "0.1"):
         assert f"ConvNeXt fine-tunes with {default}" in out or f"with e.g. {default}" in out
     assert train.get_args_parser().parse_args(["--smoothing", "0.1"]).label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "pil"])
+def test_mixup_on_both_pipelines_batches(pipeline, synthetic_root):
+    """The fast pipeline's grey channels are a broadcast view: mixed as their contiguous copy."""
+    loader = datasets.build_loader(
+        synthetic_root, "train", mode="train", pipeline=pipeline, batch_size=8, seed=0,
+        data_config=datasets.DataConfig(image_size=32), augment=datasets.DEFAULT_AUGMENT,
+    )  # fmt: skip
+    x, y = next(iter(loader))
+    assert (0 in x.stride()) == (pipeline == "fast")
+    a = datasets.BatchMixup(7, mixup_alpha=0.8, cutmix_alpha=1.0, seed=3)
+    b = datasets.BatchMixup(7, mixup_alpha=0.8, cutmix_alpha=1.0, seed=3)
+    for _ in range(3):
+        xa, ya = a(x if pipeline == "fast" else x.clone(), y)  # pil's batch is mixed in place
+        xb, yb = b(x.contiguous().clone(), y)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.shape == x.shape and ya.shape == (8, 7)
