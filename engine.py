@@ -186,8 +186,14 @@ def train_one_epoch(
     desc: str = "",
     stop=None,
     defer_checks: bool | None = None,
+    mixup=None,
+    distillation=None,
 ) -> dict:
     """One pass over `loader`; returns averaged loss parts, accuracy, images/s and step counts.
+
+    `mixup` (datasets.BatchMixup) mixes each batch on the device and gives the loss soft
+    targets (accuracy counts the first image's label); `distillation` (losses.Distillation)
+    adds the teacher's term to the loss, its logits over the same mixed batch.
 
     Per optimiser step (`optimizer_step`): unscale, clip, step, then the scheduler and the EMA.
     A non-finite loss skips the step (counted by `NonFiniteSteps`); `max_nonfinite` in a row end
@@ -216,6 +222,9 @@ def train_one_epoch(
         full_batch = full_batch or len(y)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        target = y
+        if mixup is not None:
+            x, target = mixup(x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         last_micro = (i + 1) % accumulation_steps == 0 or i + 1 == batches
@@ -223,7 +232,9 @@ def train_one_epoch(
         with sync, cudnn_autotune(len(y) == full_batch):  # also for the backward's kernels
             with autocast(device, amp_dtype):
                 logits, weights = model(x, return_attention=True)
-                loss = criterion(logits, weights, y)
+                loss = criterion(logits, weights, target)
+                if distillation is not None:
+                    loss = distillation(loss, logits, x)
             scaled = loss / accumulation_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         fault_point("step")  # gradients computed, weights not yet updated

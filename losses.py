@@ -52,6 +52,39 @@ def logit_adjustment(counts: torch.Tensor, tau: float) -> torch.Tensor | None:
     return (tau * torch.log(prior)).float()
 
 
+def soft_target_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean_i sum_c -w_c t_ic log softmax(logits_i)_c: timm's SoftTargetCrossEntropy for the
+    soft targets of Mixup/CutMix (`datasets.BatchMixup`, label smoothing already in them), with
+    `class_weights` w (None: all 1) weighing each class's share of a target."""
+    return F.cross_entropy(logits, targets, weight=class_weights)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """timm's logit distillation (timm/task/distillation.py, LogitDistillationTask):
+    KL(softmax(teacher / T) || softmax(student / T)) over the batch, times T^2 (Hinton et al.
+    2015: keeps the gradients' size independent of T)."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def distillation_weights(
+    distill_loss_weight: float | None, task_loss_weight: float | None
+) -> tuple[float, float]:
+    """(task weight, distillation weight) by timm's rule: both given, or only the distillation
+    weight (task 1), are independent weights; only the task weight w gives 1 - w to the
+    distillation; neither gives 1 and 1."""
+    if distill_loss_weight is not None:
+        return (1.0 if task_loss_weight is None else task_loss_weight), distill_loss_weight
+    if task_loss_weight is not None:
+        return task_loss_weight, 1.0 - task_loss_weight
+    return 1.0, 1.0
+
+
 class EmoNeXtLoss(nn.Module):
     """L = mean_i w[y_i] * CE(logits_i + adjustment, y_i, label_smoothing)
            + sa_weight * attention_variance(W).
@@ -60,6 +93,8 @@ class EmoNeXtLoss(nn.Module):
     by its class, averaged over the batch (Cui et al.'s class-balanced loss); `adjustment`
     (`logit_adjustment`; None: 0) shifts the logits the cross-entropy sees, the smoothed target
     unchanged. With neither, this is exactly F.cross_entropy(logits, y, label_smoothing).
+    Float `targets` (B, classes) are Mixup/CutMix's soft targets, smoothed already:
+    `soft_target_cross_entropy` replaces the smoothed cross-entropy, the SA term unchanged.
 
     `forward(logits, attention_weights, targets)` returns the total; the last call's parts are kept,
     detached, in `self.parts` ({"ce": ..., "sa": ...}) for logging without a host sync. Models
@@ -88,7 +123,11 @@ class EmoNeXtLoss(nn.Module):
         logits = logits.float()
         if self.adjustment is not None:
             logits = logits + self.adjustment.to(logits.device)
-        if self.class_weights is None:
+        if targets.is_floating_point():  # Mixup/CutMix's soft targets
+            weights = self.class_weights
+            weights = None if weights is None else weights.to(logits.device)
+            ce = soft_target_cross_entropy(logits, targets, weights)
+        elif self.class_weights is None:
             ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         else:
             per_image = F.cross_entropy(
@@ -101,3 +140,41 @@ class EmoNeXtLoss(nn.Module):
             sa = attention_variance(attention_weights)
         self.parts = {"ce": ce.detach(), "sa": sa.detach()}
         return ce + self.sa_weight * sa
+
+
+class Distillation(nn.Module):
+    """Logit distillation from a trained `teacher` (timm train.py's `--kd-model-name`): the
+    total is task_weight * task loss + distill_weight * `distillation_loss` at `temperature`.
+
+    The teacher stays in eval mode (its dropout, stochastic depth and BatchNorm as at test) and
+    sees the same augmented (and mixed) images as the student, without gradients, under the
+    caller's autocast. The last call's distillation term is kept, detached, in `self.kd`.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        temperature: float = 1.0,
+        task_weight: float = 1.0,
+        distill_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.task_weight, self.distill_weight = (
+            temperature,
+            task_weight,
+            distill_weight,
+        )
+        self.kd = torch.zeros(())
+
+    def train(self, mode: bool = True) -> Distillation:
+        return self  # the teacher never leaves eval mode
+
+    def forward(
+        self, task_loss: torch.Tensor, student_logits: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        kd = distillation_loss(student_logits, teacher_logits, self.temperature)
+        self.kd = kd.detach()
+        return self.task_weight * task_loss + self.distill_weight * kd

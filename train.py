@@ -145,7 +145,14 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
         help="AdamW weight decay (PyTorch's default, as in the official code)",
     )
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--label-smoothing", type=float, default=0.2, help="cross-entropy smoothing")
+    g.add_argument(
+        "--label-smoothing",
+        "--smoothing",
+        type=float,
+        default=0.2,
+        help="cross-entropy label smoothing; with Mixup/CutMix it smooths the mixed targets, as "
+        "timm does (--smoothing: timm's and ConvNeXt's name; ConvNeXt fine-tunes with 0.1)",
+    )
     g.add_argument(
         "--loss-weighting",
         choices=["none", "inverse-frequency", "effective-number"],
@@ -201,6 +208,92 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
         "clipped while still scaled",
     )
 
+    g.add_argument(
+        "--layer-decay",
+        type=float,
+        default=1.0,
+        help="layer-wise lr decay: the lr of a layer k groups below the head is scaled by "
+        "this^k (timm's param_groups_layer_decay; ConvNeXt fine-tunes with e.g. 0.8); 1.0 is "
+        "off (the paper's recipe)",
+    )
+
+    g = p.add_argument_group("mixup and cutmix (ConvNeXt's and timm's flags; off by default)")
+    g.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="Mixup alpha, mixup on when > 0 (ConvNeXt fine-tunes with 0.8; 0: off, the paper's)",
+    )
+    g.add_argument(
+        "--cutmix",
+        type=float,
+        default=0.0,
+        help="CutMix alpha, cutmix on when > 0 (ConvNeXt fine-tunes with 1.0; 0: off)",
+    )
+    g.add_argument(
+        "--cutmix-minmax",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="CutMix box side ratios drawn uniformly in [MIN, MAX] instead of from alpha "
+        "(enables CutMix; default: none)",
+    )
+    g.add_argument(
+        "--mixup-prob",
+        type=float,
+        default=1.0,
+        help="probability of mixing a batch (or element) when Mixup or CutMix is on",
+    )
+    g.add_argument(
+        "--mixup-switch-prob",
+        type=float,
+        default=0.5,
+        help="probability of CutMix instead of Mixup when both are on",
+    )
+    g.add_argument(
+        "--mixup-mode",
+        choices=["batch", "pair", "elem"],
+        default="batch",
+        help="draw mixing parameters per batch, per pair or per element",
+    )
+    g.add_argument(
+        "--mixup-off-epoch",
+        type=int,
+        default=0,
+        help="turn Mixup/CutMix off from this epoch on (0: never)",
+    )
+
+    g = p.add_argument_group("knowledge distillation (timm train.py's flags; off by default)")
+    g.add_argument(
+        "--kd-model-name",
+        default=None,
+        help="the teacher: a checkpoint or hub folder this project reads (as evaluate.py); its "
+        "classes must be the student's (default: none, no distillation)",
+    )
+    g.add_argument(
+        "--kd-distill-type",
+        choices=["logit"],
+        default="logit",
+        help="logit: KL divergence between the temperature-softened outputs",
+    )
+    g.add_argument(
+        "--kd-temperature", type=float, default=1.0, help="distillation softmax temperature"
+    )
+    g.add_argument(
+        "--distill-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the distillation loss (timm's rule: given, the task loss keeps "
+        "--task-loss-weight or 1; not given, 1 - --task-loss-weight, or 1 without either)",
+    )
+    g.add_argument(
+        "--task-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the task loss (cross-entropy + SA term) under distillation (default 1)",
+    )
+
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--val-batch-size",
@@ -232,6 +325,14 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
         help="continue a run from its last.pt exactly, with the run's own arguments; only "
         "--epochs, --patience, --dataset-path, --device and other flags that do not change the "
         "training may be given (docs/RELIABILITY.md)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the N best epochs' checkpoints by validation accuracy as "
+        "checkpoint-EPOCH.pt, for scripts/average_checkpoints.py (0: none)",
     )
     g.add_argument("--seed", type=int, default=2001, help="random seed (the official one)")
     g.add_argument(
@@ -337,7 +438,34 @@ ARG_RULES = {
     "rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),
     "input_size": ("at least 1", lambda v: v >= 1),
     "num_workers": ("at least 0", lambda v: v >= 0),
+    "layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "mixup": ("at least 0", lambda v: v >= 0),
+    "cutmix": ("at least 0", lambda v: v >= 0),
+    "mixup_prob": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "mixup_switch_prob": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "mixup_off_epoch": ("at least 0 (0: never)", lambda v: v >= 0),
+    "kd_temperature": ("positive", lambda v: v > 0),
+    "keep_checkpoints": ("at least 0", lambda v: v >= 0),
 }
+
+# The recipe knobs beyond the paper's (docs/RECIPE.md), as results.json reports them.
+RECIPE_FLAGS = (
+    "label_smoothing",
+    "layer_decay",
+    "mixup",
+    "cutmix",
+    "cutmix_minmax",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "mixup_mode",
+    "mixup_off_epoch",
+    "kd_model_name",
+    "kd_distill_type",
+    "kd_temperature",
+    "distill_loss_weight",
+    "task_loss_weight",
+    "keep_checkpoints",
+)
 
 # Flags that may differ when a run is resumed: how long it goes on and when it stops, where the
 # data is, where and how fast it runs, how it reports. --val-batch-size too: evaluation runs in
@@ -357,6 +485,7 @@ RESUMABLE = {
     "grad_checkpointing",
     "no_progress",
     "wandb",
+    "keep_checkpoints",
 }
 
 
@@ -394,6 +523,19 @@ def check_args(parser: utils.ArgumentParser, args: argparse.Namespace) -> None:
             f"--input-size {args.input_size}: too small for {name}, which downsamples by 32; "
             f"give at least {models.MIN_IMG_SIZE}"
         )
+    if (
+        args.cutmix_minmax is not None
+        and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1
+    ):
+        parser.error(
+            f"--cutmix-minmax {' '.join(map(str, args.cutmix_minmax))}: give MIN MAX with "
+            "0 < MIN < MAX <= 1 (ratios of the image side)"
+        )
+    if args.layer_decay != 1.0 and not emonext:
+        parser.error(f"--layer-decay applies to EmoNeXt and ConvNeXt models, not {name}")
+    kd = args.kd_model_name
+    if kd and "://" not in kd and not models.hub.is_hub_name(kd) and not os.path.exists(kd):
+        parser.error(f"--kd-model-name {kd}: no such checkpoint or hub folder")
     remote = "://" in (args.checkpoint or "") or models.hub.is_hub_name(args.checkpoint or "")
     if args.checkpoint and not remote and not os.path.exists(args.checkpoint):  # file or folder
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
@@ -710,6 +852,7 @@ def build_loaders(
     """train (augmented, sharded across ranks), val (centre crop) and test (TenCrop) loaders."""
     augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
     batch_sizes = {"train": args.batch_size, "val": args.val_batch_size}
+    mixup_on = datasets.mixup_active(args.mixup, args.cutmix, args.cutmix_minmax)
     try:
         return {
             split: datasets.build_loader(
@@ -728,6 +871,8 @@ def build_loaders(
                 skip_bad_images=args.skip_bad_images,
                 augment=augment if split == "train" else None,
                 sampler=args.sampler if split == "train" else "shuffle",
+                # timm's Mixup pairs image i with image B - 1 - i: whole batches (as ConvNeXt)
+                drop_last=split == "train" and mixup_on,
             )
             for split in datasets.SPLITS
         }
@@ -766,7 +911,8 @@ def check_data(
 @dataclasses.dataclass
 class Training:
     """What the loop updates: the model (saved), the module it calls (DDP and/or compiled around
-    the model), the EMA, the optimiser and its schedule, and the precision settings."""
+    the model), the EMA, the optimiser and its schedule, the precision settings, and the
+    recipe's optional pieces (Mixup/CutMix, the distillation teacher)."""
 
     model: nn.Module
     train_model: nn.Module
@@ -777,6 +923,8 @@ class Training:
     criterion: nn.Module
     amp_dtype: torch.dtype | None
     channels_last: bool
+    mixup: datasets.BatchMixup | None = None
+    distillation: losses.Distillation | None = None
 
 
 def build_criterion(args: argparse.Namespace, class_counts: torch.Tensor) -> EmoNeXtLoss:
@@ -790,19 +938,90 @@ def build_criterion(args: argparse.Namespace, class_counts: torch.Tensor) -> Emo
     )
 
 
+def optimizer_groups(model: nn.Module, args: argparse.Namespace) -> list:
+    """AdamW's parameters: all trainable ones in one group, or with --layer-decay below 1 timm's
+    layer-wise groups (`param_groups_layer_decay` over the model's `group_matcher`), each group's
+    lr set to --lr times its scale (the schedule then scales every group alike). Weight decay
+    stays on every parameter, as without layer decay (timm's default would exempt 1-D ones)."""
+    if args.layer_decay == 1.0:
+        return [p for p in model.parameters() if p.requires_grad]
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(
+        model, args.weight_decay, layer_decay=args.layer_decay, weight_decay_exclude_1d=False
+    )
+    for group in groups:
+        group["lr"] = args.lr * group["lr_scale"]
+    return groups
+
+
+def build_mixup(args: argparse.Namespace, num_classes: int, rank: int):
+    """timm's Mixup/CutMix with the run's flags and its own generator (None when off)."""
+    if not datasets.mixup_active(args.mixup, args.cutmix, args.cutmix_minmax):
+        return None
+    return datasets.BatchMixup(
+        num_classes,
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.label_smoothing,
+        off_epoch=args.mixup_off_epoch,
+        seed=args.seed,
+        rank=rank,
+    )
+
+
+def build_distillation(
+    args: argparse.Namespace, student: nn.Module, classes: list[str], device: torch.device
+) -> losses.Distillation | None:
+    """The --kd-model-name teacher on `device`, in eval mode, with timm's loss weights (None
+    without a teacher). Its classes and input (size, normalisation) must be the student's."""
+    path = args.kd_model_name
+    if not path:
+        return None
+    try:
+        teacher, teacher_classes, teacher_config, _ = models.load_trained_model(path)
+    except models.WeightsError as err:
+        fail(f"--kd-model-name {path}: {err}")
+    if list(teacher_classes) != list(classes):
+        fail(
+            f"--kd-model-name {path}: the teacher's classes {teacher_classes} are not the "
+            f"dataset's {classes}; give a teacher trained on the same classes"
+        )
+    keys = ("image_size", "in_chans", "mean", "std")
+    want = {k: student.data_config.get(k) for k in keys}
+    have = {k: teacher_config.get(k) for k in keys}
+    if have != want:
+        fail(f"--kd-model-name {path}: the teacher expects input {have}, the student {want}")
+    teacher.to(device)
+    if device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+    task_weight, distill_weight = losses.distillation_weights(
+        args.distill_loss_weight, args.task_loss_weight
+    )
+    return losses.Distillation(teacher, args.kd_temperature, task_weight, distill_weight)
+
+
 def build_training(
     args: argparse.Namespace,
     model: nn.Module,
     device: torch.device,
     channels_last: bool,
     class_counts: torch.Tensor,
+    classes: list[str] | None = None,
+    rank: int = 0,
 ) -> Training:
-    """AdamW over the trainable parameters (fused on CUDA), the warm-restart schedule, the EMA,
-    the loss (`build_criterion`; `class_counts`: the training images per class), AMP, and the
-    DDP and --compile wrappers."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over the trainable parameters (fused on CUDA; `optimizer_groups`), the warm-restart
+    schedule, the EMA, the loss (`build_criterion`; `class_counts`: the training images per
+    class), AMP, the DDP and --compile wrappers, Mixup/CutMix and the distillation teacher."""
     optimizer = torch.optim.AdamW(
-        params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
+        optimizer_groups(model, args),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
     )
     amp_dtype, scaler = engine.amp_settings(args.amp, device, args.official_quirks)
     train_model = model
@@ -822,6 +1041,8 @@ def build_training(
         criterion=build_criterion(args, class_counts),
         amp_dtype=amp_dtype,
         channels_last=channels_last,
+        mixup=build_mixup(args, len(class_counts), rank),
+        distillation=build_distillation(args, model, classes or [], device),
     )
 
 
@@ -1008,6 +1229,16 @@ def write_config(run_dir: Path, ckpt: dict) -> None:
     )
 
 
+def best_epochs(metrics: Path, keep: int) -> set[int]:
+    """The `keep` epochs of metrics.jsonl with the highest validation accuracy (the earlier
+    epoch first on a tie, as best.pt): those whose checkpoints --keep-checkpoints keeps."""
+    if keep == 0:
+        return set()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    ranked = sorted(records, key=lambda r: (-r["val_accuracy"], r["epoch"]))
+    return {r["epoch"] for r in ranked[:keep]}
+
+
 def write_epoch(
     run_dir: Path,
     writer: utils.CheckpointWriter,
@@ -1017,9 +1248,11 @@ def write_epoch(
     stn: tuple | None,
     model: nn.Module,
     wandb_run,
+    keep: int = 0,
 ) -> None:
-    """Rank 0's outputs of a finished epoch: its metrics line, last.pt (and best.pt), the STN
-    figure, the log line and wandb.
+    """Rank 0's outputs of a finished epoch: its metrics line, last.pt (and best.pt, and with
+    `keep` (--keep-checkpoints) the `keep` best epochs' checkpoint-EPOCH.pt), the STN figure,
+    the log line and wandb.
 
     This order keeps every state that a kill can leave resumable from last.pt: metrics of an
     epoch that last.pt does not hold are dropped on resume, and a best.pt ahead of last.pt is
@@ -1034,11 +1267,16 @@ def write_epoch(
     writer.wait()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if improved:  # then last.pt: the same bytes, linked rather than written twice
-        writer.save(ckpt, run_dir / "best.pt", link=run_dir / "last.pt")
-    else:
-        writer.save(ckpt, run_dir / "last.pt")
     epoch = record["epoch"]
+    kept = best_epochs(run_dir / "metrics.jsonl", keep)
+    copies = [run_dir / f"checkpoint-{epoch}.pt"] if epoch in kept else []
+    if improved:  # then last.pt: the same bytes, linked rather than written twice
+        writer.save(ckpt, run_dir / "best.pt", link=[run_dir / "last.pt", *copies])
+    else:
+        writer.save(ckpt, run_dir / "last.pt", link=copies)
+    for path in run_dir.glob("checkpoint-*.pt"):  # epochs no longer among the best `keep`
+        if path.stem.removeprefix("checkpoint-") not in {str(e) for e in kept}:
+            path.unlink()
     stn_path = run_dir / f"stn_epoch_{epoch:03d}.png"
     if stn is not None:
         utils.save_stn_grid(model, *stn, stn_path, f"epoch {epoch}")
@@ -1284,6 +1522,8 @@ def train_epoch(
         progress=progress,
         desc=f"epoch {epoch}",
         stop=stop,
+        mixup=training.mixup,
+        distillation=training.distillation,
     )
 
 
@@ -1323,7 +1563,7 @@ def main(
         loaders = build_loaders(args, model.data_config, device, rank, world_size)
         data_sizes, skipped, overlap = check_data(args, loaders, resume_ckpt, master, log)
         class_counts = torch.bincount(loaders["train"].split.targets, minlength=len(classes))
-        training = build_training(args, model, device, channels_last, class_counts)
+        training = build_training(args, model, device, channels_last, class_counts, classes, rank)
         run_info = {  # what every checkpoint says besides the training state
             "args": dict(vars(args)),
             "data_sizes": data_sizes,
@@ -1365,6 +1605,8 @@ def main(
             try:
                 for epoch in epochs:
                     loaders["train"].set_epoch(epoch)
+                    if training.mixup is not None:  # its draws and its off-epoch
+                        training.mixup.set_epoch(epoch)
                     started = time.time()
                     progress = master and not args.no_progress
                     stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
@@ -1387,11 +1629,12 @@ def main(
                         training.train_model, loaders["val"], device, classes, training.amp_dtype
                     )
                     improved = state.end_epoch(epoch, val["accuracy"], time.time() - started)
-                    lr = training.optimizer.param_groups[0]["lr"]
+                    lr = max(g["lr"] for g in training.optimizer.param_groups)  # the head's
                     record = epoch_record(epoch, state, stats, val, lr, time.time() - started)
                     ckpt = make_checkpoint(training, state, run_info, device)  # collective in DDP
                     if master:
-                        write_epoch(run_dir, writer, ckpt, record, improved, stn, model, wandb_run)
+                        write_epoch(run_dir, writer, ckpt, record, improved, stn, model, wandb_run,
+                                    args.keep_checkpoints)  # fmt: skip
                     del ckpt
                     state.saved_epoch = epoch  # once the writer is done
                     clock.end_epoch(started, record["seconds"])
@@ -1424,6 +1667,7 @@ def main(
                 "skipped_images_count": sum(len(paths) for paths in skipped.values()),
                 "skipped_images": skipped,
                 "git_commit": run_info["git_commit"],
+                "recipe": {k: getattr(args, k) for k in RECIPE_FLAGS},
             }
             return test_and_report(
                 training, state, loaders, run_dir, device, facts, clock, wandb_run

@@ -708,8 +708,9 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict, path: Path, link: Path | None = None) -> None:
-        """Write `state` as it is now to `path`, then make `link` the same file (link_or_copy)."""
+    def save(self, state: dict, path: Path, link: Path | list[Path] | None = None) -> None:
+        """Write `state` as it is now to `path`, then make `link` (a path or several) the same
+        file (link_or_copy)."""
         self.wait()
         copies_on = set()
         state = snapshot(state, copies_on)
@@ -727,8 +728,8 @@ class CheckpointWriter:
             for event in events:
                 event.synchronize()  # the copies to host memory are complete
             atomic_save(state, path)
-            if link is not None:
-                link_or_copy(path, link)
+            for other in [link] if isinstance(link, Path) else link or []:
+                link_or_copy(path, other)
         except BaseException as err:
             self._error = err
 

@@ -22,6 +22,7 @@ One room per part, data flowing down this list (a module imports only those abov
 - ``transforms``: augmentation parameters and the `pil` pipeline's torchvision transforms
 - ``warp``: the `fast` pipeline's on-device affine warp
 - ``sampler``: the epoch's order: the seeds of every stream, `--sampler balanced`
+- ``mixup``: Mixup/CutMix of training batches (timm's `Mixup` with a generator of its own)
 - ``loader``: `Loader`, `FastLoader`, `PilLoader`, `build_loader`, `denormalize`
 
 The public names of every room are importable from ``datasets`` itself.
@@ -75,6 +76,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .mixup import MIXUP_MODES, BatchMixup, mixup_active, numpy_global_state
 from .sampler import balanced_epoch_length, balanced_order
 from .synthetic import (
     BACKDROP_STD,
@@ -113,6 +115,8 @@ __all__ = [
     "fast_warp", "make_theta", "ten_crop_views",
     # sampler
     "balanced_epoch_length", "balanced_order",
+    # mixup
+    "MIXUP_MODES", "BatchMixup", "mixup_active", "numpy_global_state",
     # loader
     "FastLoader", "Loader", "PilLoader", "build_loader", "denormalize",
 ]  # fmt: skip

@@ -213,6 +213,19 @@ class EmoNeXt(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (the layout of timm's ConvNeXt), for `--layer-decay`
+        (timm.optim.param_groups_layer_decay): the stem with the STN, which warps the input
+        before it; then each block, a stage's downsampling (its SE included) with the stage's
+        first block (`coarse`: one group per stage); the final norm, the attention module and
+        the head, which no pattern matches, form the last group, as timm's ConvNeXt head does."""
+        return dict(
+            stem=r"^(?:downsample_layers\.0|localization|fc_loc)\.",
+            blocks=r"^(?:downsample_layers|stages)\.(\d+)\."
+            if coarse
+            else [(r"^downsample_layers\.(\d+)\.", (0,)), (r"^stages\.(\d+)\.(\d+)\.", None)],
+        )
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in the backward pass instead of storing them.
 

@@ -87,6 +87,7 @@ DATA_ROOMS = [
     "transforms",
     "warp",
     "sampler",
+    "mixup",
     "loader",
 ]
 
