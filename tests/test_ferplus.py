@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_path
 from download_dataset import main, parse_args
 from importers import FERPLUS_URL, ferplus_majority
@@ -288,3 +289,168 @@ def test_ferplus_flag(tmp_path, capsys):
         main(["--folder", str(tmp_path), "--ferplus", "votes.csv"])
     assert exit_info.value.code == 2
     assert re.match(r"--ferplus labels fer2013.csv's rows", one_line_error(capsys.readouterr().err))
+
+
+# --------------------------------------------------------------------------------------------
+# The four training modes (Barsoum et al. 2016; Microsoft's FERPlus ferplus.py and train.py -m)
+# --------------------------------------------------------------------------------------------
+
+MODES = ["majority", "probability", "crossentropy", "multi_target"]
+
+
+def mode_target(fields: list[str], mode: str) -> list[float] | None:
+    """The training target of a vote row in `mode`, as the rules read: votes of 1 dropped; then
+    majority: the top emotion with more than half; probability/crossentropy: vote levels taken
+    from the top (tied columns together) while they hold under 75 % of the votes in under 3
+    columns, an unknown/not-a-face column ending it (and dropped unless it came first), kept
+    with more than half of the votes in at most 3 columns; multi_target: the columns with at
+    least 30 % of the votes, kept with more than half. Kept only where the most-voted chosen
+    column (the first of a tie) is an emotion; the target is the chosen emotions' votes,
+    normalised. None: not a training image."""
+    if not fields[1].strip():
+        return None
+    v = [int(x) if int(x) > 1 else 0 for x in fields[2:]]
+    total = sum(v)
+    if mode == "majority":
+        chosen = [v.index(max(v))] if 2 * max(v) > total else []
+    elif mode == "multi_target":
+        chosen = [i for i in range(10) if v[i] > 0 and v[i] >= 0.3 * total]
+    else:
+        chosen = []
+        for level in sorted({x for x in v if x}, reverse=True):
+            if 4 * sum(v[i] for i in chosen) >= 3 * total or len(chosen) >= 3:
+                break
+            tied = [i for i in range(10) if v[i] == level]
+            if max(tied) >= 8:
+                bad = min(i for i in tied if i >= 8)
+                emotions = [i for i in tied if i < bad]
+                chosen = chosen + emotions if chosen or emotions else [bad]
+                break
+            chosen += tied
+        if len(chosen) > 3:
+            chosen = []
+    if not chosen or 2 * sum(v[i] for i in chosen) <= total:
+        return None
+    if max(chosen, key=lambda i: (v[i], -i)) >= 8:
+        return None
+    emotions = [i for i in chosen if i < 8]
+    return [v[i] / sum(v[i] for i in emotions) if i in emotions else 0.0 for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def mode_targets(vote_rows) -> dict[str, list[list[float] | None]]:
+    """Every row's target by `mode_target`, per mode."""
+    return {mode: [mode_target(fields, mode) for fields in vote_rows] for mode in MODES}
+
+
+def test_each_mode_keeps_the_images_and_targets_its_rule_gives(vote_rows, mode_targets):
+    from importers import ferplus_distribution
+
+    for mode in MODES:
+        for row, fields in enumerate(vote_rows):
+            expected = mode_targets[mode][row]
+            got = ferplus_distribution([int(x) for x in fields[2:]], mode)
+            if not fields[1].strip():  # no image name: no image, whatever the votes
+                continue
+            assert (got is None) == (expected is None), (mode, row, fields)
+            if got is not None:
+                assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-12
+
+
+def mode_counts(vote_rows, mode_targets, mode: str) -> dict[str, int]:
+    counts = dict.fromkeys(datasets.SPLITS, 0)
+    for row, fields in enumerate(vote_rows):
+        # val and test are majority-labelled in every mode, as Microsoft's train.py evaluates
+        rule = mode if fields[0] == "Training" else "majority"
+        counts[SPLIT_OF[fields[0]]] += mode_targets[rule][row] is not None
+    return counts
+
+
+def test_kept_counts_per_mode_are_the_ones_docs_data_md_states(
+    vote_file, vote_rows, mode_targets, repo_root
+):
+    from download_dataset import ferplus_targets
+    from importers import read_ferplus
+
+    docs = (repo_root / "docs" / "DATA.md").read_text()
+    votes = read_ferplus(vote_file)
+    for mode in MODES:
+        counts = mode_counts(vote_rows, mode_targets, mode)
+        cells = " | ".join(f"{counts[s]:,}" for s in datasets.SPLITS)
+        assert f"| {mode} | {cells} | {sum(counts.values()):,} |" in docs, mode
+        labels, _, soft = ferplus_targets(votes, mode)
+        for split in datasets.SPLITS:
+            rows = [i for i, u in enumerate(votes.usage) if SPLIT_OF[u] == split]
+            assert sum(labels[i] >= 0 for i in rows) == counts[split], (mode, split)
+        assert len(soft) == (0 if mode == "majority" else counts["train"])
+        for i, dist in soft.items():  # a kept image's folder: its most-voted emotion
+            assert labels[i] == int(np.argmax(dist)) and votes.usage[i] == "Training"
+    # crossentropy keeps every majority image, under its majority, and images without one
+    majority = ferplus_majority(votes.votes, votes.names)[0]
+    labels = ferplus_targets(votes, "crossentropy")[0]
+    assert (labels[majority >= 0] == majority[majority >= 0]).all()
+    assert ((labels >= 0) & (majority < 0)).sum() == 27956 - 25060
+
+
+def test_the_modes_on_the_cases_that_decide_them():
+    from importers import ferplus_distribution as d
+
+    assert d([6, 4, 0, 0, 0, 0, 0, 0, 0, 0], "crossentropy") == [0.6, 0.4] + [0.0] * 6
+    assert d([4, 3, 3, 0, 0, 0, 0, 0, 0, 0], "probability") == pytest.approx(
+        [0.4, 0.3, 0.3] + [0.0] * 5
+    )
+    assert d([4, 3, 3, 0, 0, 0, 0, 0, 0, 0], "majority") is None
+    assert d([3, 2, 2, 2, 0, 0, 0, 0, 0, 0], "crossentropy") is None  # 4 columns: too many
+    assert d([4, 3, 0, 0, 0, 0, 0, 0, 3, 0], "crossentropy") == pytest.approx(
+        [4 / 7, 3 / 7] + [0.0] * 6  # unknown, tied with happiness, left out
+    )
+    assert d([4, 0, 0, 0, 0, 0, 0, 0, 4, 2], "crossentropy") is None  # 4 of 10 once it is out
+    assert d([2, 0, 0, 0, 0, 0, 0, 0, 6, 2], "crossentropy") is None  # unknown first: dropped
+    assert d([5, 3, 2, 0, 0, 0, 0, 0, 0, 0], "multi_target") == [0.625, 0.375] + [0.0] * 6
+    assert d([5, 0, 0, 0, 0, 0, 0, 0, 3, 2], "multi_target") == [1.0] + [0.0] * 7
+    assert d([4, 2, 2, 2, 0, 0, 0, 0, 0, 0], "multi_target") is None  # 4 of 10 only
+
+
+def test_crossentropy_mode_writes_soft_labels_and_keeps_val_and_test_majority(tmp_path):
+    def no_majority_row(header, votes):
+        votes[0][2:] = ["4", "3", "3", *["0"] * 7]  # Training: kept by crossentropy only
+        return header, votes
+
+    fer, votes = small_pair(tmp_path, no_majority_row)
+    base = ["--csv", str(fer), "--ferplus", str(votes)]
+    out = main([*base, "--ferplus-mode", "crossentropy", "--out", str(tmp_path / "ce")])
+    manifest = datasets.read_manifest(out)
+    assert manifest["labels"]["mode"] == "crossentropy"
+    assert manifest["settings"]["ferplus_mode"] == "crossentropy"
+    soft_csv = out / "soft_labels.csv"
+    assert manifest["files"]["soft_labels.csv"] == hashlib.sha256(soft_csv.read_bytes()).hexdigest()
+    with open(soft_csv, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["path", *manifest["class_order"]]
+    train = datasets.load_split(out, "train")
+    assert sorted(r[0] for r in table[1:]) == sorted(
+        Path(p).relative_to(out).as_posix() for p in train.paths
+    )
+    rows = {r[0]: [float(x) for x in r[1:]] for r in table[1:]}
+    # Angry, Contempt, Disgust, Fear, Happy, Neutral, Sad, Surprise
+    assert rows["train/Neutral/0.png"] == pytest.approx([0, 0, 0, 0, 0.3, 0.4, 0, 0.3])
+    soft = datasets.read_soft_labels(out, train)
+    assert torch.equal(soft.argmax(1), train.targets)
+    assert datasets.label_mode(out) == "crossentropy"
+    majority = main([*base, "--out", str(tmp_path / "majority")])
+    assert not (majority / "soft_labels.csv").exists() and datasets.label_mode(majority) == (
+        "majority"
+    )
+    assert "ferplus_mode" not in datasets.read_manifest(majority)["settings"]
+    for split in ("val", "test"):  # majority-labelled in every mode
+        assert datasets.count_images(out)[split] == datasets.count_images(majority)[split]
+    assert datasets.count_images(out)["train"]["Neutral"] == (
+        datasets.count_images(majority)["train"]["Neutral"] + 1
+    )
+
+
+def test_ferplus_mode_needs_ferplus(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--csv", "fer2013.csv", "--ferplus-mode", "crossentropy"])
+    assert exit_info.value.code == 2
+    assert "--ferplus-mode crossentropy applies to FER+ only" in capsys.readouterr().err
