@@ -691,12 +691,23 @@ def build_model(
     return model, pretrained, channels_last
 
 
+def label_mode(args: argparse.Namespace) -> str:
+    """The dataset's FER+ training mode (`datasets.label_mode`): majority, or with a
+    soft_labels.csv its manifest's probability, crossentropy or multi_target."""
+    try:
+        return datasets.label_mode(args.dataset_path)
+    except datasets.DatasetError as err:
+        fail(str(err))
+
+
 def build_loaders(
     args: argparse.Namespace, data_config: dict, device: torch.device, rank: int, world_size: int
 ) -> dict[str, datasets.Loader]:
-    """train (augmented, sharded across ranks), val (centre crop) and test (TenCrop) loaders."""
+    """train (augmented, sharded across ranks; its targets by the dataset's `label_mode`), val
+    (centre crop) and test (TenCrop) loaders."""
     augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
     batch_sizes = {"train": args.batch_size, "val": args.val_batch_size}
+    targets = datasets.LABEL_TARGETS[label_mode(args)]
     try:
         return {
             split: datasets.build_loader(
@@ -715,6 +726,7 @@ def build_loaders(
                 skip_bad_images=args.skip_bad_images,
                 augment=augment if split == "train" else None,
                 sampler=args.sampler if split == "train" else "shuffle",
+                targets=targets if split == "train" else "label",
             )
             for split in datasets.SPLITS
         }
@@ -733,6 +745,12 @@ def check_data(
         fail(
             f"the dataset at {args.dataset_path} is not the run's: it has {data_sizes} images, "
             f"the run had {resume_ckpt['data_sizes']}; give the run's data with --dataset-path"
+        )
+    mode = label_mode(args)
+    if resume_ckpt is not None and resume_ckpt.get("label_mode", "majority") != mode:
+        fail(
+            f"the dataset at {args.dataset_path} trains in FER+ mode {mode}, the run in "
+            f"{resume_ckpt['label_mode']}; give the run's data with --dataset-path"
         )
     skipped = {split: x.split.skipped_paths for split, x in loaders.items()}
     for split, paths in skipped.items():
@@ -768,12 +786,14 @@ class Training:
 
 def build_criterion(args: argparse.Namespace, class_counts: torch.Tensor) -> EmoNeXtLoss:
     """The EmoNeXt loss with --loss-weighting and --logit-adjustment, from the training split's
-    images per class."""
+    images per class (folders: FER+'s soft modes count an image in its most-voted class), and
+    FER+'s multi_target loss when the dataset's `label_mode` asks for it."""
     return EmoNeXtLoss(
         args.label_smoothing,
         args.sa_weight,
         losses.class_weights(class_counts, args.loss_weighting, args.effective_number_beta),
         losses.logit_adjustment(class_counts, args.logit_adjustment),
+        multi_target=label_mode(args) == "multi_target",
     )
 
 
@@ -1299,6 +1319,7 @@ def main(
             "model_name": model.model_name,
             "model_kwargs": model.model_kwargs,
             "classes": classes,
+            "label_mode": label_mode(args),
             "data_config": model.data_config,
             "pretrained": pretrained,
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},

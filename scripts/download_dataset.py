@@ -11,11 +11,14 @@ FER2013: PublicTest becomes val and PrivateTest test, as in the official script;
 carry the official names (Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise) and files the CSV
 row index. --ferplus relabels the same images with Microsoft's FER+ votes (a file or its URL;
 alone, the authors' GitHub copy) by the authors' majority rule, adds Contempt, names files as
-FER+ does and keeps every row's 10 votes in votes.csv. --rafdb, --affectnet, --expw and --ckplus
-read those datasets as their owners distribute them (scripts/importers.py), crop faces by their
-boxes and write --image-size grayscale squares; val is carved from train (stratified, seeded) or,
-for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a photo or a
-subject is the test set and the next fold val. Images are PNG (lossless) unless --format jpg.
+FER+ does and keeps every row's 10 votes in votes.csv; --ferplus-mode probability, crossentropy
+or multi_target keeps the training images of that mode of Microsoft's code and writes their
+distributions to soft_labels.csv, which train.py trains on. --rafdb, --affectnet, --expw and
+--ckplus read those datasets as their owners distribute them (scripts/importers.py), crop faces
+by their boxes and write --image-size grayscale squares; val is carved from train (stratified,
+seeded) or, for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a
+photo or a subject is the test set and the next fold val. Images are PNG (lossless) unless
+--format jpg.
 The dataset is built in a temporary folder next to --out and renamed into place at the end, so an
 interrupted (SIGTERM, Ctrl-C: one line) or failed run leaves nothing behind; --out is locked
 while a conversion runs (`.OUT.lock` beside it), so a second one into it is refused; a
