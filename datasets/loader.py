@@ -132,11 +132,14 @@ class Loader:
             raise ValueError("examples() gives val/test views; training views are random")
         return self._examples(indices)
 
-    def _batch_targets(self, batches: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The epoch's targets of `batches` (image indices) on the device, for `targets` "draw"
-        and "soft"; None for "label" (the split's own). The draws come from a stream of their
-        own, seeded by (seed, epoch, rank), so a resumed run draws what it would have drawn."""
-        if self.targets_kind == "label" or not batches:
+    def _batch_targets(self) -> list[torch.Tensor] | None:
+        """The epoch's targets, batch by batch on the device, for `targets` "draw" and "soft";
+        None for "label" (the split's own). The draws come from a stream of their own, seeded by
+        (seed, epoch, rank), so a resumed run draws what it would have drawn."""
+        if self.targets_kind == "label":
+            return None
+        batches = list(self._batches())
+        if not batches:
             return None
         soft = self.split.soft_targets[torch.cat(batches)]
         if self.targets_kind == "draw":
@@ -291,7 +294,7 @@ class FastLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.data_config.image_size
-        soft = self._batch_targets(list(self._batches()))
+        soft = self._batch_targets()
         for k, (idx, theta, outside) in enumerate(zip(*self._epoch_plan(), strict=True)):
             imgs = self.images[idx]
             targets = self.targets[idx] if soft is None else soft[k]
@@ -344,7 +347,7 @@ class PilLoader(Loader):
             # Worker seeds are irrelevant (each sample is seeded), but keep them reproducible.
             generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank)),
         )
-        soft = self._batch_targets(list(self._batches()))
+        soft = self._batch_targets()
         for k, (x, y) in enumerate(loader):
             y = y if soft is None else soft[k]
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -526,7 +526,7 @@ def test_soft_and_drawn_targets_follow_the_images_and_the_seed(soft_faces):
     xb, yb, balanced = epoch("soft", sampler="balanced")
     assert torch.equal(yb, balanced.split.soft_targets[balanced.indices()])
     with pytest.raises(ValueError, match="soft targets"):
-        datasets.build_loader(soft_faces, "val", mode="val", targets="soft")._batch_targets([])
+        datasets.build_loader(soft_faces, "val", mode="val", targets="soft")
 
 
 @pytest.mark.parametrize(
