@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
+from losses import hard_targets
 from utils import fault_point, is_distributed
 
 # --------------------------------------------------------------------------- precision and kernels
@@ -239,9 +240,8 @@ def train_one_epoch(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         fault_point("step")  # gradients computed, weights not yet updated
         n, parts = len(y), criterion.parts
-        sums += torch.stack(
-            [loss.detach() * n, parts["ce"] * n, parts["sa"] * n, (logits.argmax(1) == y).sum()]
-        ).double()
+        correct = (logits.argmax(1) == hard_targets(y)).sum()  # y: labels or distributions
+        sums += torch.stack([loss.detach() * n, parts["ce"] * n, parts["sa"] * n, correct]).double()
         step_loss = step_loss + loss.detach()
         images += n
         if not last_micro:

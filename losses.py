@@ -1,6 +1,7 @@
 """EmoNeXt's loss: label-smoothed cross-entropy plus the self-attention (SA) regulariser, with the
 class-imbalance corrections `--loss-weighting` (Cui et al. 2019) and `--logit-adjustment`
-(Menon et al. 2021)."""
+(Menon et al. 2021), and FER+'s soft targets (`soft_target_loss`: crossentropy and multi_target
+modes, Barsoum et al. 2016)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,40 @@ def distillation_weights(
     return 1.0, 1.0
 
 
+# multi_target: the weight Microsoft's FERPlus `_process_target` gives the classes below 30 % of
+# the votes (1 to the others), "to avoid ill-conditioned computation".
+MULTI_TARGET_EPSILON = 0.001
+
+
+def hard_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices of a batch's targets: themselves, or a distribution's most likely class
+    (for accuracy)."""
+    return targets if targets.dim() == 1 else targets.argmax(1)
+
+
+def soft_target_loss(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, multi_target: bool
+) -> torch.Tensor:
+    """Per-image loss against (B, C) target distributions (FER+'s soft_labels.csv).
+
+    crossentropy: -sum_k q_k log p_k, q the distribution. multi_target (Barsoum et al. 2016;
+    Microsoft's FERPlus train.py `cost_func`): -log max_k t_k p_k, t_k 1 for the classes the
+    distribution holds (those with at least 30 % of the votes) and MULTI_TARGET_EPSILON for the
+    others, so whichever accepted class the model prefers is right. Label smoothing s mixes in
+    the uniform target as F.cross_entropy does: (1 - s) * loss + s * mean_k(-log p_k), which for
+    crossentropy is the cross-entropy against (1 - s) q + s / C.
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    if multi_target:
+        t = torch.where(targets > 0, 1.0, MULTI_TARGET_EPSILON)
+        loss = -(t.log() + log_p).amax(1)
+    else:
+        loss = -(targets * log_p).sum(1)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * log_p.mean(1)
+    return loss
+
+
 class EmoNeXtLoss(nn.Module):
     """L = mean_i w[y_i] * CE(logits_i + adjustment, y_i, label_smoothing)
            + sa_weight * attention_variance(W).
@@ -93,8 +128,12 @@ class EmoNeXtLoss(nn.Module):
     by its class, averaged over the batch (Cui et al.'s class-balanced loss); `adjustment`
     (`logit_adjustment`; None: 0) shifts the logits the cross-entropy sees, the smoothed target
     unchanged. With neither, this is exactly F.cross_entropy(logits, y, label_smoothing).
-    Float `targets` (B, classes) are Mixup/CutMix's soft targets, smoothed already:
-    `soft_target_cross_entropy` replaces the smoothed cross-entropy, the SA term unchanged.
+    With `mixed_targets` (Mixup/CutMix on), (B, classes) targets are Mixup/CutMix's, smoothed
+    already: `soft_target_cross_entropy` replaces the smoothed cross-entropy, the SA term unchanged.
+
+    Targets may also be (B, C) distributions (FER+'s crossentropy and multi_target modes,
+    `multi_target` choosing the loss: `soft_target_loss`); an image's class weight is then the
+    distribution's mean of w, sum_k q_k w_k.
 
     `forward(logits, attention_weights, targets)` returns the total; the last call's parts are kept,
     detached, in `self.parts` ({"ce": ..., "sa": ...}) for logging without a host sync. Models
@@ -107,8 +146,11 @@ class EmoNeXtLoss(nn.Module):
         sa_weight: float = 1.0,
         class_weights: torch.Tensor | None = None,
         adjustment: torch.Tensor | None = None,
+        multi_target: bool = False,
+        mixed_targets: bool = False,
     ):
         super().__init__()
+        self.multi_target, self.mixed_targets = multi_target, mixed_targets
         self.label_smoothing = label_smoothing
         self.sa_weight = sa_weight
         self.class_weights, self.adjustment = class_weights, adjustment
@@ -123,10 +165,15 @@ class EmoNeXtLoss(nn.Module):
         logits = logits.float()
         if self.adjustment is not None:
             logits = logits + self.adjustment.to(logits.device)
-        if targets.is_floating_point():  # Mixup/CutMix's soft targets
+        if targets.dim() == 2 and self.mixed_targets:  # Mixup/CutMix's, smoothed already
             weights = self.class_weights
             weights = None if weights is None else weights.to(logits.device)
             ce = soft_target_cross_entropy(logits, targets, weights)
+        elif targets.dim() == 2:  # FER+'s distributions
+            per_image = soft_target_loss(logits, targets, self.label_smoothing, self.multi_target)
+            if self.class_weights is not None:
+                per_image = per_image * (targets.float() @ self.class_weights.to(logits.device))
+            ce = per_image.mean()
         elif self.class_weights is None:
             ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         else:

@@ -846,13 +846,29 @@ def build_model(
     return model, pretrained, channels_last
 
 
+def label_mode(args: argparse.Namespace) -> str:
+    """The dataset's FER+ training mode (`datasets.label_mode`): majority, or with a
+    soft_labels.csv its manifest's probability, crossentropy or multi_target."""
+    try:
+        return datasets.label_mode(args.dataset_path)
+    except datasets.DatasetError as err:
+        fail(str(err))
+
+
 def build_loaders(
     args: argparse.Namespace, data_config: dict, device: torch.device, rank: int, world_size: int
 ) -> dict[str, datasets.Loader]:
-    """train (augmented, sharded across ranks), val (centre crop) and test (TenCrop) loaders."""
+    """train (augmented, sharded across ranks; its targets by the dataset's `label_mode`), val
+    (centre crop) and test (TenCrop) loaders."""
     augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
     batch_sizes = {"train": args.batch_size, "val": args.val_batch_size}
     mixup_on = datasets.mixup_active(args.mixup, args.cutmix, args.cutmix_minmax)
+    targets = datasets.LABEL_TARGETS[label_mode(args)]
+    if mixup_on and targets == "soft":  # timm's Mixup mixes one-hot labels, not distributions
+        raise utils.CLIError(
+            f"--mixup/--cutmix: {args.dataset_path} trains on FER+'s {label_mode(args)} targets; "
+            "Mixup and CutMix take one label an image (FER+'s majority or probability mode)"
+        )
     try:
         return {
             split: datasets.build_loader(
@@ -873,6 +889,7 @@ def build_loaders(
                 sampler=args.sampler if split == "train" else "shuffle",
                 # timm's Mixup pairs image i with image B - 1 - i: whole batches (as ConvNeXt)
                 drop_last=split == "train" and mixup_on,
+                targets=targets if split == "train" else "label",
             )
             for split in datasets.SPLITS
         }
@@ -891,6 +908,12 @@ def check_data(
         fail(
             f"the dataset at {args.dataset_path} is not the run's: it has {data_sizes} images, "
             f"the run had {resume_ckpt['data_sizes']}; give the run's data with --dataset-path"
+        )
+    mode = label_mode(args)
+    if resume_ckpt is not None and resume_ckpt.get("label_mode", "majority") != mode:
+        fail(
+            f"the dataset at {args.dataset_path} trains in FER+ mode {mode}, the run in "
+            f"{resume_ckpt['label_mode']}; give the run's data with --dataset-path"
         )
     skipped = {split: x.split.skipped_paths for split, x in loaders.items()}
     for split, paths in skipped.items():
@@ -929,12 +952,15 @@ class Training:
 
 def build_criterion(args: argparse.Namespace, class_counts: torch.Tensor) -> EmoNeXtLoss:
     """The EmoNeXt loss with --loss-weighting and --logit-adjustment, from the training split's
-    images per class."""
+    images per class (folders: FER+'s soft modes count an image in its most-voted class), and
+    FER+'s multi_target loss when the dataset's `label_mode` asks for it."""
     return EmoNeXtLoss(
         args.label_smoothing,
         args.sa_weight,
         losses.class_weights(class_counts, args.loss_weighting, args.effective_number_beta),
         losses.logit_adjustment(class_counts, args.logit_adjustment),
+        multi_target=label_mode(args) == "multi_target",
+        mixed_targets=datasets.mixup_active(args.mixup, args.cutmix, args.cutmix_minmax),
     )
 
 
@@ -1570,6 +1596,7 @@ def main(
             "model_name": model.model_name,
             "model_kwargs": model.model_kwargs,
             "classes": classes,
+            "label_mode": label_mode(args),
             "data_config": model.data_config,
             "pretrained": pretrained,
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},

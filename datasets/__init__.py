@@ -15,7 +15,8 @@ docs/DATA.md explains the design and the small numerical differences between the
 
 One room per part, data flowing down this list (a module imports only those above it):
 
-- ``folders``: class names, `DataConfig`, layout checks, decoding and its cache, `load_split`
+- ``folders``: class names, `DataConfig`, layout checks, decoding and its cache, `load_split`,
+  `read_soft_labels` (FER+'s soft_labels.csv)
 - ``manifest``: manifests, the content hash, publishing a dataset folder
 - ``duplicates``: the leak audit's duplicate search
 - ``synthetic``: the synthetic faces
@@ -52,9 +53,12 @@ from .folders import (
     FER2013_SPLIT_SIZES,
     IMG_EXTENSIONS,
     KNOWN_CLASSES,
+    LABEL_TARGETS,
     OFFICIAL_CROP,
     OFFICIAL_RESIZE,
     SKIP_BAD_IMAGES_HINT,
+    SOFT_LABELS,
+    SOFT_SUM_TOLERANCE,
     SPLITS,
     DataConfig,
     DatasetError,
@@ -65,6 +69,7 @@ from .folders import (
     decode_image,
     is_hidden,
     load_split,
+    read_soft_labels,
     user_cache_dir,
 )
 from .loader import FastLoader, Loader, PilLoader, build_loader, denormalize
@@ -72,6 +77,7 @@ from .manifest import (
     check_replaceable,
     content_hash,
     count_images,
+    label_mode,
     publish_dataset,
     read_manifest,
     write_manifest,
@@ -95,13 +101,13 @@ from .warp import fast_warp, make_theta, ten_crop_views
 __all__ = [
     # folders
     "ALPHA_BACKGROUND", "CACHE_VERSION", "CLASSES", "FER2013_CSV_CLASSES", "FER2013_SPLIT_SIZES",
-    "IMG_EXTENSIONS", "KNOWN_CLASSES", "OFFICIAL_CROP", "OFFICIAL_RESIZE", "SKIP_BAD_IMAGES_HINT",
-    "SPLITS", "DataConfig", "DatasetError", "SplitData", "UnreadableImageError",
-    "canonical_class_name", "check_dataset", "decode_image", "is_hidden", "load_split",
-    "user_cache_dir",
+    "IMG_EXTENSIONS", "KNOWN_CLASSES", "LABEL_TARGETS", "OFFICIAL_CROP", "OFFICIAL_RESIZE",
+    "SKIP_BAD_IMAGES_HINT", "SOFT_LABELS", "SOFT_SUM_TOLERANCE", "SPLITS", "DataConfig",
+    "DatasetError", "SplitData", "UnreadableImageError", "canonical_class_name", "check_dataset",
+    "decode_image", "is_hidden", "load_split", "read_soft_labels", "user_cache_dir",
     # manifest
-    "check_replaceable", "content_hash", "count_images", "publish_dataset", "read_manifest",
-    "write_manifest",
+    "check_replaceable", "content_hash", "count_images", "label_mode", "publish_dataset",
+    "read_manifest", "write_manifest",
     # duplicates
     "BLANK_STD", "FINGERPRINT_SIMILARITY", "MAX_SHIFT", "NEAR_DUPLICATE_SIMILARITY",
     "OVERLAP_METHOD", "DuplicatePairs", "ImageHashes", "dct_basis", "duplicate_pairs",

@@ -7,7 +7,9 @@ once into a uint8 tensor and cached on disk. docs/DATA.md explains the rules.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import math
 import os
 import tempfile
 import warnings
@@ -30,6 +32,18 @@ FER2013_SPLIT_SIZES = {"train": 28709, "val": 3589, "test": 3589}
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 2  # 2: decode_image (16-bit scaled, alpha on white, EXIF orientation)
+
+# FER+'s training modes (Barsoum et al. 2016; Microsoft's FERPlus train.py -m): what the training
+# split's targets are. All but majority come with SOFT_LABELS, one distribution per training
+# image; `LABEL_TARGETS` says what the training loader yields in each (build_loader's `targets`).
+SOFT_LABELS = "soft_labels.csv"
+LABEL_TARGETS = {
+    "majority": "label",  # the folder's class
+    "probability": "draw",  # one class drawn from the image's distribution, anew every epoch
+    "crossentropy": "soft",  # the distribution itself
+    "multi_target": "soft",  # the distribution; the loss takes its non-zero classes as targets
+}
+SOFT_SUM_TOLERANCE = 1e-6
 
 # The official training transforms (REFERENCE.md section 5) for 224 input.
 OFFICIAL_RESIZE = 236
@@ -111,6 +125,7 @@ class SplitData:
     paths: list[str]  # one per image
     skipped: int  # unreadable images skipped (only with skip_bad_images)
     skipped_paths: list[str] = field(default_factory=list)  # which ones
+    soft_targets: torch.Tensor | None = None  # float32 (N, classes): `read_soft_labels`
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,3 +450,65 @@ def load_split(
         len(skipped_rels),
         [str(root / r) for r in skipped_rels],
     )
+
+
+def read_soft_labels(root: str | os.PathLike, data: SplitData) -> torch.Tensor:
+    """root/soft_labels.csv as a float32 (N, classes) tensor, row i the distribution of
+    `data`'s image i (the training split's).
+
+    Validated, each problem a DatasetError naming the file and row: the header is `path` then
+    `data.classes`; every row names an image of the split (relative to root, `/`-separated),
+    each image exactly once; its values are finite, non-negative and sum to 1 within
+    SOFT_SUM_TOLERANCE. A row of an image skipped as unreadable is allowed (and unused).
+    """
+    root = Path(root)
+    path = root / SOFT_LABELS
+    rel = {Path(p).relative_to(root).as_posix(): i for i, p in enumerate(data.paths)}
+    skipped = {Path(p).relative_to(root).as_posix() for p in data.skipped_paths}
+    soft = torch.full((len(rel), len(data.classes)), float("nan"), dtype=torch.float64)
+    seen: set[str] = set()
+    want = ["path", *data.classes]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header != want:
+                raise DatasetError(
+                    f"{path}: header {','.join(header or [])[:120]!r} is not "
+                    f"{','.join(want)!r} (path, then the dataset's classes in order)"
+                )
+            for line, fields in enumerate(reader, start=2):
+                where = f"{path}: line {line}"
+                if len(fields) != len(want):
+                    raise DatasetError(f"{where} has {len(fields)} fields, expected {len(want)}")
+                name = fields[0]
+                if name in seen:
+                    raise DatasetError(f"{where}: {name} has a row already; one row per image")
+                seen.add(name)
+                if name in skipped:
+                    continue
+                if name not in rel:
+                    raise DatasetError(f"{where}: {name} is not an image of {root / 'train'}")
+                try:
+                    values = [float(v) for v in fields[1:]]
+                except ValueError:
+                    values = [math.nan]
+                if not all(math.isfinite(v) and v >= 0 for v in values) or not (
+                    abs(sum(values) - 1) <= SOFT_SUM_TOLERANCE
+                ):
+                    raise DatasetError(
+                        f"{where}: {name}'s probabilities {','.join(fields[1:])[:80]} must be "
+                        f"finite, non-negative and sum to 1 (within {SOFT_SUM_TOLERANCE:g})"
+                    )
+                soft[rel[name]] = torch.tensor(values, dtype=torch.float64)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not a readable CSV file: {e}") from None
+    missing = [name for name in rel if name not in seen]
+    if missing:
+        raise DatasetError(
+            f"{path} has no row for {len(missing)} training image(s), e.g. {missing[0]}; every "
+            f"training image needs one (rebuild it with scripts/download_dataset.py)"
+        )
+    return soft.float()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from .folders import DataConfig, SplitData, decode_image, load_split
+from .folders import DataConfig, SplitData, decode_image, load_split, read_soft_labels
 from .sampler import _mix_seed, balanced_epoch_length, balanced_order
 from .transforms import _center_offset, _resized_hw, _resolve_augment, pil_transform
 from .warp import _fixed_views_grid, fast_warp, make_theta, ten_crop_views
@@ -48,6 +48,9 @@ class Loader:
 
     The epoch's order and augmentation depend only on (seed, epoch, rank). `sampler` "balanced"
     (training only) draws classes equally often (`balanced_order`) instead of every image once.
+    `targets` (training only, `LABEL_TARGETS`): "label", the folder's class (int64); "draw", a
+    class drawn from the image's `split.soft_targets` row, anew each epoch (int64); "soft",
+    the row itself (float32, (B, classes)).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class Loader:
         world_size: int,
         augment: dict | None,
         sampler: str = "shuffle",
+        targets: str = "label",
     ):
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
@@ -80,6 +84,11 @@ class Loader:
         if sampler not in ("shuffle", "balanced") or (sampler == "balanced" and mode != "train"):
             raise ValueError(f"sampler must be 'shuffle' ('balanced' to train), got {sampler!r}")
         self.sampler = sampler
+        if targets not in ("label", "draw", "soft") or (
+            targets != "label" and (mode != "train" or split.soft_targets is None)
+        ):
+            raise ValueError(f"targets {targets!r} needs a training split with soft targets")
+        self.targets_kind = targets
         if sampler == "balanced":
             classes = int((torch.bincount(split.targets) > 0).sum())
             self.num_samples = balanced_epoch_length(self.dataset_size, classes, world_size)
@@ -122,6 +131,21 @@ class Loader:
         if self.mode == "train":
             raise ValueError("examples() gives val/test views; training views are random")
         return self._examples(indices)
+
+    def _batch_targets(self) -> list[torch.Tensor] | None:
+        """The epoch's targets, batch by batch on the device, for `targets` "draw" and "soft";
+        None for "label" (the split's own). The draws come from a stream of their own, seeded by
+        (seed, epoch, rank), so a resumed run draws what it would have drawn."""
+        if self.targets_kind == "label":
+            return None
+        batches = list(self._batches())
+        if not batches:
+            return None
+        soft = self.split.soft_targets[torch.cat(batches)]
+        if self.targets_kind == "draw":
+            g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 3))
+            soft = torch.multinomial(soft, 1, generator=g)[:, 0]
+        return list(soft.to(self.device).split([len(b) for b in batches]))
 
     def _aug_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
@@ -270,8 +294,10 @@ class FastLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.data_config.image_size
-        for idx, theta, outside in zip(*self._epoch_plan(), strict=True):
-            imgs, targets = self.images[idx], self.targets[idx]
+        soft = self._batch_targets()
+        for k, (idx, theta, outside) in enumerate(zip(*self._epoch_plan(), strict=True)):
+            imgs = self.images[idx]
+            targets = self.targets[idx] if soft is None else soft[k]
             if self.mode == "train":
                 x = fast_warp(imgs, theta, size, mask_outside=outside)
             else:
@@ -321,7 +347,9 @@ class PilLoader(Loader):
             # Worker seeds are irrelevant (each sample is seeded), but keep them reproducible.
             generator=torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank)),
         )
-        for x, y in loader:
+        soft = self._batch_targets()
+        for k, (x, y) in enumerate(loader):
+            y = y if soft is None else soft[k]
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _examples(self, indices: list[int]) -> torch.Tensor:
@@ -348,6 +376,7 @@ def build_loader(
     contiguous: bool = False,
     cache: bool = True,
     sampler: str = "shuffle",
+    targets: str = "label",
 ) -> Loader:
     """Batches (images float32 on `device`, targets int64 on `device`) of root/split.
 
@@ -357,12 +386,16 @@ def build_loader(
     plane unless `contiguous` (or normalisation) materialises them. num_workers applies to the
     pil pipeline only. rank/world_size shard the split (train: padded like DistributedSampler;
     val/test: rank r gets r::world_size, so every image is counted once). sampler "balanced"
-    (mode "train"): every class equally often per epoch (`balanced_order`).
+    (mode "train"): every class equally often per epoch (`balanced_order`). `targets` other
+    than "label" (mode "train"; `LABEL_TARGETS`) read root/soft_labels.csv (`read_soft_labels`)
+    and yield its draws or rows as the targets.
     """
     data_config = data_config or DataConfig()
     if shuffle is None:
         shuffle = mode == "train"
     data = load_split(root, split, skip_bad_images=skip_bad_images, cache=cache)
+    if targets != "label" and mode == "train":
+        data.soft_targets = read_soft_labels(root, data)
     common = dict(
         mode=mode,
         batch_size=batch_size,
@@ -375,6 +408,7 @@ def build_loader(
         world_size=world_size,
         augment=augment,
         sampler=sampler,
+        targets=targets,
     )
     if pipeline == "fast":
         return FastLoader(data, contiguous=contiguous, **common)

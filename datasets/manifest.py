@@ -11,7 +11,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .folders import IMG_EXTENSIONS, SPLITS, DatasetError, _image_files, is_hidden
+from .folders import (
+    IMG_EXTENSIONS,
+    LABEL_TARGETS,
+    SOFT_LABELS,
+    SPLITS,
+    DatasetError,
+    _image_files,
+    is_hidden,
+)
 
 
 def content_hash(root: str | os.PathLike) -> str:
@@ -159,3 +167,28 @@ def check_replaceable(out: Path) -> None:
             f"{foreign[0]}); they are never deleted, not even with --force: move them out of "
             f"{out} or choose another --out"
         )
+
+
+def label_mode(root: str | os.PathLike) -> str:
+    """The FER+ training mode a dataset asks for (`LABEL_TARGETS`): "majority" (the folders'
+    labels) without root/soft_labels.csv; with it, the manifest's `labels.mode`, which must be
+    one of the others. A manifest naming such a mode without the file is a DatasetError too."""
+    root = Path(root)
+    labels = (read_manifest(root) or {}).get("labels")
+    mode = labels.get("mode") if isinstance(labels, dict) else None
+    soft_modes = [m for m in LABEL_TARGETS if m != "majority"]
+    if not (root / SOFT_LABELS).is_file():
+        if mode in soft_modes:
+            raise DatasetError(
+                f"{root}/manifest.json says FER+ mode {mode}, but {root / SOFT_LABELS} is "
+                f"missing; rebuild the dataset with scripts/download_dataset.py --ferplus-mode "
+                f"{mode}"
+            )
+        return "majority"
+    if mode not in soft_modes:
+        raise DatasetError(
+            f"{root / SOFT_LABELS} is there, but {root}/manifest.json's labels.mode is "
+            f"{mode!r}, not one of {', '.join(soft_modes)}; set it, or remove the file to train "
+            f"on the folders' labels"
+        )
+    return mode

@@ -11,11 +11,14 @@ FER2013: PublicTest becomes val and PrivateTest test, as in the official script;
 carry the official names (Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise) and files the CSV
 row index. --ferplus relabels the same images with Microsoft's FER+ votes (a file or its URL;
 alone, the authors' GitHub copy) by the authors' majority rule, adds Contempt, names files as
-FER+ does and keeps every row's 10 votes in votes.csv. --rafdb, --affectnet, --expw and --ckplus
-read those datasets as their owners distribute them (scripts/importers.py), crop faces by their
-boxes and write --image-size grayscale squares; val is carved from train (stratified, seeded) or,
-for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a photo or a
-subject is the test set and the next fold val. Images are PNG (lossless) unless --format jpg.
+FER+ does and keeps every row's 10 votes in votes.csv; --ferplus-mode probability, crossentropy
+or multi_target keeps the training images of that mode of Microsoft's code and writes their
+distributions to soft_labels.csv, which train.py trains on. --rafdb, --affectnet, --expw and
+--ckplus read those datasets as their owners distribute them (scripts/importers.py), crop faces
+by their boxes and write --image-size grayscale squares; val is carved from train (stratified,
+seeded) or, for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a
+photo or a subject is the test set and the next fold val. Images are PNG (lossless) unless
+--format jpg.
 The dataset is built in a temporary folder next to --out and renamed into place at the end, so an
 interrupted (SIGTERM, Ctrl-C: one line) or failed run leaves nothing behind; --out is locked
 while a conversion runs (`.OUT.lock` beside it), so a second one into it is refused; a
@@ -58,6 +61,7 @@ from datasets import (  # noqa: E402
     FER2013_SPLIT_SIZES,
     IMG_EXTENSIONS,
     KNOWN_CLASSES,
+    SOFT_LABELS,
     SPLITS,
     DatasetError,
     UnreadableImageError,
@@ -173,6 +177,15 @@ def get_args_parser() -> ArgumentParser:
         help="with --csv/--gdrive/--kaggle: label fer2013.csv's images with FER+'s votes "
         "(fer2013new.csv, a local file or a URL; without a value the authors' GitHub copy) by "
         "the authors' majority rule: 8 classes, Contempt added (default --out FERPlus)",
+    )
+    parser.add_argument(
+        "--ferplus-mode",
+        choices=importers.FERPLUS_MODES,
+        default="majority",
+        help="with --ferplus: which training images to keep and their targets, as Microsoft's "
+        "FERPlus train.py -m (Barsoum et al. 2016): majority (default), probability, "
+        "crossentropy or multi_target; the last three also write soft_labels.csv, which "
+        "train.py trains on; val and test stay majority-labelled (docs/DATA.md)",
     )
     parser.add_argument(
         "--out",
@@ -495,18 +508,72 @@ def build_from_csv(csv_path: Path, dest: Path, fmt: str) -> dict[str, dict[str, 
     return expected
 
 
-def build_ferplus(csv_path: Path, votes_path: Path, dest: Path, fmt: str) -> tuple[dict, dict]:
-    """FER+ (majority mode) from fer2013.csv's pixels and fer2013new.csv's votes: the images
-    `importers.ferplus_majority` keeps, in <split>/<class>/<csv row>.png as FER2013's (four FER+
-    image names occur on two rows each: row numbers keep every row's own image), and
-    dest/votes.csv with every row's FER+ name, 10 votes, label or reason for dropping it, path.
-    Returns (counts written, the manifest's `labels` entry)."""
+# What each --ferplus-mode keeps of the training split (val and test: always the majority rule).
+FERPLUS_RULES = {
+    "majority": "votes of 1 removed as outliers; kept when the top emotion has more than half of "
+    "the remaining votes and is neither unknown nor not-a-face (Barsoum et al. 2016)",
+    "probability": "train: votes of 1 removed; the top vote counts taken (ties together) while "
+    "under 75 % of the votes and under 3 emotions; kept when they hold more than half of the "
+    "votes in at most 3 emotions and the top one is an emotion (Microsoft's ferplus.py "
+    "_process_data); val and test: the majority rule",
+    "multi_target": "train: votes of 1 removed; every emotion with at least 30 % of the votes; "
+    "kept when they hold more than half of the votes and the top one is an emotion (Microsoft's "
+    "ferplus.py _process_data); val and test: the majority rule",
+}
+FERPLUS_RULES["crossentropy"] = FERPLUS_RULES["probability"]
+FERPLUS_DISCARDED = "discarded by the mode's rule"  # a training row's reason, modes but majority
+
+
+def ferplus_targets(
+    votes: importers.FerPlusVotes, mode: str
+) -> tuple[np.ndarray, list[str], dict[int, list[float]]]:
+    """Each row's folder (a FERPLUS_CLASSES index, -1: dropped), the reason a row is dropped, and
+    the training rows' 8-emotion distributions in `mode` (`importers.ferplus_distribution`).
+    Val and test rows, and every row in majority mode, follow `importers.ferplus_majority`; a
+    training image kept without a majority lives in the folder of its most-voted emotion (the
+    first in FER+'s column order on a tie, as Microsoft's per-emotion count)."""
+    labels, reasons = importers.ferplus_majority(votes.votes, votes.names)
+    soft: dict[int, list[float]] = {}
+    if mode == "majority":
+        return labels, reasons, soft
+    for i, (usage, name) in enumerate(zip(votes.usage, votes.names, strict=True)):
+        if usage != "Training" or not name:
+            continue
+        dist = importers.ferplus_distribution(votes.votes[i].tolist(), mode)
+        labels[i], reasons[i] = (-1, FERPLUS_DISCARDED) if dist is None else (
+            int(np.argmax(dist)), "")  # fmt: skip
+        if dist is not None:
+            soft[i] = dist
+    return labels, reasons, soft
+
+
+def write_soft_labels(path: Path, rows: list[tuple[str, list[float]]], classes: list[str]) -> None:
+    """soft_labels.csv: `path` (relative to the dataset root), then one probability per class in
+    the manifest's class order (the folders' alphabetical order), written with repr precision."""
+    order = [importers.FERPLUS_CLASSES.index(c) for c in classes]
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(["path", *classes])
+        for rel, dist in rows:
+            out.writerow([rel, *(repr(float(dist[k])) for k in order)])
+
+
+def build_ferplus(
+    csv_path: Path, votes_path: Path, dest: Path, fmt: str, mode: str = "majority"
+) -> tuple[dict, dict]:
+    """FER+ from fer2013.csv's pixels and fer2013new.csv's votes: the images `ferplus_targets`
+    keeps in `mode`, in <split>/<class>/<csv row>.png as FER2013's (four FER+ image names occur
+    on two rows each: row numbers keep every row's own image), dest/votes.csv with every row's
+    FER+ name, 10 votes, label or reason for dropping it, path, and (modes but majority)
+    dest/soft_labels.csv with every training image's distribution. Returns (counts written, the
+    manifest's `labels` entry)."""
     images, _, splits = read_fer_csv(csv_path)  # everything validated before writing
     votes = importers.read_ferplus(votes_path)
     split_to_usage = {v: k for k, v in USAGE_TO_SPLIT.items()}
     importers.check_ferplus_rows(votes, [split_to_usage[s] for s in splits], csv_path, votes_path)
-    labels, reasons = importers.ferplus_majority(votes.votes, votes.names)
+    labels, reasons, soft = ferplus_targets(votes, mode)
     importers.check_ferplus_labels(labels, votes.usage, votes_path)  # a dataset train.py takes
+    soft_rows = []
     expected: dict[str, dict[str, int]] = {}
     dropped = {split: Counter() for split in SPLITS}
     rows = [["fer2013_row", "usage", "image_name", "path", "label", "dropped",
@@ -521,6 +588,8 @@ def build_ferplus(csv_path: Path, votes_path: Path, dest: Path, fmt: str) -> tup
             path = f"{split}/{label}/{i}.{fmt}"
             _save(arr, dest / path, fmt)
             expected[split][label] += 1
+            if i in soft:
+                soft_rows.append((path, soft[i]))
         else:
             dropped[split][reasons[i]] += 1
         rows.append([i, votes.usage[i], votes.names[i], path, label, reasons[i],
@@ -530,12 +599,15 @@ def build_ferplus(csv_path: Path, votes_path: Path, dest: Path, fmt: str) -> tup
     info = {
         "file": votes_path.name,
         "sha256": sha256_file(votes_path),
-        "mode": "majority",
-        "rule": "votes of 1 removed as outliers; kept when the top emotion has more than half of "
-        "the remaining votes and is neither unknown nor not-a-face (Barsoum et al. 2016)",
+        "mode": mode,
+        "rule": FERPLUS_RULES[mode],
         "dropped": {s: dict(sorted(c.items())) for s, c in dropped.items()},
         "votes": "votes.csv",
     }
+    if soft_rows:
+        classes = sorted({name for counts in expected.values() for name in counts})
+        write_soft_labels(dest / SOFT_LABELS, soft_rows, classes)
+        info["soft_labels"] = SOFT_LABELS
     return expected, info
 
 
@@ -731,6 +803,8 @@ def settings(args: argparse.Namespace) -> dict:
     for dest, (applies, _) in SOURCE_FLAGS.items():
         if dataset in applies and dest != "workers":
             out[dest] = getattr(args, dest)
+    if args.ferplus_mode != "majority":  # majority: the settings of before the modes existed
+        out["ferplus_mode"] = args.ferplus_mode
     return out
 
 
@@ -756,6 +830,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--ferplus labels fer2013.csv's rows: give it with --csv, --gdrive or --kaggle"
         )
+    if args.ferplus_mode != "majority" and not args.ferplus:
+        parser.error(f"--ferplus-mode {args.ferplus_mode} applies to FER+ only: add --ferplus")
     for dest, (applies, default) in SOURCE_FLAGS.items():
         if getattr(args, dest) is not None and dataset not in applies:
             parser.error(f"{parser.flag(dest)} applies to {' and '.join(applies)} only")
@@ -814,9 +890,11 @@ def build_fer2013(
             return build_from_csv(path, dest, args.format), {"val_split": None,
                                                              "skipped_bad_images": 0}  # fmt: skip
         votes = importers.ferplus_file(args.ferplus, work)
-        print(f"labelling with the FER+ votes of {args.ferplus} (majority rule)")
-        expected, labels = build_ferplus(path, votes, dest, args.format)
-        facts = {"labels": labels, "files": {"votes.csv": sha256_file(dest / "votes.csv")}}
+        mode = args.ferplus_mode
+        print(f"labelling with the FER+ votes of {args.ferplus} ({mode} mode)")
+        expected, labels = build_ferplus(path, votes, dest, args.format, mode)
+        written = ["votes.csv"] + ([SOFT_LABELS] if "soft_labels" in labels else [])
+        facts = {"labels": labels, "files": {f: sha256_file(dest / f) for f in written}}
         return expected, {**facts, "val_split": None, "skipped_bad_images": 0}
     if args.ferplus:
         raise DatasetError(f"--ferplus labels fer2013.csv's rows, but {raw} holds image folders")

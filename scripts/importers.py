@@ -152,6 +152,56 @@ def ferplus_majority(votes: np.ndarray, names: list[str]) -> tuple[np.ndarray, l
     return labels, reasons
 
 
+FERPLUS_MODES = ("majority", "probability", "crossentropy", "multi_target")
+MULTI_TARGET_SHARE = 0.3  # multi_target: every emotion with at least 30 % of the votes
+
+
+def ferplus_distribution(counts: list[int], mode: str) -> list[float] | None:
+    """One row's target in a FER+ training mode, as Microsoft's ferplus.py `_process_data` makes
+    it and `load_folders` keeps it: the 8 emotions' probabilities (vote columns 0..7, summing to
+    1), or None where the image is not used (the rule discards it, or its top column is unknown
+    or not-a-face). Votes of 1 are outliers and removed first, in every mode.
+
+    majority: the top emotion, when it has more than half of the votes. probability and
+    crossentropy: the top vote counts, taken largest first (all tied columns at once) while they
+    hold under 75 % of the votes and fewer than 3 columns; kept when they hold more than half
+    and are at most 3 columns; an unknown or not-a-face column reached stops the taking (and is
+    left out when emotions were taken before it). multi_target: every column with at least 30 %
+    of the votes, kept when they hold more than half.
+    """
+    raw = [c if c > 1 else 0 for c in counts]
+    total = sum(raw)
+    taken = [0] * len(raw)
+    if mode == "majority":
+        top = max(raw)
+        if 2 * top > total:
+            taken[raw.index(top)] = top
+    elif mode in ("probability", "crossentropy"):
+        left, share, columns = list(raw), 0, 0
+        while 4 * share < 3 * total and columns < 3:  # under 75 % of the votes, under 3 columns
+            top = max(left)
+            tied = [i for i, c in enumerate(left) if c == top]
+            stop = next((i for i in tied if i >= UNKNOWN), None)
+            for i in tied if stop is None else [i for i in tied if i <= stop]:
+                taken[i], left[i] = top, 0
+                share, columns = share + top, columns + 1
+            if stop is not None:
+                if sum(taken) > top:  # emotions came first: unknown/not-a-face is no target
+                    taken[stop], columns = 0, columns - 1
+                break
+        if columns > 3:
+            taken = [0] * len(raw)
+    elif mode == "multi_target":
+        taken = [c if c >= MULTI_TARGET_SHARE * total else 0 for c in raw]
+    else:
+        raise ValueError(f"unknown FER+ mode {mode!r}; expected one of {FERPLUS_MODES}")
+    kept = sum(taken)
+    if 2 * kept <= total or kept == 0 or taken.index(max(taken)) >= UNKNOWN:
+        return None
+    emotions = taken[:UNKNOWN]
+    return [c / sum(emotions) for c in emotions]
+
+
 def check_ferplus_rows(votes: FerPlusVotes, usages: list[str], csv_path, votes_path) -> None:
     """fer2013new.csv must be fer2013.csv's companion, row for row: same length, same Usage."""
     if len(votes.usage) != len(usages):
