@@ -21,12 +21,23 @@ One room per part, data flowing down this list (a module imports only those abov
 - ``synthetic``: the synthetic faces
 - ``transforms``: augmentation parameters and the `pil` pipeline's torchvision transforms
 - ``warp``: the `fast` pipeline's on-device affine warp
+- ``auto_augment``: RandAugment/TrivialAugment (`--aa`): timm's (`pil`), batched (`fast`)
+- ``random_erasing``: random erasing (`--reprob`): timm's (`pil`), batched (`fast`)
 - ``sampler``: the epoch's order: the seeds of every stream, `--sampler balanced`
 - ``loader``: `Loader`, `FastLoader`, `PilLoader`, `build_loader`, `denormalize`
 
 The public names of every room are importable from ``datasets`` itself.
 """
 
+from .auto_augment import (
+    TRIVIAL,
+    RandAugmentSpec,
+    apply_op,
+    parse_aa,
+    rand_augment,
+    rand_augment_params,
+    timm_rand_augment,
+)
 from .duplicates import (
     BLANK_STD,
     FINGERPRINT_SIMILARITY,
@@ -75,6 +86,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .random_erasing import erase_params, random_erase, timm_random_erasing
 from .sampler import balanced_epoch_length, balanced_order
 from .synthetic import (
     BACKDROP_STD,
@@ -111,6 +123,11 @@ __all__ = [
     "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops", "pil_transform",
     # warp
     "fast_warp", "make_theta", "ten_crop_views",
+    # auto_augment
+    "TRIVIAL", "RandAugmentSpec", "apply_op", "parse_aa", "rand_augment", "rand_augment_params",
+    "timm_rand_augment",
+    # random_erasing
+    "erase_params", "random_erase", "timm_random_erasing",
     # sampler
     "balanced_epoch_length", "balanced_order",
     # loader
