@@ -99,7 +99,14 @@ from .synthetic import (
     draw_face,
     make_synthetic,
 )
-from .transforms import DEFAULT_AUGMENT, FixedCrop, RepeatChannels, StackCrops, pil_transform
+from .transforms import (
+    CONVNEXT_AUGMENT,
+    DEFAULT_AUGMENT,
+    FixedCrop,
+    RepeatChannels,
+    StackCrops,
+    pil_transform,
+)
 from .warp import fast_warp, make_theta, ten_crop_views
 
 __all__ = [
@@ -120,7 +127,8 @@ __all__ = [
     "BACKDROP_STD", "EXPRESSIONS", "JITTER", "SUPERSAMPLE", "SYNTHETIC_SIZE", "SYNTHETIC_SPLITS",
     "SYNTHETIC_VERSION", "draw_face", "make_synthetic",
     # transforms
-    "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops", "pil_transform",
+    "CONVNEXT_AUGMENT", "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops",
+    "pil_transform",
     # warp
     "fast_warp", "make_theta", "ten_crop_views",
     # auto_augment

@@ -14,6 +14,8 @@ from .folders import DataConfig
 # RandAugment (`aa`, datasets/auto_augment.py) and random erasing (`re*`, random_erasing.py).
 DEFAULT_AUGMENT = {"hflip": 0.5, "vflip": 0.5, "rotation": 20.0, "crop": "random"}
 DEFAULT_AUGMENT |= {"aa": "none", "reprob": 0.0, "remode": "pixel", "recount": 1}
+# ConvNeXt's fine-tuning values of the same (its main.py defaults; scripts/benchmark.py's recipe).
+CONVNEXT_AUGMENT = {"aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "recount": 1}
 
 
 # --------------------------------------------------------------------------------------------
