@@ -268,9 +268,10 @@ def _affine(x: torch.Tensor, coeffs: torch.Tensor, fill: float) -> torch.Tensor:
     [0, W) x [0, H) gets `fill`, inside it bilinear with the border clamped, truncated to uint8.
     """
     b, _, h, w = x.shape
-    a_, b_, c_, d_, e_, f_ = coeffs.to(torch.float64).unbind(1)
-    ys = torch.arange(h, dtype=torch.float64) + 0.5
-    xs = torch.arange(w, dtype=torch.float64) + 0.5
+    # float64 as PIL's doubles, on x's device: no grid crosses from the host
+    a_, b_, c_, d_, e_, f_ = coeffs.to(x.device, torch.float64).unbind(1)
+    ys = torch.arange(h, dtype=torch.float64, device=x.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float64, device=x.device) + 0.5
     gx = a_[:, None, None] * xs[None, None, :] + b_[:, None, None] * ys[None, :, None]
     gy = d_[:, None, None] * xs[None, None, :] + e_[:, None, None] * ys[None, :, None]
     gx, gy = gx + c_[:, None, None], gy + f_[:, None, None]
@@ -278,7 +279,7 @@ def _affine(x: torch.Tensor, coeffs: torch.Tensor, fill: float) -> torch.Tensor:
     grid = torch.stack([gx * (2.0 / w) - 1.0, gy * (2.0 / h) - 1.0], dim=-1).to(x)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = torch.trunc(out + 1e-3).clamp_(0, 255)  # float32 noise must not drop a whole level
-    return torch.where(inside.to(x.device).unsqueeze(1), out, fill)
+    return torch.where(inside.unsqueeze(1), out, fill)
 
 
 def rotate(x: torch.Tensor, degrees: torch.Tensor, fill: float) -> torch.Tensor:
