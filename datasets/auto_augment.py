@@ -268,18 +268,23 @@ def _affine(x: torch.Tensor, coeffs: torch.Tensor, fill: float) -> torch.Tensor:
     [0, W) x [0, H) gets `fill`, inside it bilinear with the border clamped, truncated to uint8.
     """
     b, _, h, w = x.shape
-    # float64 as PIL's doubles, on x's device: no grid crosses from the host
-    a_, b_, c_, d_, e_, f_ = coeffs.to(x.device, torch.float64).unbind(1)
-    ys = torch.arange(h, dtype=torch.float64, device=x.device) + 0.5
-    xs = torch.arange(w, dtype=torch.float64, device=x.device) + 0.5
-    gx = a_[:, None, None] * xs[None, None, :] + b_[:, None, None] * ys[None, :, None]
-    gy = d_[:, None, None] * xs[None, None, :] + e_[:, None, None] * ys[None, :, None]
-    gx, gy = gx + c_[:, None, None], gy + f_[:, None, None]
-    inside = (gx >= 0) & (gx < w) & (gy >= 0) & (gy < h)
-    grid = torch.stack([gx * (2.0 / w) - 1.0, gy * (2.0 / h) - 1.0], dim=-1).to(x)
+    # grid_sample's [-1, 1] folded into the coefficients (float64, as PIL's doubles); the grid
+    # itself in float32 on x's device, built separably as warp._affine_grid does.
+    a_, b_, c_, d_, e_, f_ = coeffs.to(torch.float64).unbind(1)
+    theta = torch.stack(
+        [a_ * 2 / w, b_ * 2 / w, c_ * 2 / w - 1, d_ * 2 / h, e_ * 2 / h, f_ * 2 / h - 1]
+    )
+    theta = theta.T.float().to(x.device).view(b, 2, 3)
+    xs = torch.arange(w, device=x.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=x.device, dtype=torch.float32) + 0.5
+    col = theta[:, None, :, 0] * xs[None, :, None]  # (B, W, 2)
+    row = theta[:, None, :, 1] * ys[None, :, None] + theta[:, None, :, 2]  # (B, H, 2)
+    grid = row[:, :, None, :] + col[:, None, :, :]  # (B, H, W, 2)
+    gx, gy = grid[..., 0], grid[..., 1]
+    inside = ((gx >= -1) & (gx < 1) & (gy >= -1) & (gy < 1)).unsqueeze(1)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.trunc(out + 1e-3).clamp_(0, 255)  # float32 noise must not drop a whole level
-    return torch.where(inside.unsqueeze(1), out, fill)
+    out = out.add_(1e-3).trunc_().clamp_(0, 255)  # float32 noise must not drop a whole level
+    return torch.where(inside, out, fill)
 
 
 def rotate(x: torch.Tensor, degrees: torch.Tensor, fill: float) -> torch.Tensor:
@@ -343,6 +348,7 @@ def rand_augment(x: torch.Tensor, spec: RandAugmentSpec, params: dict, fill: flo
         for j in torch.unique(op[:, k]).tolist():
             sel = torch.nonzero((op[:, k] == j) & apply[:, k])[:, 0]
             if len(sel):
-                idx = sel.to(x.device)
-                x[idx] = apply_op(spec.ops[j], x[idx], arg[sel, k], fill)
+                idx = sel.to(x.device)  # index_select/index_copy_: x[idx] is slower on CPU
+                out = apply_op(spec.ops[j], x.index_select(0, idx), arg[sel, k], fill)
+                x.index_copy_(0, idx, out)
     return x.div_(255.0)

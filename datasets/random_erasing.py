@@ -61,24 +61,29 @@ def random_erase(
     N(0, 1) per pixel and channel (`pixel`), per box and channel (`rand`), or 0 (`const`).
     The noise comes from a generator on x's device seeded with `noise_seed`."""
     b, c, h, w = x.shape
-    box, valid = params["box"].to(x.device), params["valid"].to(x.device)
-    if not bool(params["valid"].any()):
+    erased = torch.nonzero(params["valid"].any(1))[:, 0]
+    if not len(erased):
         return x
+    # Only the erased images (a quarter at ConvNeXt's 0.25) get noise and a copy.
+    box, valid = params["box"][erased].to(x.device), params["valid"][erased].to(x.device)
+    idx, n = erased.to(x.device), len(erased)
     gen = torch.Generator(device=x.device).manual_seed(noise_seed)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
-    out = x.contiguous().clone()
+    part = x.index_select(0, idx)
     if mode == "pixel":
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        noise = torch.randn(part.shape, generator=gen, device=x.device, dtype=x.dtype)
     for k in range(box.shape[1]):  # later boxes over earlier ones, as timm draws them
-        top, left, bh, bw = (v.view(b, 1, 1) for v in box[:, k].unbind(-1))
+        top, left, bh, bw = (v.view(n, 1, 1) for v in box[:, k].unbind(-1))
         inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-        inside = (inside & valid[:, k].view(b, 1, 1)).unsqueeze(1)
+        inside = (inside & valid[:, k].view(n, 1, 1)).unsqueeze(1)
         if mode == "pixel":
             fill = noise
         elif mode == "rand":
-            fill = torch.randn((b, c, 1, 1), generator=gen, device=x.device, dtype=x.dtype)
+            fill = torch.randn((n, c, 1, 1), generator=gen, device=x.device, dtype=x.dtype)
         else:
             fill = torch.zeros((), device=x.device, dtype=x.dtype)
-        out = torch.where(inside, fill, out)
+        part = torch.where(inside, fill, part)
+    out = x.clone(memory_format=torch.contiguous_format)  # materialises a broadcast view
+    out.index_copy_(0, idx, part)
     return out
