@@ -78,6 +78,29 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
     )
     g.add_argument("--rotation", type=float, default=20.0, help="random rotation range, degrees")
     g.add_argument(
+        "--aa",
+        default="none",
+        help="RandAugment after the crop: none (the paper's recipe), a timm string such as "
+        "rand-m9-mstd0.5-inc1 (ConvNeXt's), or trivial (TrivialAugment: timm's "
+        f"{datasets.TRIVIAL})",
+    )
+    g.add_argument(
+        "--reprob",
+        type=float,
+        default=0.0,
+        help="random-erasing probability, on the normalised image (0: off, the paper; "
+        "ConvNeXt: 0.25)",
+    )
+    g.add_argument(
+        "--remode",
+        choices=["pixel", "rand", "const"],
+        default="pixel",
+        help="random-erasing fill: per-pixel noise, per-box noise or 0 (timm's; ConvNeXt: pixel)",
+    )
+    g.add_argument(
+        "--recount", type=int, default=1, help="random-erasing boxes per image (ConvNeXt: 1)"
+    )
+    g.add_argument(
         "--input-size",
         type=int,
         default=None,
@@ -436,6 +459,8 @@ ARG_RULES = {
     "hflip": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
     "vflip": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
     "rotation": ("in [0, 180] degrees", lambda v: 0 <= v <= 180),
+    "reprob": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "recount": ("at least 1", lambda v: v >= 1),
     "input_size": ("at least 1", lambda v: v >= 1),
     "num_workers": ("at least 0", lambda v: v >= 0),
     "layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
@@ -466,6 +491,8 @@ RECIPE_FLAGS = (
     "task_loss_weight",
     "keep_checkpoints",
 )
+# ConvNeXt's image augmentations beyond the paper's (datasets/auto_augment.py, random_erasing.py)
+AUGMENT_RECIPE = ("aa", "reprob", "remode", "recount")
 
 # Flags that may differ when a run is resumed: how long it goes on and when it stops, where the
 # data is, where and how fast it runs, how it reports. --val-batch-size too: evaluation runs in
@@ -499,6 +526,10 @@ def check_args(parser: utils.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr}: must not exceed --lr {args.lr}")
+    try:
+        datasets.parse_aa(args.aa)
+    except ValueError as err:
+        parser.error(str(err))
     name = args.model
     if name.startswith("timm:"):
         import timm
@@ -861,6 +892,7 @@ def build_loaders(
     """train (augmented, sharded across ranks; its targets by the dataset's `label_mode`), val
     (centre crop) and test (TenCrop) loaders."""
     augment = {"hflip": args.hflip, "vflip": args.vflip, "rotation": args.rotation}
+    augment |= {k: getattr(args, k) for k in AUGMENT_RECIPE}
     batch_sizes = {"train": args.batch_size, "val": args.val_batch_size}
     mixup_on = datasets.mixup_active(args.mixup, args.cutmix, args.cutmix_minmax)
     targets = datasets.LABEL_TARGETS[label_mode(args)]
@@ -1695,6 +1727,7 @@ def main(
                 "skipped_images": skipped,
                 "git_commit": run_info["git_commit"],
                 "recipe": {k: getattr(args, k) for k in RECIPE_FLAGS},
+                "augmentation": {k: getattr(args, k) for k in AUGMENT_RECIPE},
             }
             return test_and_report(
                 training, state, loaders, run_dir, device, facts, clock, wandb_run

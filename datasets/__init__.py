@@ -22,6 +22,8 @@ One room per part, data flowing down this list (a module imports only those abov
 - ``synthetic``: the synthetic faces
 - ``transforms``: augmentation parameters and the `pil` pipeline's torchvision transforms
 - ``warp``: the `fast` pipeline's on-device affine warp
+- ``auto_augment``: RandAugment/TrivialAugment (`--aa`): timm's (`pil`), batched (`fast`)
+- ``random_erasing``: random erasing (`--reprob`): timm's (`pil`), batched (`fast`)
 - ``sampler``: the epoch's order: the seeds of every stream, `--sampler balanced`
 - ``mixup``: Mixup/CutMix of training batches (timm's `Mixup` with a generator of its own)
 - ``loader``: `Loader`, `FastLoader`, `PilLoader`, `build_loader`, `denormalize`
@@ -29,6 +31,15 @@ One room per part, data flowing down this list (a module imports only those abov
 The public names of every room are importable from ``datasets`` itself.
 """
 
+from .auto_augment import (
+    TRIVIAL,
+    RandAugmentSpec,
+    apply_op,
+    parse_aa,
+    rand_augment,
+    rand_augment_params,
+    timm_rand_augment,
+)
 from .duplicates import (
     BLANK_STD,
     FINGERPRINT_SIMILARITY,
@@ -83,6 +94,7 @@ from .manifest import (
     write_manifest,
 )
 from .mixup import MIXUP_MODES, BatchMixup, mixup_active, numpy_global_state
+from .random_erasing import erase_params, random_erase, timm_random_erasing
 from .sampler import balanced_epoch_length, balanced_order
 from .synthetic import (
     BACKDROP_STD,
@@ -95,7 +107,14 @@ from .synthetic import (
     draw_face,
     make_synthetic,
 )
-from .transforms import DEFAULT_AUGMENT, FixedCrop, RepeatChannels, StackCrops, pil_transform
+from .transforms import (
+    CONVNEXT_AUGMENT,
+    DEFAULT_AUGMENT,
+    FixedCrop,
+    RepeatChannels,
+    StackCrops,
+    pil_transform,
+)
 from .warp import fast_warp, make_theta, ten_crop_views
 
 __all__ = [
@@ -116,9 +135,15 @@ __all__ = [
     "BACKDROP_STD", "EXPRESSIONS", "JITTER", "SUPERSAMPLE", "SYNTHETIC_SIZE", "SYNTHETIC_SPLITS",
     "SYNTHETIC_VERSION", "draw_face", "make_synthetic",
     # transforms
-    "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops", "pil_transform",
+    "CONVNEXT_AUGMENT", "DEFAULT_AUGMENT", "FixedCrop", "RepeatChannels", "StackCrops",
+    "pil_transform",
     # warp
     "fast_warp", "make_theta", "ten_crop_views",
+    # auto_augment
+    "TRIVIAL", "RandAugmentSpec", "apply_op", "parse_aa", "rand_augment", "rand_augment_params",
+    "timm_rand_augment",
+    # random_erasing
+    "erase_params", "random_erase", "timm_random_erasing",
     # sampler
     "balanced_epoch_length", "balanced_order",
     # mixup

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from .auto_augment import parse_aa, rand_augment, rand_augment_params, timm_rand_augment
 from .folders import DataConfig, SplitData, decode_image, load_split, read_soft_labels
+from .random_erasing import erase_params, random_erase, timm_random_erasing
 from .sampler import _mix_seed, balanced_epoch_length, balanced_order
 from .transforms import _center_offset, _resized_hw, _resolve_augment, pil_transform
 from .warp import _fixed_views_grid, fast_warp, make_theta, ten_crop_views
@@ -25,11 +29,20 @@ class _PilDataset(torch.utils.data.Dataset):
 
     Items are (index, sample_seed) pairs: each sample's transform runs on a CPU RNG seeded from
     sample_seed, inside fork_rng so the caller's global RNG is left untouched. The result is
-    independent of num_workers and of anything else drawn from the global RNG.
+    independent of num_workers and of anything else drawn from the global RNG. timm's
+    RandAugment and RandomErasing also draw from Python's and NumPy's global RNGs: with
+    `python_rngs` those are seeded from sample_seed too, and restored after.
     """
 
-    def __init__(self, paths: list[str], targets: torch.Tensor, transform: T.Compose):
+    def __init__(
+        self,
+        paths: list[str],
+        targets: torch.Tensor,
+        transform: T.Compose,
+        python_rngs: bool = False,
+    ):
         self.paths, self.targets, self.transform = paths, targets, transform
+        self.python_rngs = python_rngs
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -37,9 +50,16 @@ class _PilDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, sample_seed = item
         img = Image.fromarray(decode_image(self.paths[index]))
+        if self.python_rngs:
+            saved = random.getstate(), np.random.get_state()
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(sample_seed)
             x = self.transform(img)
+        if self.python_rngs:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
         return x, self.targets[index]
 
 
@@ -78,6 +98,12 @@ class Loader:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size
         self.augment = _resolve_augment(augment)
+        # ConvNeXt's recipe: RandAugment's ops fill uncovered borders with the mean gray (timm's
+        # img_mean; 128, its default, without normalisation), random erasing after normalising.
+        mean = data_config.mean
+        self.aa_fill = 128 if mean is None else round(255 * sum(mean) / len(mean))
+        self.aa = parse_aa(self.augment["aa"], self.aa_fill) if mode == "train" else None
+        self.reprob = self.augment["reprob"] if mode == "train" else 0.0
         self.epoch = 0
         self.classes = list(split.classes)
         self.dataset_size = len(split.targets)
@@ -143,12 +169,14 @@ class Loader:
             return None
         soft = self.split.soft_targets[torch.cat(batches)]
         if self.targets_kind == "draw":
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 3))
-            soft = torch.multinomial(soft, 1, generator=g)[:, 0]
+            soft = torch.multinomial(soft, 1, generator=self._aug_generator(5))[:, 0]
         return list(soft.to(self.device).split([len(b) for b in batches]))
 
-    def _aug_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, 1))
+    def _aug_generator(self, stream: int = 1) -> torch.Generator:
+        """Stream 1: the warp (fast) or each image's seed (pil); 3: RandAugment, 4: random
+        erasing (fast), 5: FER+'s drawn classes; each its own, so that switching one on leaves
+        the others' draws alone."""
+        return torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, stream))
 
     def _batches(self) -> Iterator[torch.Tensor]:
         idx = self.indices()
@@ -294,15 +322,28 @@ class FastLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         size = self.data_config.image_size
+        # Made only when switched on: a default run draws nothing more than before.
+        g_aa = self._aug_generator(3) if self.aa is not None else None
+        g_re = self._aug_generator(4) if self.reprob > 0 else None
         soft = self._batch_targets()
         for k, (idx, theta, outside) in enumerate(zip(*self._epoch_plan(), strict=True)):
             imgs = self.images[idx]
             targets = self.targets[idx] if soft is None else soft[k]
-            if self.mode == "train":
-                x = fast_warp(imgs, theta, size, mask_outside=outside)
-            else:
-                x = self._fixed_views(imgs)
-            yield self._to_model_channels(x), targets
+            if self.mode != "train":
+                yield self._to_model_channels(self._fixed_views(imgs)), targets
+                continue
+            x = fast_warp(imgs, theta, size, mask_outside=outside)
+            if g_aa is not None:  # on the gray plane, as timm's on the PIL "L" image
+                params = rand_augment_params(self.aa, len(idx), g_aa)
+                x = rand_augment(x, self.aa, params, float(self.aa_fill))
+            x = self._to_model_channels(x)
+            if g_re is not None:  # on the normalised channels, last, as timm
+                params = erase_params(
+                    len(idx), size, size, self.reprob, self.augment["recount"], g_re
+                )
+                noise_seed = int(torch.randint(0, 2**62, (1,), generator=g_re))
+                x = random_erase(x, params, self.augment["remode"], noise_seed)
+            yield x, targets
 
     def _fixed_views(self, imgs: torch.Tensor) -> torch.Tensor:
         """val/test: (B, H, W) uint8 -> (B, 1, S, S) or (B, 10, 1, S, S) in [0, 1].
@@ -329,8 +370,15 @@ class PilLoader(Loader):
     def __init__(self, split: SplitData, *args, num_workers: int = 0, **kwargs):
         super().__init__(split, *args, **kwargs)
         self.num_workers = num_workers
-        transform = pil_transform(self.mode, self.data_config, self.augment)
-        self.dataset = _PilDataset(split.paths, split.targets, transform)
+        after_crop = [timm_rand_augment(self.augment["aa"], self.aa_fill)] if self.aa else []
+        last = []
+        if self.reprob > 0:
+            last = [
+                timm_random_erasing(self.reprob, self.augment["remode"], self.augment["recount"])
+            ]
+        transform = pil_transform(self.mode, self.data_config, self.augment, after_crop, last)
+        timm_parts = bool(after_crop or last)
+        self.dataset = _PilDataset(split.paths, split.targets, transform, python_rngs=timm_parts)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()

@@ -10,8 +10,12 @@ from torchvision.transforms import functional as TF
 
 from .folders import DataConfig
 
-# The official training transforms (REFERENCE.md section 5).
+# The official training transforms (REFERENCE.md section 5), then ConvNeXt's recipe switched off:
+# RandAugment (`aa`, datasets/auto_augment.py) and random erasing (`re*`, random_erasing.py).
 DEFAULT_AUGMENT = {"hflip": 0.5, "vflip": 0.5, "rotation": 20.0, "crop": "random"}
+DEFAULT_AUGMENT |= {"aa": "none", "reprob": 0.0, "remode": "pixel", "recount": 1}
+# ConvNeXt's fine-tuning values of the same (its main.py defaults; scripts/benchmark.py's recipe).
+CONVNEXT_AUGMENT = {"aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "recount": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -23,7 +27,9 @@ def _resolve_augment(augment: dict | None) -> dict:
     """Defaults (the official ones) + overrides, in one normalised form.
 
     hflip/vflip: probability (True -> 0.5, False -> 0); rotation: degrees d (uniform in
-    [-d, d]) or a (low, high) pair; crop: "random", "center" or a fixed (top, left).
+    [-d, d]) or a (low, high) pair; crop: "random", "center" or a fixed (top, left); aa: "none",
+    "trivial" or a timm "rand-..." string (checked by the loader); reprob: a probability;
+    remode: "pixel", "rand" or "const"; recount: at least 1.
     """
     aug = dict(DEFAULT_AUGMENT)
     for k, v in (augment or {}).items():
@@ -40,6 +46,13 @@ def _resolve_augment(augment: dict | None) -> dict:
         raise ValueError(f"augment crop must be 'random', 'center' or (top, left), got {crop!r}")
     if not isinstance(crop, str):
         aug["crop"] = (int(crop[0]), int(crop[1]))
+    if not 0 <= float(aug["reprob"]) <= 1:
+        raise ValueError(f"augment reprob must be a probability, got {aug['reprob']!r}")
+    if aug["remode"] not in ("pixel", "rand", "const"):
+        raise ValueError(f"augment remode must be pixel, rand or const, got {aug['remode']!r}")
+    if int(aug["recount"]) != aug["recount"] or aug["recount"] < 1:
+        raise ValueError(f"augment recount must be an integer >= 1, got {aug['recount']!r}")
+    aug["reprob"], aug["recount"] = float(aug["reprob"]), int(aug["recount"])
     return aug
 
 
@@ -92,12 +105,21 @@ class StackCrops(torch.nn.Module):
         return torch.stack([self.per_crop(c) for c in crops])
 
 
-def pil_transform(mode: str, data_config: DataConfig, augment: dict | None = None) -> T.Compose:
+def pil_transform(
+    mode: str,
+    data_config: DataConfig,
+    augment: dict | None = None,
+    after_crop: tuple = (),
+    last: tuple = (),
+) -> T.Compose:
     """The official torchvision transforms (REFERENCE.md section 5) for PIL images.
 
     train: RandomHorizontalFlip, RandomVerticalFlip, Grayscale, Resize, RandomRotation (nearest,
-    fill 0), RandomCrop, ToTensor, repeat channels. val: Grayscale, Resize, CenterCrop (the
-    official random crop in validation is a defect not repeated). test: Grayscale, Resize, TenCrop.
+    fill 0), RandomCrop, `after_crop` (RandAugment: on the PIL image after the geometric
+    augmentations, where ConvNeXt's create_transform puts it), ToTensor, repeat channels,
+    normalise, `last` (random erasing: on the normalised tensor, as there). val: Grayscale,
+    Resize, CenterCrop (the official random crop in validation is a defect not repeated).
+    test: Grayscale, Resize, TenCrop.
     """
     size, resize = data_config.image_size, data_config.resize
     to_tensor = [T.ToTensor(), RepeatChannels(data_config.in_chans)]
@@ -119,7 +141,9 @@ def pil_transform(mode: str, data_config: DataConfig, augment: dict | None = Non
                 T.Resize(resize),
                 T.RandomRotation(aug["rotation"], interpolation=T.InterpolationMode.NEAREST),
                 crop,
+                *after_crop,
                 *to_tensor,
+                *last,
             ]
         )
     if mode == "val":

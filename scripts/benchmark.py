@@ -1,15 +1,16 @@
 """Throughput benchmarks.
 
     python scripts/benchmark.py data --dataset-path FER2013 [--batch-size 64] [--device cpu]
-                                     [--num-workers 0] [--json]
+                                     [--num-workers 0] [--recipe convnext] [--json]
 
     python scripts/benchmark.py train --model emonext_tiny --amp [--setups ours,timm]
                                       [--epochs 2] [--dataset-path FER2013] [--json]
 
 `data`: images per second of the `pil` pipeline (torchvision transforms in a DataLoader with
 --num-workers workers) and of the `fast` pipeline (one grid_sample per batch on --device), on the
-same split, mode and batch size, in one run, and their ratio. Without --dataset-path a synthetic
-dataset is drawn into a temporary folder.
+same split, mode and batch size, in one run, and their ratio; `--recipe convnext` adds ConvNeXt's
+RandAugment and random erasing (datasets.CONVNEXT_AUGMENT) to both training pipelines. Without
+--dataset-path a synthetic dataset is drawn into a temporary folder.
 
 `train`: each setup (official, ours, timm) runs `python train.py ...` in a process of its own for
 --epochs real epochs on the same data (synthetic faces at FER2013's split sizes by default) and
@@ -115,6 +116,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="output crop size")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument(
+        "--recipe",
+        choices=["paper", "convnext"],
+        default="paper",
+        help="training augmentation: the paper's, or with ConvNeXt's RandAugment "
+        "(rand-m9-mstd0.5-inc1) and random erasing (0.25) on both pipelines",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
@@ -135,7 +143,9 @@ def run_data(args: argparse.Namespace) -> dict:
         root = make_synthetic(Path(tmp.name) / "synthetic", seed=args.seed, per_class=per)
     try:
         cfg = datasets.DataConfig(image_size=args.image_size)
+        augment = datasets.CONVNEXT_AUGMENT if args.recipe == "convnext" else None
         common = dict(mode=mode, batch_size=args.batch_size, data_config=cfg, seed=args.seed)
+        common["augment"] = augment if mode == "train" else None
         datasets.load_split(root, args.split)  # decode + cache once, outside the timings
         pil = datasets.build_loader(
             root, args.split, pipeline="pil", device=device, num_workers=args.num_workers, **common
@@ -152,12 +162,14 @@ def run_data(args: argparse.Namespace) -> dict:
         "ratio": round(fast_ips / pil_ips, 2),
         "batch_size": args.batch_size,
         "device": str(device),
+        "recipe": args.recipe,
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"split {args.split} (mode {mode}), batch {args.batch_size}, {args.image_size}px, "
+            f"split {args.split} (mode {mode}, recipe {args.recipe}), batch {args.batch_size}, "
+            f"{args.image_size}px, "
             f"pil workers {args.num_workers}, fast on {device}, torch threads "
             f"{torch.get_num_threads()}"
         )

@@ -7,7 +7,7 @@ import pytest
 from benchmark import get_args_parser, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = {"pil_images_per_s", "fast_images_per_s", "ratio", "batch_size", "device"}
+KEYS = {"pil_images_per_s", "fast_images_per_s", "ratio", "batch_size", "device", "recipe"}
 
 
 def test_parser_has_data_subcommand():
@@ -53,6 +53,20 @@ def test_data_json_in_process(synthetic_root, capsys):
         result["fast_images_per_s"] / result["pil_images_per_s"], rel=0.02, abs=0.011
     )
     # No speed assertion: timings on a shared CI machine are noise; docs/DATA.md has numbers.
+
+
+def test_data_convnext_recipe_on_both_pipelines(synthetic_root, capsys, monkeypatch):
+    """--recipe convnext: both training loaders get ConvNeXt's RandAugment and erasing."""
+    import datasets
+
+    built = []
+    build = datasets.build_loader
+    monkeypatch.setattr(datasets, "build_loader", lambda *a, **k: built.append(k) or build(*a, **k))
+    argv = ["data", "--dataset-path", str(synthetic_root), "--batch-size", "8", "--batches", "2",
+            "--image-size", "32", "--recipe", "convnext", "--json"]  # fmt: skip
+    assert main(argv)["recipe"] == "convnext"
+    assert [k["pipeline"] for k in built] == ["pil", "fast"]
+    assert all(k["augment"] == datasets.CONVNEXT_AUGMENT for k in built)
 
 
 def test_data_subprocess_human_output(synthetic_root):

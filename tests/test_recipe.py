@@ -72,7 +72,7 @@ def test_mixup_off_epoch_leaves_images_and_smooths_targets():
     )
     # with the smoothed target, the loss is F.cross_entropy's label smoothing
     logits = torch.randn(4, 7)
-    soft = losses.EmoNeXtLoss(0.1)(logits, None, y)
+    soft = losses.EmoNeXtLoss(0.1, mixed_targets=True)(logits, None, y)
     hard = losses.EmoNeXtLoss(0.1)(logits, None, labels)
     assert torch.allclose(soft, hard, atol=1e-6)
 

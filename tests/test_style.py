@@ -86,6 +86,8 @@ DATA_ROOMS = [
     "synthetic",
     "transforms",
     "warp",
+    "auto_augment",
+    "random_erasing",
     "sampler",
     "mixup",
     "loader",
