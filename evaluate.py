@@ -520,7 +520,6 @@ def main(args: argparse.Namespace) -> dict:
     print(format_report(metrics))
 
     output = output_folder(args)
-    os.makedirs(output, exist_ok=True)
     record = {
         **metrics,
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -547,6 +546,7 @@ def main(args: argparse.Namespace) -> dict:
         print(describe_cross_dataset(record["cross_dataset"], args.split))
     if args.compare:
         record["compare"] = compare(args, device, scores, match, view)
+    os.makedirs(output, exist_ok=True)  # now: a failure before leaves no empty folder behind
     write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,

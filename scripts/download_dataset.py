@@ -67,7 +67,7 @@ from datasets import (  # noqa: E402
     read_manifest,
     write_manifest,
 )
-from utils import ArgumentParser, CLIError, run_command  # noqa: E402
+from utils import ArgumentParser, CLIError, made_folders_removed_if_empty, run_command  # noqa: E402
 
 KAGGLE_COMPETITION = "challenges-in-representation-learning-facial-expression-recognition-challenge"
 KAGGLE_FILE = "fer2013.tar.gz"
@@ -911,9 +911,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
 
 def run(args: argparse.Namespace) -> Path:
     """main for the command line: a DatasetError (bad input, a failed download, a folder in the
-    way) becomes a CLIError, which run_command prints as one line (exit status 1)."""
+    way) becomes a CLIError, which run_command prints as one line (exit status 1); a failed one
+    leaves none of the folders above --out that it made."""
     try:
-        return main(args)
+        with made_folders_removed_if_empty(Path(args.out).resolve().parent):
+            return main(args)
     except DatasetError as err:
         raise CLIError(str(err)) from None
 
