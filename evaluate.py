@@ -636,7 +636,6 @@ def main(args: argparse.Namespace) -> dict:
     print(format_report(metrics))
 
     output = output_folder(args)
-    os.makedirs(output, exist_ok=True)
     record = {
         **metrics,
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -673,6 +672,7 @@ def main(args: argparse.Namespace) -> dict:
             f"softmax(logits / {temperature['value']:.3g}): ECE {temperature['after']['ece']:.2f} %"
         )
         curves[label] = temperature["reliability_after"]
+    os.makedirs(output, exist_ok=True)  # now: a failure before leaves no empty folder behind
     write_text_atomic(os.path.join(output, "eval.json"), json.dumps(record, indent=2) + "\n")
     save_confusion_matrix(
         metrics,

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -389,7 +390,11 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
         default="auto",
         help="auto: online when logged in, offline otherwise",
     )
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no tqdm progress bars (there are none anyway when the output is not a terminal)",
+    )
     g.add_argument(
         "--demo",
         action="store_true",
@@ -612,6 +617,18 @@ def describe_flag(flag: str, value) -> str:
     return f"{flag} {value}"
 
 
+# Flags that name files or folders: a run records them absolute (`absolute_paths`).
+PATH_FLAGS = {"dataset_path", "output_dir", "checkpoint", "pretrained"}
+
+
+def same_value(dest: str, given, recorded) -> bool:
+    """A flag's value on resume is the run's: paths compared as absolute paths from here (a
+    requeued SLURM job repeats `--output-dir out`; the run recorded /home/me/out)."""
+    if dest in PATH_FLAGS and isinstance(given, str) and isinstance(recorded, str):
+        return os.path.abspath(given) == os.path.abspath(recorded)
+    return given == recorded
+
+
 def resume_args(
     parser: utils.ArgumentParser, args: argparse.Namespace, explicit: set[str]
 ) -> argparse.Namespace:
@@ -628,7 +645,7 @@ def resume_args(
     changed = [
         (describe_flag(parser.flag(d), getattr(args, d)), describe_flag(parser.flag(d), merged[d]))
         for d in sorted(explicit - RESUMABLE - {"resume", "model", "model_size"})
-        if getattr(args, d) != merged[d]
+        if not same_value(d, getattr(args, d), merged[d])
     ]
     if run.model:  # a run records its resolved model; older runs kept the default size beside it
         run.model_size = None
@@ -683,11 +700,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             apply_demo_defaults(args, explicit)
         args.model = parser.model_name(args, default_size="tiny")
     check_args(parser, args)
+    absolute_paths(args, explicit)
+    try:
+        check_run_paths(args)
+    except utils.CLIError as err:
+        parser.error(str(err))
     return args
 
 
+# The tags --pretrained takes besides a path or URL.
+PRETRAINED_TAGS = {"auto", "none", "in1k", "in22k", "timm"}
+
+
+def absolute_paths(args: argparse.Namespace, explicit: set[str]) -> None:
+    """The run's paths made absolute when it starts (and --dataset-path given on resume): its
+    checkpoints record them, so a resume from any folder finds the same data."""
+    if args.resume:
+        args.resume = os.path.abspath(args.resume)
+        if "dataset_path" in explicit:
+            args.dataset_path = os.path.abspath(args.dataset_path)
+        return
+    args.dataset_path = os.path.abspath(args.dataset_path)
+    args.output_dir = os.path.abspath(args.output_dir)
+    if args.checkpoint and os.path.exists(args.checkpoint):  # not a URL or an hf-hub: name
+        args.checkpoint = os.path.abspath(args.checkpoint)
+    if args.pretrained not in PRETRAINED_TAGS and os.path.exists(args.pretrained):
+        args.pretrained = os.path.abspath(args.pretrained)
+
+
+# The longest name a run writes in its folder: the confusion matrix under its temporary name
+# (utils.save_figure); best.pt.tmp, metrics.jsonl, stn_epoch_NNN.png.tmp.png are shorter.
+LONGEST_RUN_FILE = "confusion_matrix.png.tmp.png"
+
+
+def check_run_paths(args: argparse.Namespace) -> None:
+    """Every file the run will write fits the file system's limits on names and paths (the
+    run folder's lock beside it, `.RUN_NAME.lock`, is the run name plus 6 bytes), before any
+    work: a CLIError naming --run-name or --output-dir."""
+    if args.resume:
+        run_dir, flag = Path(args.resume).parent, "--resume"
+    else:  # a default name is the model's and the time's, "-999" at the most
+        name = args.run_name or f"{args.model.replace(':', '_')}_20260101-000000-999"
+        run_dir, flag = Path(args.output_dir) / name, "--output-dir"
+    utils.check_path_fits(run_dir / LONGEST_RUN_FILE, flag, "a file of the run")
+    lock_flag = "--run-name" if args.run_name and not args.resume else flag
+    utils.check_path_fits(run_lock(run_dir).path, lock_flag, "the run folder's lock file")
+
+
 def resume_command(last: str | Path, world_size: int = 1) -> str:
-    """The command that continues the run of `last`, as typed in the current folder."""
+    """The command that continues the run of `last`, from any folder (absolute paths)."""
     python = os.path.basename(sys.executable)
     # The bare name only when it is this very interpreter on PATH (a venv's python started by its
     # path is not the `python` that PATH finds): paths compared, not resolved, since a venv's
@@ -697,8 +758,8 @@ def resume_command(last: str | Path, world_size: int = 1) -> str:
     launcher = [python if same else sys.executable]
     if world_size > 1:
         launcher = ["torchrun", f"--nproc_per_node={world_size}"]
-    script = os.path.relpath(Path(__file__).resolve())
-    return shlex.join([*launcher, script, "--resume", str(last)])
+    script = str(Path(__file__).resolve())
+    return shlex.join([*launcher, script, "--resume", os.path.abspath(last)])
 
 
 # --------------------------------------------------------------------------- schedule
@@ -791,6 +852,13 @@ def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
             datasets.make_synthetic(args.dataset_path, seed=0)
         if utils.is_distributed():
             dist.barrier()
+    if not Path(args.dataset_path).is_dir() and args.resume:
+        # runs started before paths were recorded absolute hold the folder as typed then
+        where = "" if os.path.isabs(args.dataset_path) else ", relative to the folder it started in"
+        fail(
+            f"no dataset at {args.dataset_path}, the run's data{where}; resume with "
+            "--dataset-path and the data's folder"
+        )
     if not Path(args.dataset_path).is_dir():
         fail(
             f"no dataset at {args.dataset_path}. Get FER2013 with "
@@ -798,9 +866,15 @@ def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
             "--folder), or run `python train.py --demo`, which needs no data."
         )
     try:
-        return datasets.check_dataset(args.dataset_path)
+        classes = datasets.check_dataset(args.dataset_path)
     except datasets.DatasetError as err:
         fail(str(err))
+    if len(classes) < 2:  # one class: every prediction right, a meaningless 100 %
+        fail(
+            f"{args.dataset_path} has {len(classes)} class folder ({', '.join(classes)}) per "
+            "split; a classifier needs at least 2"
+        )
+    return classes
 
 
 def set_determinism(args: argparse.Namespace, device: torch.device) -> None:
@@ -1549,6 +1623,54 @@ def write_errors_explained(run_dir: Path, world_size: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def memory_errors_explained(args: argparse.Namespace, run_dir: Path, world_size: int):
+    """Out of memory (the host's or the GPU's) anywhere in the run ends it with one line: the
+    sizes, what to lower (--val-batch-size when it ran out evaluating), and where last.pt stands
+    with the command that continues it with less memory."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not utils.is_out_of_memory(err):
+            raise
+        frames = traceback.extract_tb(err.__traceback__)
+        evaluating = any(f.name in ("evaluate", "predict") and f.filename.endswith("engine.py")
+                         for f in frames)  # fmt: skip
+        sizes = (f"--batch-size {args.batch_size}, --val-batch-size {args.val_batch_size}, "
+                 f"--input-size {args.input_size or 'the model default'}")  # fmt: skip
+        last = run_dir / "last.pt"
+        epoch = epoch_on_disk(last)
+        checkpointing = not args.grad_checkpointing and args.model.startswith(
+            ("emonext_", "convnext_")
+        )
+        if evaluating:
+            lower = "lower --val-batch-size (evaluation only: the results stay the same)"
+            more = f" --val-batch-size {max(1, args.val_batch_size // 4)}"
+        else:
+            lower = ("lower --batch-size (--gradient-accumulation-steps keeps the batch the "
+                     "optimiser sees) or --input-size"
+                     + (", or add --grad-checkpointing" if checkpointing else ""))  # fmt: skip
+            more = " --grad-checkpointing" if checkpointing else None
+        if epoch is None or more is None:
+            fail(f"{utils.out_of_memory_message(err)} ({sizes}); {lower}")
+        fail(
+            f"{utils.out_of_memory_message(err)} ({sizes}); {last} holds epoch {epoch}: continue "
+            f"with `{resume_command(last, world_size)}{more}` (less memory, the same results)"
+        )
+
+
+def cap_workers(args: argparse.Namespace, log) -> None:
+    """--num-workers no more than the CPUs this process may use, with one line (DataLoader would
+    warn for every loader it makes)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # what DataLoader itself compares with
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    if args.num_workers > cpus:
+        log(f"--num-workers {args.num_workers}: this process may use {cpus} CPUs; using {cpus}")
+        args.num_workers = cpus
+
+
 def setup_devices(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """utils.setup_distributed, with a --device this machine cannot honour as one line."""
     try:
@@ -1585,9 +1707,11 @@ def train_epoch(
     )
 
 
-def main(
-    args: argparse.Namespace, stop_signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
-) -> dict | None:
+# Ctrl-C, `kill` and a closed terminal or SSH session (SIGHUP): each stops the run after its step.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> dict | None:
     """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
     raises only once the last checkpoint is written (in-process callers read it at once), with
     the signal handlers it found restored and the process group destroyed. A signal of
@@ -1602,13 +1726,17 @@ def main(
     with contextlib.ExitStack() as cleanup:  # undone in reverse order on every way out
         cleanup.enter_context(utils.process_group_destroyed_on_exit())
         # ---- set up: the run's folder, the data, the model and everything that trains it
+        if master and not args.resume:  # a failed start leaves no empty --output-dir
+            cleanup.enter_context(utils.made_folders_removed_if_empty(args.output_dir))
         run_dir, resume_ckpt, lock = open_run(args, world_size, master)
         if lock is not None:
             cleanup.callback(lock.release)  # after the last write
         utils.fault_point("setup")  # the reliability tests' Ctrl-C before the loop
         cleanup.enter_context(write_errors_explained(run_dir, world_size))
+        cleanup.enter_context(memory_errors_explained(args, run_dir, world_size))
         writer = cleanup.enter_context(utils.CheckpointWriter())
         classes = prepare_dataset(args, master, log)
+        cap_workers(args, log)
         set_determinism(args, device)
         model, pretrained, channels_last = build_model(
             args, len(classes), device, load_weights=resume_ckpt is None
@@ -1667,7 +1795,8 @@ def main(
                     if training.mixup is not None:  # its draws and its off-epoch
                         training.mixup.set_epoch(epoch)
                     started = time.time()
-                    progress = master and not args.no_progress
+                    # bars only for a person watching: a log file would fill with them
+                    progress = master and not args.no_progress and utils.is_terminal()
                     stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
                                         interrupted)  # fmt: skip
                     state.step += stats["steps"]
@@ -1736,7 +1865,7 @@ def main(
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        utils.run_command("train.py", main, parse_args())
     except KeyboardInterrupt:  # Ctrl-C before the loop (decoding the data, building the model)
         print("train.py: interrupted while setting up; nothing was trained", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None

@@ -25,7 +25,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -299,18 +299,111 @@ def add_model_arguments(
 
 
 def run_command(prog: str, main: Callable, args) -> object:
-    """main(args); a CLIError (a DeviceError among them), or a full disk or another failed write
-    (`WRITE_ERRNOS`), ends the process with one line."""
+    """main(args), its output free to go nowhere (`output_may_lose_its_reader`); a CLIError (a
+    DeviceError among them), out of memory (`is_out_of_memory`), or a full disk or another failed
+    write (`WRITE_ERRNOS`), ends the process with one line."""
+    with output_may_lose_its_reader():  # the one-line errors too: stderr may be a pipe
+        try:
+            return main(args)
+        except CLIError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_status) from None
+        except (OSError, MemoryError, RuntimeError) as err:
+            if is_out_of_memory(err):
+                advice = "give a smaller --batch-size (or a smaller input)"
+                print(f"{prog}: error: {out_of_memory_message(err)}; {advice}", file=sys.stderr)
+                raise SystemExit(1) from None
+            if not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:
+                raise
+            print(f"{prog}: error: {write_failure(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+# A write to stdout or stderr whose reader is gone: a closed pipe (`train.py | head -1`: EPIPE,
+# BrokenPipeError) or a hung-up terminal (EIO).
+READER_GONE_ERRNOS = {errno.EPIPE, errno.EIO}
+
+
+class ReaderMayGo:
+    """A standard stream (stdout, stderr) whose reader may go away. On the first write that finds
+    it gone, the stream's file descriptor is pointed at /dev/null (the dup2 that Python's
+    documentation on SIGPIPE advises), so this and every later write, Python's own flush at exit
+    included, is dropped and the work goes on: a closed pipe must not end a training run."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as err:
+            self._reader_gone(err)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as err:
+            self._reader_gone(err)
+
+    def _reader_gone(self, err: OSError) -> None:
+        if err.errno not in READER_GONE_ERRNOS:
+            raise err
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+        try:
+            self.stream.flush()  # what is still buffered goes to /dev/null
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def output_may_lose_its_reader() -> Iterator[None]:
+    """sys.stdout and sys.stderr as `ReaderMayGo` streams inside the `with`; flushed through them
+    and put back on every way out."""
+    saved = sys.stdout, sys.stderr
+    streams = [s if s is None or isinstance(s, ReaderMayGo) else ReaderMayGo(s) for s in saved]
+    sys.stdout, sys.stderr = streams  # (None under pythonw)
     try:
-        return main(args)
-    except CLIError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_status) from None
-    except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
-            raise
-        print(f"{prog}: error: {write_failure(err)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        yield
+    finally:
+        for stream in streams:
+            if stream is not None:
+                stream.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def is_terminal() -> bool:
+    """Whether a person watches the output: stdout and stderr are both terminals. Progress bars
+    only then (tqdm's `disable=None` asks the same of its own stream); in a log file their
+    carriage returns pile up."""
+    return all(getattr(s, "isatty", lambda: False)() for s in (sys.stdout, sys.stderr))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Out of memory: Python's MemoryError, torch.cuda.OutOfMemoryError (CUDA, and other
+    accelerators), or the RuntimeError of torch's CPU allocator."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """Out of memory where, and how much more was asked where torch says, in a few words."""
+    text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        where, asked = "the GPU", re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+        size = asked.group(1) if asked else None
+    else:  # torch's CPU allocator says "... you tried to allocate N bytes"
+        where, asked = "the CPU (host memory)", re.search(r"allocate (\d+) bytes", text)
+        size = f"{int(asked.group(1)) / 2**30:.2f} GiB" if asked else None
+    return f"out of memory on {where}" + (f", asking for {size} more" if size else "")
 
 
 # --------------------------------------------------------------------------- devices
@@ -544,9 +637,57 @@ def check_output_dir(folder: str | os.PathLike, flag: str, room: int = 0) -> Non
 def existing_part(path: str | os.PathLike) -> Path:
     """The longest leading part of `path` that exists (what a write there would meet first)."""
     existing = Path(path).absolute()
-    while not existing.exists() and existing != existing.parent:
+    while existing != existing.parent:
+        with suppress(OSError):  # a path too long to look at (ENAMETOOLONG) does not exist
+            if existing.exists():
+                break
         existing = existing.parent
     return existing
+
+
+def check_path_fits(path: str | os.PathLike, flag: str, what: str) -> None:
+    """`path` (a file a command will write; absolute, as it will be opened) within the file
+    system's limits: each name at most NAME_MAX bytes (255 on most), the whole at most PATH_MAX - 1
+    (4095 on Linux); else a CLIError naming `flag` and `what` the file is, before any work."""
+    path = os.path.abspath(path)
+    existing = existing_part(path)
+    name_max = path_max = None
+    with suppress(OSError, ValueError):  # pathconf is POSIX; its names may be absent
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    name_max, path_max = name_max or 255, path_max or 4096
+    for name in Path(path).parts[1:]:
+        if len(name.encode()) > name_max:
+            raise CLIError(
+                f"{flag}: {what} would be named {name[:24]}... ({len(name.encode())} bytes); file "
+                f"names have at most {name_max} bytes here; give a shorter {flag}"
+            )
+    if len(path.encode()) >= path_max:
+        raise CLIError(
+            f"{flag}: {what} would be {path[:24]}... ({len(path.encode())} bytes); paths have at "
+            f"most {path_max - 1} bytes here; give a shorter {flag}"
+        )
+
+
+@contextmanager
+def made_folders_removed_if_empty(folder: str | os.PathLike) -> Iterator[None]:
+    """`folder` and those above it that do not exist yet are made by the command, maybe: on every
+    way out of the `with`, those of them still empty are removed (a failed start leaves no empty
+    folder behind). A folder that existed before is never touched."""
+    missing, path = [], Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)  # deepest first
+        path = path.parent
+    try:
+        yield
+    finally:
+        for path in missing:
+            try:
+                path.rmdir()
+            except FileNotFoundError:  # never made
+                continue
+            except OSError:  # not empty: the command's files, or another's
+                break
 
 
 def check_file_name(name: str, flag: str) -> None:

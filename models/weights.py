@@ -27,7 +27,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from utils import CLIError
+from utils import CLIError, is_terminal
 
 _FB = "https://dl.fbaipublicfiles.com/convnext"
 PRETRAINED_URLS = {
@@ -99,7 +99,11 @@ def _download(url: str) -> dict:
     file_name = os.path.basename(url.split("?")[0])
     try:
         return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", weights_only=True, file_name=file_name, progress=True
+            url,
+            map_location="cpu",
+            weights_only=True,
+            file_name=file_name,
+            progress=is_terminal(),  # no bar in a log file
         )
     except (urllib.error.URLError, OSError, ConnectionError) as err:
         raise WeightsError(

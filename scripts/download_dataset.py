@@ -76,7 +76,14 @@ from datasets import (  # noqa: E402
     read_manifest,
     write_manifest,
 )
-from utils import ArgumentParser, CLIError, RunLock, fault_point, run_command  # noqa: E402
+from utils import (  # noqa: E402
+    ArgumentParser,
+    CLIError,
+    RunLock,
+    fault_point,
+    made_folders_removed_if_empty,
+    run_command,
+)
 
 KAGGLE_COMPETITION = "challenges-in-representation-learning-facial-expression-recognition-challenge"
 KAGGLE_FILE = "fer2013.tar.gz"
@@ -1069,9 +1076,11 @@ def build(args: argparse.Namespace, source: dict, out: Path, stop: StopSignals) 
 def run(args: argparse.Namespace) -> Path:
     """main for the command line: a DatasetError (bad input, a failed download, a folder in the
     way) becomes a CLIError, which run_command prints as one line (exit status 1); so does a
-    stop signal (exit status 128 + the signal)."""
+    stop signal (exit status 128 + the signal). A failed one leaves none of the folders above
+    --out that it made."""
     try:
-        return main(args)
+        with made_folders_removed_if_empty(Path(args.out).resolve().parent):
+            return main(args)
     except DatasetError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt as err:

@@ -17,8 +17,7 @@ import utils
 # 7 steps an epoch.
 TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",
          "--batch-size", "8", "--val-batch-size", "64", "--device", "cpu", "--wandb", "disabled",
-         "--no-progress", "--warmup-steps", "4", "--cycle-steps", "64",
-         "--epochs", "2"]  # fmt: skip
+         "--warmup-steps", "4", "--cycle-steps", "64", "--epochs", "2"]  # fmt: skip
 LOCAL = ["--cluster", "local", "--tasks-per-node", "2", "--gpus-per-node", "0", "--wait"]
 
 
@@ -61,6 +60,9 @@ def test_a_two_task_job_writes_one_run(straight):
     assert epochs == [0, 1]  # written once, by the first task
     assert len(torch.load(run / "last.pt", weights_only=True)["rng"]) == 2  # both ranks' state
     assert "done: test accuracy" in done.stdout and (run / "submitit").is_dir()
+    logs = [p.read_text() for p in (run / "submitit").glob("*_log.*")]
+    assert len(logs) == 4 and "epoch 1:" in "".join(logs)  # 2 tasks' stdout and stderr
+    assert not any("\r" in log for log in logs)  # plain lines: no progress bar in a log file
 
 
 def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(

@@ -353,11 +353,11 @@ def test_killed_anywhere_resumes_to_the_same_weights(
         run(argv + ["--run-name", "r"])
     assert exited.value.code == 128 + signal.SIGINT
     monkeypatch.delenv("EMONEXT_FAULT")
-    last = Path("out", "r", "last.pt")
+    last = Path.cwd() / "out" / "r" / "last.pt"  # the command works from any folder
     out = capsys.readouterr().out
     assert f"{last} holds epoch 0" in out
     command = shlex.split(re.search(r"continue with `([^`]+)`", out).group(1))
-    script = os.path.relpath(repo_root / "train.py")
+    script = str(repo_root / "train.py")
     assert shutil.which(command[0]) and command[1:] == [script, "--resume", str(last)]
 
     def printed_command(fault: str | None = None) -> subprocess.CompletedProcess:
@@ -500,7 +500,11 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(synthetic_root, tmp_path, m
     assert not list(run_dir.glob("*.tmp*")) and not (tmp_path / ".r.lock").exists()
     monkeypatch.undo()
     command = shlex.split(re.search(r"continue with `([^`]+)`", message).group(1))
-    assert command[1:] == ["train.py", "--resume", str(run_dir / "last.pt")]
+    assert command[1:] == [
+        str(Path(train.__file__).resolve()),
+        "--resume",
+        str(run_dir / "last.pt"),
+    ]
     assert run(command[2:])["epochs_run"] == 2
 
 
