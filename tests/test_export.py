@@ -187,7 +187,7 @@ def test_onnx_sessions_take_cuda_only_on_a_cuda_device_that_has_it(
 # --------------------------------------------------------------------------- --quantize
 
 
-def head_checkpoint(path, bias: list[float]):
+def head_checkpoint(path, bias: list[float], args: dict | None = None):
     """emonext_micro at 48 pixels (the synthetic faces' size), random but for its head: rows 0
     and 1 of its weight equal and its bias `bias`, which decides what it predicts. The blocks'
     layer scales are 1 (not 1e-6), so that their int8 products make a difference."""
@@ -201,7 +201,8 @@ def head_checkpoint(path, bias: list[float]):
                 p.fill_(1.0)
         model.head.weight[1] = model.head.weight[0]
         model.head.bias.copy_(torch.tensor(bias))
-    ckpt = {"model": model.state_dict(), "model_name": model.model_name, "args": {}, "epoch": 0}
+    ckpt = {"model": model.state_dict(), "model_name": model.model_name, "epoch": 0}
+    ckpt |= {"args": args or {}}  # train.py's arguments: its dataset_path among them
     ckpt |= {"model_kwargs": model.model_kwargs, "classes": CLASSES}
     torch.save(ckpt | {"data_config": model.data_config}, path)
     return path
@@ -260,12 +261,15 @@ def test_agreement_below_min_agreement_is_one_line_and_writes_nothing(
     """Disgust's bias 2e-6 above Angry's, their head rows equal: float32 predicts Disgust on every
     face, float16 (where 8 + 2e-6 is 8) ties them and predicts Angry: 0 % agreement. Below
     --min-agreement (99 % by default) that is one line and no file; at --min-agreement 0 the
-    fp16 model is written with its 0 % in its metadata and predict.py runs it."""
-    checkpoint = head_checkpoint(tmp_path / "checkpoint.pt", [8, 8 + 2e-6, 0, 0, 0, 0, 0])
+    fp16 model is written with its 0 % in its metadata and predict.py runs it. Without
+    --dataset-path the export reads the dataset the checkpoint was trained on."""
+    bias = [8, 8 + 2e-6, 0, 0, 0, 0, 0]
+    trained_on = {"dataset_path": str(synthetic_root)}
+    checkpoint = head_checkpoint(tmp_path / "checkpoint.pt", bias, trained_on)
     path = tmp_path / "fp16.onnx"
     argv = ["--checkpoint", checkpoint, "--format", "onnx", "--output", path, "--quantize", "fp16"]
-    argv += ["--dataset-path", synthetic_root]
-    status, message = command_error(capsys, repo_root / "scripts" / "export.py", argv)
+    script = repo_root / "scripts" / "export.py"
+    status, message = command_error(capsys, script, argv + ["--dataset-path", synthetic_root])
     assert status == 1 and message.count("\n") == 1, message
     assert message.startswith(
         "export.py: error: fp16: the float32 model's top-1 class on 0 of 28 test images of "
@@ -276,6 +280,7 @@ def test_agreement_below_min_agreement_is_one_line_and_writes_nothing(
     export(argv + ["--min-agreement", "0"])
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["quantization"] == "fp16" and meta["top1_agreement_percent"] == "0.00"
+    assert meta["agreement_on"] == "28 test images of synthetic, against the float32 export"
     (record,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path)]))
     assert record["label"] == "Angry"
 
