@@ -4,7 +4,8 @@ TorchScript files read back with theirs.
 `scripts/export.py` writes the ONNX and TorchScript files; `predict.py` runs them, and exports in
 memory and runs ONNX Runtime when that is the faster path (docs/INFERENCE.md). The export uses the
 TorchScript-based exporter (`dynamo=False`) at opset 20, the lowest at which the STN's
-`affine_grid` exports (19 ends in torch's UnsupportedOperatorError).
+`affine_grid` exports (19 ends in torch's UnsupportedOperatorError). `quantize_int8` and
+`to_float16` make the smaller ONNX models of `scripts/export.py --quantize`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import warnings
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -153,3 +157,105 @@ def load_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptMo
     text = extra[TORCHSCRIPT_METADATA]
     meta = json.loads(text) if text else {}
     return module.eval(), meta if isinstance(meta, dict) else {}
+
+
+# --------------------------------------------------------------------------- quantized exports
+
+# Ops the float16 export keeps in float32: ONNX Runtime's defaults, plus the STN's AffineGrid and
+# GridSample (ONNX Runtime 1.32's float16 AffineGrid fails on a batch of one: "axis 1 is not in
+# valid range [-1,0]").
+FP16_KEEP_FLOAT32 = ("AffineGrid", "GridSample")
+
+
+def quantize_int8(model: bytes, batches: Sequence[np.ndarray]) -> bytes:
+    """`model` (of `to_onnx`) with int8 matrix products, by ONNX Runtime's static quantization:
+    QDQ format, weights int8 per output channel on 7 bits (reduce_range), activations uint8 with
+    the min/max ranges they take on `batches` (float32 N x C x S x S). The metadata_props of
+    `model` are kept.
+
+    Only MatMul is quantized: in EmoNeXt the blocks' pointwise layers, three quarters of its
+    float32 time. On a trained emonext_micro (the demo's, docs/INFERENCE.md) quantizing the
+    convolutions as well kept the float32 top-1 class on 96 % of the test faces, and the STN or
+    the head (Gemm) 97-99 %, MatMul alone 100 %; int8 convolutions were no faster than float32
+    ones. The settings are ONNX Runtime's for x86 CPUs without VNNI (AVX2, like the project's
+    AMD EPYC), whose u8 x s8 products can saturate on 8-bit weights; VNNI and ARM cores run them
+    too."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        # With `CalibStridedMinMax` ONNX Runtime reduces each range of batches to min/max as it
+        # goes; otherwise it holds every intermediate tensor of every batch (~0.2 GB per
+        # EmoNeXt-Tiny image). Its `CalibMaxIntermediateOutputs` drops data (1.32).
+        def __init__(self):
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.rest = iter(batches[start_index:end_index])
+
+        def get_next(self) -> dict | None:
+            batch = next(self.rest, None)
+            return None if batch is None else {"input": batch}
+
+    proto = onnx_proto(model)
+    with tempfile.TemporaryDirectory(prefix="emonext-int8-") as tmp:
+        prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
+        quant_pre_process(proto, prepared)  # shape inference and graph optimisation, as advised
+        quantize_static(
+            prepared,
+            quantized,
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            extra_options={"CalibStridedMinMax": 1},
+        )
+        return with_metadata(onnx_proto(quantized), proto.metadata_props)
+
+
+def to_float16(model: bytes) -> bytes:
+    """`model` (of `to_onnx`) with float16 weights and activations, by ONNX Runtime's float16
+    converter (onnxruntime.transformers.float16, the converter of onnxconverter-common); the
+    input and output stay float32, so the model takes what the float32 export takes."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    proto = onnx_proto(model)
+    half = convert_float_to_float16(
+        proto, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32]
+    )
+    # The converter appends the input's Cast to float16 after the nodes that read it; ONNX
+    # Runtime runs that, ONNX's checker (and other tools) want the nodes in order.
+    OnnxModel(half).topological_sort()
+    return with_metadata(half, proto.metadata_props)
+
+
+def onnx_proto(model: bytes | str):
+    import onnx
+
+    return onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+
+
+def with_metadata(proto, metadata) -> bytes:
+    """`proto` serialised with `metadata` (key/value pairs or metadata_props) as its
+    metadata_props, replacing any it had; checked."""
+    import onnx
+
+    pairs = metadata.items() if isinstance(metadata, dict) else [(p.key, p.value) for p in metadata]
+    del proto.metadata_props[:]
+    for key, value in pairs:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()

@@ -17,12 +17,23 @@ RandAugment and random erasing (datasets.CONVNEXT_AUGMENT) to both training pipe
 reports train.py's own metrics.jsonl and results.json: the first epoch, the steady one, training
 images/s, the whole run's time and peak GPU memory, and the ratios between setups.
 docs/PERFORMANCE.md has the figures.
+
+    python scripts/benchmark.py infer [--models emonext_tiny,emonext_atto@64,emonext_micro@48]
+                                      [--precisions torch,fp32,int8,fp16] [--runs 5] [--json]
+
+`infer`: predict.py's path for one webcam frame, stage by stage: decode (a 640 x 480 JPEG of the
+astronaut photograph, predict.read_image), detect (YuNet), crop (the face's crop and its
+validation transform) and model (batch of one), for each model (random weights, NAME@INPUT) and
+precision: PyTorch, ONNX Runtime float32, int8 (models/deploy.quantize_int8, calibrated on
+synthetic faces) and fp16. The configurations take turns, --runs rounds of --frames frames
+each; every figure is the median over the rounds. docs/INFERENCE.md has the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -471,6 +483,188 @@ def run_train(args: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# infer
+# --------------------------------------------------------------------------------------------
+
+PRECISIONS = ("torch", "fp32", "int8", "fp16")
+STAGES = ("decode", "detect", "crop", "model")
+
+
+def add_infer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        default="emonext_tiny,emonext_atto@64,emonext_micro@48",
+        help="comma-separated NAME or NAME@INPUT (input side; default the model's own)",
+    )
+    parser.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help="comma-separated subset of torch (PyTorch float32), fp32, int8, fp16 (ONNX Runtime)",
+    )
+    parser.add_argument("--runs", type=int, default=5, help="rounds; each figure is their median")
+    parser.add_argument("--frames", type=int, default=20, help="frames per configuration a round")
+    parser.add_argument(
+        "--calibration-images", type=int, default=16, help="synthetic faces that calibrate int8"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of torch and ONNX Runtime (default: theirs, one per core)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+
+
+def infer_frame(folder: Path) -> Path:
+    """A 640 x 480 JPEG (quality 90) of the astronaut photograph, its face left of centre."""
+    import cv2
+
+    import predict
+
+    rgb = predict.read_image(str(Path(__file__).resolve().parents[1] / "tests/data/astronaut.png"))
+    frame = np.full((480, 640, 3), 128, np.uint8)
+    frame[:, 40:520] = cv2.resize(rgb, (480, 480), interpolation=cv2.INTER_AREA)
+    path = folder / "frame.jpg"
+    cv2.imwrite(str(path), frame[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return path
+
+
+def infer_runner(model: torch.nn.Module, precision: str, calibration: int, threads: int | None):
+    """(`run(x) -> logits` of `model` at `precision`, ONNX file size in MB or None); ONNX models
+    are made as export.py makes them."""
+    from models import deploy
+
+    size, chans = model.data_config["image_size"], model.data_config["in_chans"]
+    if precision == "torch":
+        return (lambda x: model(x).numpy()), None
+    fp32 = deploy.to_onnx(model, torch.zeros(1, chans, size, size))
+    if precision == "int8":
+        rng = np.random.default_rng(0)
+        faces = [datasets.draw_face(rng, c) for c in list(datasets.EXPRESSIONS) * calibration]
+        import predict
+
+        x = predict.face_tensor(faces[:calibration], model.data_config).numpy()
+        fp32 = deploy.quantize_int8(fp32, [x[i : i + 4] for i in range(0, len(x), 4)])
+    elif precision == "fp16":
+        fp32 = deploy.to_float16(fp32)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per core
+    session = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"])
+    return (lambda x: session.run(None, {"input": x.numpy()})[0]), len(fp32) / 1e6
+
+
+def time_frames(frame: Path, detector, run, data_config: dict, frames: int) -> dict:
+    """Seconds per frame of each stage, averaged over `frames` frames."""
+    import predict
+
+    spent = dict.fromkeys(STAGES, 0.0)
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        rgb = predict.read_image(str(frame))
+        t1 = time.perf_counter()
+        faces = detector(rgb)
+        t2 = time.perf_counter()
+        crops = predict.crop_faces(rgb, faces[:1], predict.BOX_SCALE["yunet"])
+        x = predict.face_tensor([c for c, _, _ in crops], data_config)
+        t3 = time.perf_counter()
+        run(x)
+        t4 = time.perf_counter()
+        for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            spent[stage] += seconds / frames
+    return spent
+
+
+def run_infer(args: argparse.Namespace) -> dict:
+    """Every (model, precision) in turn, --runs rounds; medians per stage, frames per second."""
+    import predict
+    from models import create_model
+
+    if args.threads:
+        import cv2
+
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)  # YuNet's
+    precisions = [p for p in args.precisions.split(",") if p]
+    if set(precisions) - set(PRECISIONS) or args.runs < 1 or args.frames < 1:
+        raise utils.CLIError(
+            f"--precisions takes {','.join(PRECISIONS)}; --runs and --frames at least 1"
+        )
+    configs, sizes = {}, {}
+    torch.manual_seed(0)
+    for entry in [m for m in args.models.split(",") if m]:
+        name, _, side = entry.partition("@")
+        try:
+            model = create_model(name, verbose=False, **({"img_size": int(side)} if side else {}))
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise utils.CLIError(f"--models {entry}: {err}") from None
+        model.eval()
+        for precision in precisions:
+            run, megabytes = infer_runner(model, precision, args.calibration_images, args.threads)
+            configs[(entry, precision)] = (run, model.data_config)
+            sizes[(entry, precision)] = megabytes
+    detector = predict.YuNetDetector()
+    rounds = {key: [] for key in configs}
+    with tempfile.TemporaryDirectory(prefix="emonext-bench-") as tmp, torch.no_grad():
+        frame = infer_frame(Path(tmp))
+        for run, data_config in configs.values():  # warm-up: first calls, allocations
+            time_frames(frame, detector, run, data_config, 2)
+        for _ in range(args.runs):
+            for key, (run, data_config) in configs.items():
+                rounds[key].append(time_frames(frame, detector, run, data_config, args.frames))
+    rows = []
+    for (entry, precision), spent in rounds.items():
+        ms = {s: 1000 * float(np.median([r[s] for r in spent])) for s in STAGES}
+        total = float(np.median([sum(r.values()) for r in spent])) * 1000
+        row = {"model": entry, "precision": precision}
+        row |= {f"{s}_ms": round(v, 2) for s, v in ms.items()}
+        row |= {"total_ms": round(total, 2), "fps": round(1000 / total, 1)}
+        row |= {"model_fps": round(1000 / ms["model"], 1)}
+        megabytes = sizes[(entry, precision)]
+        rows.append(row | {"onnx_mb": None if megabytes is None else round(megabytes, 2)})
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "runs": args.runs,
+              "frames": args.frames, "rows": rows}  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_infer(result, args)
+    return result
+
+
+def print_infer(result: dict, args: argparse.Namespace) -> None:
+    threads = f"threads {args.threads or 'default'} (torch {result['threads']})"
+    print(f"{result['cpu']}, {threads}; ms per frame, medians of {args.runs} interleaved rounds "
+          f"of {args.frames} frames")  # fmt: skip
+    print(f"{'model':<22}{'precision':>10}" + "".join(f"{s:>9}" for s in STAGES)
+          + f"{'total':>9}{'fps':>8}{'model fps':>11}{'ONNX MB':>9}")  # fmt: skip
+    rows = {(r["model"], r["precision"]): r for r in result["rows"]}
+    for r in rows.values():
+        mb = "-" if r["onnx_mb"] is None else f"{r['onnx_mb']:.1f}"
+        print(f"{r['model']:<22}{r['precision']:>10}"
+              + "".join(f"{r[f'{s}_ms']:>9.2f}" for s in STAGES)
+              + f"{r['total_ms']:>9.2f}{r['fps']:>8.1f}{r['model_fps']:>11.1f}{mb:>9}")  # fmt: skip
+    for (model, precision), r in rows.items():
+        base = rows.get((model, "fp32"))
+        if precision in ("int8", "fp16") and base:
+            print(f"{model} {precision} / fp32 frames per second: {r['fps'] / base['fps']:.2f} "
+                  f"(model alone {r['model_fps'] / base['model_fps']:.2f})")  # fmt: skip
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else platform.processor()."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+
+
 def get_args_parser() -> utils.ArgumentParser:
     parser = utils.ArgumentParser(prog="benchmark.py", description="EmoNeXt throughput benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -482,6 +676,11 @@ def get_args_parser() -> utils.ArgumentParser:
     )
     add_train_args(train)
     train.set_defaults(func=run_train)
+    infer = sub.add_parser(
+        "infer", help="one webcam frame through predict.py's stages, per model and precision"
+    )
+    add_infer_args(infer)
+    infer.set_defaults(func=run_infer)
     return parser
 
 

@@ -24,17 +24,29 @@ Every export is compared with the PyTorch model on random inputs and on a real f
 astronaut photograph of tests/data, through predict.py's detector and transform); a mismatch
 above `--tolerance` is an error and leaves no file behind. The model is traced and checked on
 `--device`; the export runs on the CPU.
+
+`--format onnx --quantize int8|fp16` writes a smaller model for CPUs (docs/INFERENCE.md): int8 by
+ONNX Runtime's static quantization, its activation ranges taken on `--calibration-images`
+images of the validation split of `--dataset-path` (by default the dataset the checkpoint was
+trained on); fp16 by ONNX Runtime's float16 converter. Either is then run on the whole test split
+beside the float32 export: the share of images whose top-1 class they keep and the largest
+difference of a class probability are printed and stored in the file's metadata; below
+`--min-agreement` percent it is an error and nothing is written.
+
+    python scripts/export.py --checkpoint out/run/last.pt --format onnx --quantize int8 \
+        --dataset-path FER2013 --output emonext-int8.onnx
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +55,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import datasets  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 from models import deploy, hub  # noqa: E402
@@ -110,6 +123,9 @@ def export_file(model, example, checks, meta, args, device) -> float:
             with open(tmp, "wb") as f:
                 f.write(deploy.to_onnx(model, example.to(device), args.opset, meta))
             diff = max_difference(model, run_onnx(tmp), checks, device)
+            if args.quantize != "none":
+                check(diff, args)  # the float32 export first, then what is made of it
+                quantize_file(tmp, args)
         else:
             with warnings.catch_warnings():
                 # torch.jit is chosen on purpose: its deprecation and tracer warnings would only
@@ -168,6 +184,124 @@ def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float
     return diff
 
 
+# --------------------------------------------------------------------------- int8 and fp16
+
+# Images per calibration batch: ONNX Runtime keeps every intermediate tensor of a batch until
+# its ranges are taken (~0.2 GB per EmoNeXt-Tiny image at 224 pixels).
+CALIBRATION_BATCH = 4
+METHOD = {
+    "int8": "ONNX Runtime static quantization (QDQ) of the MatMul layers: int8 weights per "
+    "output channel (7 bits), uint8 activations, their ranges the min/max on {n} images of the "
+    "val split of {data}",
+    "fp16": "ONNX Runtime's float16 converter: float16 weights and activations (the STN's "
+    "AffineGrid and GridSample in float32), float32 input and output",
+}
+
+
+def split_batches(
+    root: str, split: str, data_config: dict, batch_size: int, limit: int | None = None
+) -> Iterator[np.ndarray]:
+    """Float32 batches of `split` as predict.py gives faces to the model (the validation view,
+    datasets.pil_transform: one centre crop); `limit` images drawn at random (seed 0), or all
+    in order."""
+    loader = datasets.build_loader(
+        root,
+        split,
+        mode="val",
+        pipeline="pil",
+        batch_size=batch_size,
+        data_config=datasets.DataConfig.from_dict(data_config),
+        shuffle=limit is not None,
+    )
+    taken = 0
+    for images, _ in loader:
+        images = images[: limit - taken] if limit is not None else images
+        yield np.ascontiguousarray(images.numpy())
+        taken += len(images)
+        if limit is not None and taken >= limit:
+            return
+
+
+def agreement(reference, candidate, batches: Iterable[np.ndarray]) -> tuple[int, int, float]:
+    """(images on which `candidate` predicts the top-1 class of `reference`, images, largest
+    |difference| of a class probability): two ONNX Runtime sessions over `batches`. A
+    non-finite output disagrees, by an infinite difference."""
+    same, n, worst = 0, 0, 0.0
+    for x in batches:
+        p, q = (
+            torch.from_numpy(s.run(None, {"input": x})[0]).float() for s in (reference, candidate)
+        )
+        p, q = torch.softmax(p, 1), torch.softmax(q, 1)
+        finite = torch.isfinite(q).all(1)
+        same += int(((p.argmax(1) == q.argmax(1)) & finite).sum())
+        worst = max(worst, (p - q).abs().max().item() if finite.all() else float("inf"))
+        n += len(x)
+    return same, n, worst
+
+
+def quantize_file(path: str, args: argparse.Namespace) -> None:
+    """Replaces the float32 ONNX export at `path` by its `--quantize` form, with its agreement
+    on the test split of --dataset-path in its metadata; below --min-agreement a CLIError."""
+    fp32 = Path(path).read_bytes()
+    meta = {p.key: p.value for p in deploy.onnx_proto(fp32).metadata_props}
+    data_config, root = json.loads(meta["data_config"]), args.dataset_path
+    data = Path(os.path.abspath(root)).name
+    try:
+        if args.quantize == "int8":
+            images = split_batches(
+                root, "val", data_config, CALIBRATION_BATCH, args.calibration_images
+            )
+            calibration = list(images)
+            smaller = deploy.quantize_int8(fp32, calibration)
+            n_calibration = sum(len(b) for b in calibration)
+        else:
+            smaller, n_calibration = deploy.to_float16(fp32), 0
+        tests = split_batches(root, "test", data_config, batch_size=32)
+        same, n, worst = agreement(deploy.onnx_session(fp32), deploy.onnx_session(smaller), tests)
+    except datasets.DatasetError as err:
+        raise utils.CLIError(str(err)) from None
+    if n == 0:
+        raise utils.CLIError(f"--dataset-path {root}: its test split has no images")
+    percent = 100.0 * same / n
+    shown = math.floor(percent * 100) / 100  # 98.996 % shows as 98.99, never as 99.00
+    said = (
+        f"{args.quantize}: the float32 model's top-1 class on {same} of {n} test images of "
+        f"{data} ({shown:.2f} %), probabilities within {worst:.4f}"
+    )
+    if not percent >= args.min_agreement:
+        raise utils.CLIError(
+            f"{said}: below --min-agreement {args.min_agreement:g} %; nothing written"
+        )
+    print(said)
+    meta |= {
+        "quantization": args.quantize,
+        "quantization_method": METHOD[args.quantize].format(n=n_calibration, data=data),
+        "top1_agreement_percent": f"{shown:.2f}",
+        "max_probability_difference": f"{worst:.4f}",
+        "agreement_on": f"{n} test images of {data}, against the float32 export",
+    }
+    Path(path).write_bytes(deploy.with_metadata(deploy.onnx_proto(smaller), meta))
+
+
+def quantization_dataset(args: argparse.Namespace, ckpt: dict) -> str:
+    """--dataset-path, else the dataset the checkpoint was trained on, with the splits that
+    --quantize reads (int8: val and test; fp16: test)."""
+    root = args.dataset_path or (ckpt.get("args") or {}).get("dataset_path")
+    if not isinstance(root, str) or not root:
+        raise utils.CLIError(
+            f"--quantize {args.quantize} needs --dataset-path, a dataset of the checkpoint's "
+            "classes (its test split measures the agreement; int8 calibrates on its val split)"
+        )
+    for split in ("val", "test") if args.quantize == "int8" else ("test",):
+        if not os.path.isdir(os.path.join(root, split)):
+            given = "--dataset-path" if args.dataset_path else "the checkpoint's dataset"
+            raise utils.CLIError(
+                f"{given} {root} has no {split} split; give --dataset-path with val/ and test/ "
+                "folders (the checkpoint's own dataset)"
+            )
+    return root
+
+
 def get_args_parser() -> utils.ArgumentParser:
     parser = utils.ArgumentParser(
         prog="export.py", description="Export a trained model to ONNX, TorchScript or a hub folder"
@@ -197,6 +331,34 @@ def get_args_parser() -> utils.ArgumentParser:
     )
     parser.add_argument(
         "--real-image", default=str(REAL_IMAGE), help="photo with a face for the real-input check"
+    )
+    small = parser.add_argument_group("smaller ONNX models (--format onnx)")
+    small.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "fp16"],
+        help="int8: ONNX Runtime static quantization, calibrated on the val split of "
+        "--dataset-path; fp16: float16 weights and activations; none: float32",
+    )
+    small.add_argument(
+        "--dataset-path",
+        default=None,
+        help="with --quantize: dataset whose test split measures the agreement with float32 "
+        "(and whose val split calibrates int8); default: the one the checkpoint was trained on",
+    )
+    small.add_argument(
+        "--min-agreement",
+        default=99.0,
+        type=float,
+        help="with --quantize: least percent of test images whose top-1 class must be the "
+        "float32 model's; below it nothing is written",
+    )
+    small.add_argument(
+        "--calibration-images",
+        default=512,
+        type=int,
+        help="with --quantize int8: val images (drawn at random, seed 0) whose activation "
+        "ranges set the int8 scales",
     )
     hub_group = parser.add_argument_group("hub folders")
     hub_group.add_argument(
@@ -235,6 +397,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--push {args.push}: not a Hugging Face repository id; give USER/NAME (letters, "
             "digits, '-', '_' and '.', at most 96 characters each, no '--' or '..')"
         )
+    if args.quantize != "none" and args.format != "onnx":
+        parser.error(f"--quantize {args.quantize} needs --format onnx")
+    if args.dataset_path is not None and args.quantize == "none":
+        parser.error("--dataset-path is read with --quantize int8 or fp16 only")
+    if not 0 <= args.min_agreement <= 100:
+        parser.error(f"--min-agreement {args.min_agreement}: a percentage, 0 to 100")
+    if args.calibration_images < 1:
+        parser.error(f"--calibration-images {args.calibration_images}: at least 1")
     if not deploy.MIN_OPSET <= args.opset <= deploy.MAX_OPSET:
         parser.error(
             f"--opset {args.opset}: must be {deploy.MIN_OPSET} to {deploy.MAX_OPSET} (the STN's "
@@ -321,6 +491,8 @@ def main(args: argparse.Namespace) -> float:
         args.checkpoint, args.weights, model_name
     )
     model.eval().to(device)
+    if args.quantize != "none":  # before the export: a missing dataset costs no export
+        args.dataset_path = quantization_dataset(args, ckpt)
     size, chans = data_config["image_size"], data_config["in_chans"]
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, chans, size, size, generator=generator)
@@ -342,13 +514,16 @@ def main(args: argparse.Namespace) -> float:
         )
         diff = export_file(model, example, checks, meta, args, device)
         what = f"{args.format}, input N x {chans} x {size} x {size}"
+    checked = "export" if args.quantize == "none" else "float32 export"
+    if args.quantize != "none":
+        what = f"{args.format} {args.quantize}, input float32 N x {chans} x {size} x {size}"
     if ckpt.get("temperature") is not None:
         what += f", calibration temperature {ckpt['temperature']:.4g} ({ckpt['temperature_note']})"
     elif ckpt.get("temperature_note"):
         print(f"export.py: {ckpt['temperature_note']}; exported without it", file=sys.stderr)
     print(
         f"wrote {args.output}: {model.model_name} ({ckpt['weights_used']} weights), {what}, "
-        f"logits for {len(classes)} classes; max |export - PyTorch on {device}| = {diff:.1e} "
+        f"logits for {len(classes)} classes; max |{checked} - PyTorch on {device}| = {diff:.1e} "
         "on random and real inputs"
     )
     return diff

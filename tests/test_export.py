@@ -283,3 +283,139 @@ def test_onnx_sessions_take_cuda_only_on_a_cuda_device_that_has_it(
     )
     deploy.onnx_session(b"model", device)
     assert seen["p"] == expected
+
+
+# --------------------------------------------------------------------------- --quantize
+
+
+def head_checkpoint(path, bias: list[float], args: dict | None = None):
+    """emonext_micro at 48 pixels (the synthetic faces' size), random but for its head: rows 0
+    and 1 of its weight equal and its bias `bias`, which decides what it predicts. The blocks'
+    layer scales are 1 (not 1e-6), so that their int8 products make a difference."""
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("emonext_micro", img_size=48)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+        model.head.weight[1] = model.head.weight[0]
+        model.head.bias.copy_(torch.tensor(bias))
+    ckpt = {"model": model.state_dict(), "model_name": model.model_name, "epoch": 0}
+    ckpt |= {"args": args or {}}  # train.py's arguments: its dataset_path among them
+    ckpt |= {"model_kwargs": model.model_kwargs, "classes": CLASSES}
+    torch.save(ckpt | {"data_config": model.data_config}, path)
+    return path
+
+
+def test_int8_export_holds_its_agreement_and_runs_in_predict(synthetic_root, tmp_path):
+    """--quantize int8 writes an int8 model (calibrated on the val split) whose metadata holds its
+    top-1 agreement with the float32 model and the largest probability difference on the test
+    split, as recomputed here from the test images and the PyTorch model; predict.py runs it."""
+    # Happy's bias 3 above the others: every face is Happy, in float32 and int8 alike (100 %).
+    checkpoint = head_checkpoint(tmp_path / "checkpoint.pt", [0, 0, 0, 3, 0, 0, 0])
+    path = tmp_path / "int8.onnx"
+    argv = ["--checkpoint", checkpoint, "--format", "onnx", "--output", path]
+    export(argv + ["--quantize", "int8", "--dataset-path", synthetic_root])
+    assert sorted(tmp_path.iterdir()) == [checkpoint, path]
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["quantization"] == "int8" and json.loads(meta["classes"]) == CLASSES
+    assert "28 images of the val split of synthetic" in meta["quantization_method"]
+    assert meta["agreement_on"] == "28 test images of synthetic, against the float32 export"
+    assert meta["top1_agreement_percent"] == "100.00"
+    # The blocks' pointwise layers (MatMul, two per block) take int8 weights, through QDQ.
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    weights = {t.name: t.data_type for t in proto.graph.initializer}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and "pwconv" in n.name]
+    assert len(matmuls) == 8
+    for node in matmuls:
+        dequantize = producer[node.input[1]]
+        assert dequantize.op_type == "DequantizeLinear"
+        assert weights[dequantize.input[0]] == onnx.TensorProto.INT8
+
+    model, _, data_config, _ = load_trained_model(str(checkpoint))
+    faces = sorted((synthetic_root / "test").rglob("*.png"))
+    x = predict.face_tensor([predict.read_image(str(f)) for f in faces], data_config)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    quantized = torch.softmax(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), 1)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1)
+    assert (quantized.argmax(1) == 3).all() and (expected.argmax(1) == 3).all()
+    worst = (quantized - expected).abs().max().item()
+    assert worst > 1e-4 and float(meta["max_probability_difference"]) == pytest.approx(
+        worst, abs=1e-4
+    )
+
+    (record,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path)]))
+    (from_pt,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(checkpoint)]))
+    assert record["box"] == from_pt["box"] and record["label"] == "Happy"
+    for c in CLASSES:
+        assert record["probabilities"][c] == pytest.approx(from_pt["probabilities"][c], abs=0.05)
+
+
+def test_agreement_below_min_agreement_is_one_line_and_writes_nothing(
+    synthetic_root, tmp_path, capsys, repo_root
+):
+    """Disgust's bias 2e-6 above Angry's, their head rows equal: float32 predicts Disgust on every
+    face, float16 (where 8 + 2e-6 is 8) ties them and predicts Angry: 0 % agreement. Below
+    --min-agreement (99 % by default) that is one line and no file; at --min-agreement 0 the
+    fp16 model is written with its 0 % in its metadata and predict.py runs it. Without
+    --dataset-path the export reads the dataset the checkpoint was trained on."""
+    bias = [8, 8 + 2e-6, 0, 0, 0, 0, 0]
+    trained_on = {"dataset_path": str(synthetic_root)}
+    checkpoint = head_checkpoint(tmp_path / "checkpoint.pt", bias, trained_on)
+    path = tmp_path / "fp16.onnx"
+    argv = ["--checkpoint", checkpoint, "--format", "onnx", "--output", path, "--quantize", "fp16"]
+    script = repo_root / "scripts" / "export.py"
+    status, message = command_error(capsys, script, argv + ["--dataset-path", synthetic_root])
+    assert status == 1 and message.count("\n") == 1, message
+    assert message.startswith(
+        "export.py: error: fp16: the float32 model's top-1 class on 0 of 28 test images of "
+        "synthetic (0.00 %), probabilities within "
+    ) and message.endswith(": below --min-agreement 99 %; nothing written\n"), message
+    assert list(tmp_path.iterdir()) == [checkpoint]
+
+    export(argv + ["--min-agreement", "0"])
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["quantization"] == "fp16" and meta["top1_agreement_percent"] == "0.00"
+    assert meta["agreement_on"] == "28 test images of synthetic, against the float32 export"
+    (record,) = predict.main(predict.parse_args([str(ASTRONAUT), "--checkpoint", str(path)]))
+    assert record["label"] == "Angry"
+
+
+def test_quantize_flags_are_checked_in_one_line(tmp_path, capsys, repo_root):
+    """Bad --quantize, --min-agreement, --calibration-images and --dataset-path values are one
+    line before the checkpoint is read (exit status 2; it does not exist); a checkpoint that
+    records no dataset, without --dataset-path, is one line before anything is exported."""
+    missing = tmp_path / "never-read.pt"
+    script = repo_root / "scripts" / "export.py"
+    base = ["--checkpoint", missing, "--output", tmp_path / "m.onnx"]
+    for extra, expected in [
+        (["--format", "onnx", "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+        (["--format", "torchscript", "--quantize", "int8"], "--quantize int8 needs --format onnx"),
+        (["--format", "onnx", "--quantize", "int8", "--min-agreement", "101"],
+         "--min-agreement 101.0: a percentage, 0 to 100"),
+        (["--format", "onnx", "--quantize", "int8", "--min-agreement", "nan"],
+         "--min-agreement nan: a percentage, 0 to 100"),
+        (["--format", "onnx", "--quantize", "int8", "--calibration-images", "0"],
+         "--calibration-images 0: at least 1"),
+        (["--format", "onnx", "--dataset-path", tmp_path],
+         "--dataset-path is read with --quantize int8 or fp16 only"),
+    ]:  # fmt: skip
+        status, message = command_error(capsys, script, base + extra)
+        assert status == 2 and message.count("\n") == 1, message
+        assert message.startswith("export.py: error: ") and expected in message, message
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    argv = ["--checkpoint", checkpoint, "--format", "onnx", "--output", tmp_path / "m.onnx"]
+    status, message = command_error(capsys, script, argv + ["--quantize", "int8"])
+    assert status == 1 and message.count("\n") == 1, message
+    assert "--quantize int8 needs --dataset-path" in message
+    status, message = command_error(
+        capsys, script, argv + ["--quantize", "int8", "--dataset-path", tmp_path]
+    )
+    assert status == 1 and message.count("\n") == 1, message
+    assert f"--dataset-path {tmp_path} has no val split" in message
+    assert sorted(tmp_path.iterdir()) == [checkpoint]
