@@ -1,6 +1,7 @@
 """-c/--config FILE: flag values in YAML (timm's train.py), the recipes of configs/, the run
 folder's config.yaml, and -c with --resume."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,8 @@ def test_every_recipe_of_configs_is_read(name, repo_root, tmp_path):
     path = repo_root / "configs" / f"{name}.yaml"
     args = train.parse_args(["-c", path, "--output-dir", tmp_path])
     recipe = yaml.safe_load(path.read_text())
+    if "dataset_path" in recipe:  # made absolute when a run starts (train.absolute_paths)
+        recipe["dataset_path"] = os.path.abspath(recipe["dataset_path"])
     assert all(getattr(args, k) == v for k, v in recipe.items()), name
     assert "model" not in recipe and "model_size" not in recipe  # --model-size stays free
     if name != "paper":  # the paper's table: ImageNet-22k weights, mixed precision
