@@ -156,7 +156,7 @@ def test_a_hang_up_stops_as_sigterm_does_and_the_resume_command_works_anywhere(
     monkeypatch.delenv("EMONEXT_FAULT")
     assert exited.value.code == 128 + signal.SIGHUP
     out, err = capsys.readouterr()
-    assert "\r" not in out + err  # no progress bar without a terminal
+    assert "\r" not in out + err and "%|" not in out + err  # no progress bar: no terminal
     last = started / "out" / "r" / "last.pt"
     assert f"interrupted: {last} holds epoch 0, the last finished one; continue with `" in out
     assert not (started / "out" / ".r.lock").exists()
