@@ -184,6 +184,21 @@ def test_a_hang_up_stops_as_sigterm_does_and_the_resume_command_works_anywhere(
     assert json.loads((last.parent / "results.json").read_text())["epochs_run"] == 2
 
 
+def test_no_download_bar_without_a_terminal(monkeypatch):
+    """torch.hub's download bar (pretrained weights) is drawn only for a person watching."""
+    from models import weights
+
+    asked = {}
+
+    def load_state_dict_from_url(url, **kwargs):
+        asked.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
+    weights._download("http://127.0.0.1:9/convnext_tiny_1k_224_ema.pth")
+    assert asked["progress"] is False  # pytest captures stdout and stderr: no terminal
+
+
 # --------------------------------------------------------------------------- names and folders
 
 
