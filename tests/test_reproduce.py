@@ -1,6 +1,7 @@
 """scripts/reproduce.py: the commands of the paper's table, resuming, and the results table."""
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -134,7 +135,8 @@ def test_config_rows_run_train_py_with_their_file(repo_root, tmp_path, capsys):
     assert commands[3][2:6] == ["-c", ferplus, "--dataset-path", "FERPlus"]
     assert f"# rafdb: paper no number, train.py -c {rafdb}" in out
     args = train.parse_args(commands[0][2:])  # each command is one train.py reads
-    assert (args.dataset_path, args.in_22k, args.amp, args.seed) == ("RAF-DB", True, True, 2001)
+    wanted = (os.path.abspath("RAF-DB"), True, True, 2001)  # train.py makes paths absolute
+    assert (args.dataset_path, args.in_22k, args.amp, args.seed) == wanted
 
     # --dataset-path overrides the file's, --rows adds the paper's rows, --epochs and the extra
     # flags come last, and an interrupted seed resumes
