@@ -122,3 +122,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("measured on the GPU")
         for line in CUDA_FIGURES:
             terminalreporter.write_line(line)
+
+
+def error_line(capsys, argv: list, parse=None) -> str:
+    """The one line that parsing `argv` (train.py's parser unless `parse`) prints, after checking
+    exit status 2 and nothing else: no traceback, no advice to load with weights_only=False."""
+    if parse is None:
+        import train
+
+        parse = train.parse_args
+    with pytest.raises(SystemExit) as exited:
+        parse([str(a) for a in argv])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return err.strip()

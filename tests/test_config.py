@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, error_line
 
 import train
 
@@ -25,17 +25,6 @@ RUN_FLAGS = {"config", "output_dir", "run_name", "checkpoint", "resume", "device
 def write_yaml(path: Path, values: dict | str) -> Path:
     path.write_text(values if isinstance(values, str) else yaml.safe_dump(values))
     return path
-
-
-def error_line(capsys, argv: list, parse=train.parse_args) -> str:
-    """The one line that parsing `argv` prints, after checking exit status 2 and nothing else."""
-    with pytest.raises(SystemExit) as exited:
-        parse([str(a) for a in argv])
-    assert exited.value.code == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    return err.strip()
 
 
 def without_config(args) -> dict:

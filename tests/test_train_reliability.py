@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sigint_default
+from conftest import error_line, sigint_default
 
 import datasets
 import engine
@@ -32,17 +32,6 @@ SMALL = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none
 
 def run(argv: list) -> dict:
     return train.main(train.parse_args([str(a) for a in argv]))
-
-
-def error_line(capsys, argv: list, parse=train.parse_args) -> str:
-    """The one line that parsing `argv` prints, after checking exit status 2 and nothing else."""
-    with pytest.raises(SystemExit) as exited:
-        parse([str(a) for a in argv])
-    assert exited.value.code == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and "weights_only=False" not in err
-    return err.strip()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
