@@ -16,7 +16,8 @@ def test_infer_times_every_stage_of_every_configuration(capsys):
     for r in rows.values():
         stages = [r[f"{s}_ms"] for s in ("decode", "detect", "crop", "model")]
         assert r["model"] == "emonext_micro@32" and all(ms > 0 for ms in stages)
-        assert r["fps"] == round(1000 / r["total_ms"], 1) and r["model_fps"] > 0
+        # fps is rounded from the unrounded total, so it may differ from the stored total's by 0.1
+        assert abs(r["fps"] - 1000 / r["total_ms"]) <= 0.1 and r["model_fps"] > 0
     # int8 stores its pointwise weights in a byte, fp16 all of them in two
     assert rows["int8"]["onnx_mb"] < rows["fp32"]["onnx_mb"]
     assert rows["fp16"]["onnx_mb"] < rows["fp32"]["onnx_mb"]
