@@ -5,12 +5,15 @@
     python predict.py --webcam 0 --checkpoint model.onnx --smooth 5
 
 Faces are found with YuNet (`cv2.FaceDetectorYN`, OpenCV >= 4.8 and 5.x) from the ONNX file in
-models/faces/ (Apache-2.0, its licence beside it); frames larger than `--detect-size` are
-downscaled for detection and the boxes mapped back. Each face is cropped as a square about YuNet's
-box (`--box-scale` times its larger side: FER2013's faces include some hair and chin), optionally
-rotated so that the eyes are level (`--align`), and the crop goes through exactly the validation
-transform the model was trained with (`datasets.pil_transform("val")`: grayscale, resize, centre
-crop, [0, 1], repeated to the model's channels). `--detector haar` uses OpenCV 4's Haar cascade
+models/faces/ (Apache-2.0, its licence beside it) and framed by the face pipeline
+(`models.faces.face_crops`, the one scripts/download_dataset.py --faces builds datasets with):
+the one the checkpoint records (that of its training data), else a square about YuNet's box
+(`--box-scale` times its larger side: FER2013's faces include some hair and chin), optionally
+aligned by its 5 landmarks (`--align`); a flag that overrides a recorded pipeline says so in one
+line. Frames larger than `--detect-size` are downscaled for detection and the boxes mapped back.
+The crop goes through exactly the validation transform the model was trained with
+(`datasets.pil_transform("val")`: grayscale, resize, centre crop, [0, 1], repeated to the model's
+channels); `--save-crops DIR` writes the crops. `--detector haar` uses OpenCV 4's Haar cascade
 where OpenCV still ships it.
 
 Output: one record per face (`source`, `frame`, `box` = [x, y, width, height] of the crop given
@@ -29,15 +32,14 @@ against PyTorch), a few images on PyTorch: `--backend`, docs/INFERENCE.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
-import math
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -48,12 +50,20 @@ from PIL import Image, UnidentifiedImageError
 import datasets
 import models
 import utils
+from models.faces import (  # noqa: F401  (predict.Face, predict.widen_box...: as before)
+    YUNET_MODEL,
+    Face,
+    FaceCrop,
+    FacePipeline,
+    YuNetDetector,
+    aligned_crop,
+    eye_angle,
+    face_crops,
+    widen_box,
+)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-YUNET_MODEL = (
-    Path(__file__).resolve().parent / "models" / "faces" / "face_detection_yunet_2023mar.onnx"
-)
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 NO_FACE = "no face found"
 # The crop's side over the detector's box (its larger side). 1.2 x Haar's square box was this
@@ -69,133 +79,6 @@ AGREEMENT = 1e-4
 
 
 # --------------------------------------------------------------------------- faces
-
-
-@dataclass
-class Face:
-    """A detection in frame pixels: box (x, y, w, h), score, five (x, y) landmarks (eyes, nose
-    tip, mouth corners; right then left, as the person sees them) or None."""
-
-    box: tuple[float, float, float, float]
-    score: float | None = None
-    landmarks: np.ndarray | None = None
-
-
-def widen_box(box, scale: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """The square of side `scale` x the larger side of `box` (x, y, w, h), about its centre,
-    clamped to a width x height image."""
-    x, y, w, h = (float(v) for v in box)
-    cx, cy, side = x + w / 2, y + h / 2, max(w, h) * scale
-    x0, y0 = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
-    x1, y1 = min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
-    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
-
-
-def eye_angle(landmarks: np.ndarray) -> float:
-    """Degrees the face is rolled: the angle of the line from the right eye to the left."""
-    (rx, ry), (lx, ly) = landmarks[0], landmarks[1]
-    return math.degrees(math.atan2(ly - ry, lx - rx))
-
-
-def aligned_crop(rgb: np.ndarray, face: Face, scale: float, angle: float) -> np.ndarray:
-    """The square crop of `widen_box` rotated by `angle` degrees about its centre (so that eyes
-    rolled by `angle` come out level); pixels beyond the frame repeat its border."""
-    x, y, w, h = face.box
-    cx, cy, side = x + w / 2, y + h / 2, max(w, h) * scale
-    matrix = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
-    matrix[:, 2] += (side / 2 - cx, side / 2 - cy)  # the centre lands in the crop's centre
-    size = max(1, round(side))
-    return cv2.warpAffine(
-        rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-    )
-
-
-class YuNetDetector:
-    """OpenCV's YuNet (`cv2.FaceDetectorYN`) on the ONNX file in models/faces/.
-
-    Frames with a side above `detect_size` are downscaled for detection (YuNet finds faces of
-    about 10-300 pixels; a 4K frame would also take far longer) and the boxes mapped back.
-    Faces whose larger side is under `min_face` pixels, or scoring under `min_score`, are dropped.
-    """
-
-    name = "yunet"
-
-    def __init__(
-        self,
-        min_score: float = 0.7,
-        detect_size: int = 640,
-        min_face: int = 30,
-        model: str | os.PathLike = YUNET_MODEL,
-    ):
-        version = tuple(int(v) for v in cv2.__version__.split(".")[:2])
-        if not hasattr(cv2, "FaceDetectorYN") or version < (4, 8):
-            raise utils.CLIError(
-                f"OpenCV {cv2.__version__} cannot run YuNet's 2023 model (it needs 4.8 or later): "
-                "pip install -U opencv-python-headless, or pass --no-detect with cropped faces"
-            )
-        if not os.path.isfile(model):
-            raise utils.CLIError(f"the face detector's model {model} is missing: restore it")
-        self.min_score, self.detect_size, self.min_face = min_score, detect_size, min_face
-        # OpenCV 5 warns on every creation that its new DNN engine ignores target settings
-        # (which YuNet does not use): nothing for a user to act on.
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        try:
-            self.net = cv2.FaceDetectorYN.create(str(model), "", (320, 320), min_score, 0.3, 5000)
-        finally:
-            cv2.utils.logging.setLogLevel(level)
-        self.input_size = (320, 320)
-
-    def __call__(self, rgb: np.ndarray) -> list[Face]:
-        height, width = rgb.shape[:2]
-        factor = 1.0
-        if self.detect_size and max(height, width) > self.detect_size:
-            factor = self.detect_size / max(height, width)
-            size = (max(1, round(width * factor)), max(1, round(height * factor)))
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if bgr.shape[1::-1] != self.input_size:
-            self.input_size = bgr.shape[1::-1]
-            self.net.setInputSize(self.input_size)
-        _, rows = self.net.detect(bgr)
-        faces = []
-        for row in rows if rows is not None else []:
-            box = tuple(float(v) / factor for v in row[:4])
-            if max(box[2], box[3]) >= self.min_face:
-                landmarks = row[4:14].reshape(5, 2).astype(np.float64) / factor
-                faces.append(Face(box, float(row[14]), landmarks))
-        return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
-
-    def roll(self, rgb: np.ndarray, face: Face, side: int = 224) -> float:
-        """Degrees `face` is rolled, from the eyes of a second detection on a close-up (the
-        face scaled to `side` pixels). YuNet's landmarks of small faces barely follow a roll:
-        the astronaut's 70-pixel face turned by 20 degrees reads as 1.4 degrees turned from its
-        own landmarks, 15.2 from the close-up's (tests/test_faces.py)."""
-        x, y, w, h = face.box
-        factor = side / max(w, h)
-        size = round(2 * side)  # the face and as much again around it
-        matrix = np.array(
-            [
-                [factor, 0, size / 2 - (x + w / 2) * factor],
-                [0, factor, size / 2 - (y + h / 2) * factor],
-            ]
-        )
-        closeup = cv2.warpAffine(
-            rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
-        detect_size, self.detect_size = self.detect_size, 0
-        try:
-            found = self(closeup)
-        finally:
-            self.detect_size = detect_size
-        if not found:  # the close-up lost it: the frame's own landmarks
-            return eye_angle(face.landmarks)
-        centre = np.array([size / 2, size / 2])
-        best = min(
-            found,
-            key=lambda f: np.abs(np.array(f.box[:2]) + np.array(f.box[2:]) / 2 - centre).sum(),
-        )
-        return eye_angle(best.landmarks)
 
 
 class HaarDetector:
@@ -224,13 +107,64 @@ class HaarDetector:
         return sorted((Face(tuple(float(v) for v in f)) for f in found), key=lambda f: f.box)
 
 
-def make_detector(args: argparse.Namespace) -> YuNetDetector | HaarDetector | None:
-    """The detector the flags ask for (None with --no-detect)."""
+def make_detector(
+    args: argparse.Namespace, pipeline: FacePipeline
+) -> YuNetDetector | HaarDetector | None:
+    """The detector the flags and the face pipeline ask for (None with --no-detect)."""
     if args.no_detect:
         return None
     if args.detector == "haar":
-        return HaarDetector(args.min_face)
-    return YuNetDetector(args.min_score, args.detect_size, args.min_face)
+        return HaarDetector(pipeline.min_face)
+    return YuNetDetector.of(pipeline)
+
+
+# The flags that override a field of a checkpoint's face pipeline: field -> flag.
+PIPELINE_FLAGS = {
+    "box_scale": "--box-scale",
+    "align": "--align",
+    "min_score": "--min-score",
+    "min_face": "--min-face",
+    "detect_size": "--detect-size",
+}
+DEFAULT_PIPELINE = FacePipeline()  # a checkpoint that records none: predict.py's own framing
+
+
+def resolve_pipeline(args: argparse.Namespace, recorded: dict | None) -> FacePipeline:
+    """The face pipeline to frame faces with: the one the checkpoint records (that of its
+    training data, download_dataset.py --faces), else predict.py's own (FacePipeline's
+    defaults; `--detector haar`: its box scale); a flag given overrides its field, and says so
+    in one line where the checkpoint recorded another value."""
+    if recorded is not None:
+        base = FacePipeline(**recorded)
+    else:
+        base = dataclasses.replace(DEFAULT_PIPELINE, box_scale=BOX_SCALE[args.detector])
+    for flag, differs in (
+        ("--no-detect", args.no_detect),
+        (f"--detector {args.detector}", args.detector != base.detector),
+    ):
+        if recorded is not None and differs:
+            print(
+                f"predict.py: {flag} overrides the checkpoint's face pipeline "
+                f"({base.detector}, box scale {base.box_scale})",
+                file=sys.stderr,
+            )
+    if recorded is not None and args.detector != base.detector:
+        base = dataclasses.replace(base, box_scale=BOX_SCALE[args.detector], align=False)
+    changes = {}
+    for field, flag in PIPELINE_FLAGS.items():
+        value = getattr(args, field)
+        if value is None or value == getattr(base, field):
+            continue
+        changes[field] = value
+        if recorded is not None:
+            flag = flag if value is not False else "--no-align"
+            given = "" if isinstance(value, bool) else f" {value}"
+            print(
+                f"predict.py: {flag}{given} overrides the checkpoint's face pipeline "
+                f"({field} {getattr(base, field)})",
+                file=sys.stderr,
+            )
+    return dataclasses.replace(base, **changes)
 
 
 def crop_faces(
@@ -287,6 +221,7 @@ class Classifier:
     ):
         self.run, self.classes, self.data_config = run, classes, data_config
         self.backend, self.temperature = backend, temperature
+        self.faces: dict | None = None  # the face pipeline of the model's training data
 
     def __call__(self, crops: list[np.ndarray]) -> np.ndarray:
         if not crops:
@@ -319,7 +254,9 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
     shapes = session.get_inputs()[0].shape, session.get_outputs()[0].shape
     classes, data_config = models.deploy.read_metadata(meta, path, *shapes)
     temperature = stored_temperature(meta, path)
-    return Classifier(ort_runner(session), classes, data_config, "onnxruntime", temperature)
+    classifier = Classifier(ort_runner(session), classes, data_config, "onnxruntime", temperature)
+    classifier.faces = models.deploy.read_faces(meta, path)
+    return classifier
 
 
 def load_torchscript(path: str, device: str = "cpu") -> Classifier:
@@ -337,7 +274,9 @@ def load_torchscript(path: str, device: str = "cpu") -> Classifier:
         return module(x.to(device)).float().cpu().numpy()
 
     temperature = stored_temperature(meta, path)
-    return Classifier(run, classes, data_config, "torchscript", temperature)
+    classifier = Classifier(run, classes, data_config, "torchscript", temperature)
+    classifier.faces = models.deploy.read_faces(meta, path)
+    return classifier
 
 
 def onnx_of(model: torch.nn.Module, data_config: dict) -> tuple[object, float, float]:
@@ -397,7 +336,9 @@ def load_classifier(
                 file=sys.stderr,
             )
             runner = ort_runner(session)
-            return Classifier(runner, classes, data_config, "onnxruntime", temperature)
+            classifier = Classifier(runner, classes, data_config, "onnxruntime", temperature)
+            classifier.faces = ckpt.get("faces")
+            return classifier
         why = diff if isinstance(diff, str) else f"its logits differ from PyTorch's by {diff:.1e}"
         if backend == "onnxruntime":
             raise utils.CLIError(
@@ -410,7 +351,9 @@ def load_classifier(
     def run(x: torch.Tensor) -> np.ndarray:
         return model(x.to(device)).float().cpu().numpy()
 
-    return Classifier(run, classes, data_config, "torch", temperature)
+    classifier = Classifier(run, classes, data_config, "torch", temperature)
+    classifier.faces = ckpt.get("faces")
+    return classifier
 
 
 # --------------------------------------------------------------------------- frames -> records
@@ -420,21 +363,28 @@ def predict_frames(
     frames: list[tuple[str, int, np.ndarray]],
     classifier: Classifier,
     detector: YuNetDetector | HaarDetector | None,
-    box_scale: float = BOX_SCALE["yunet"],
-    align: bool = False,
+    pipeline: FacePipeline = DEFAULT_PIPELINE,
+    kept: list | None = None,
 ) -> list[list[dict]]:
     """Records for each (source, frame index, RGB image); all faces go through one batch.
-
-    Without a detector the whole image is the face (`--no-detect`).
-    """
+    YuNet's faces are framed by `face_crops` as `pipeline` says, Haar's by `crop_faces` at its
+    box scale; without a detector the whole image is the face (`--no-detect`). `kept`, a list,
+    gets each frame's list of crops (`--save-crops`)."""
     found, crops = [], []
     for _, _, rgb in frames:
         height, width = rgb.shape[:2]
-        faces = detector(rgb) if detector is not None else [Face((0, 0, width, height))]
-        aligner = detector if align and isinstance(detector, YuNetDetector) else None
-        cropped = crop_faces(rgb, faces, box_scale if detector is not None else 1.0, aligner)
-        found.append(list(zip(faces, cropped, strict=True)))
-        crops += [crop for crop, _, _ in cropped]
+        if isinstance(detector, YuNetDetector):
+            cropped = face_crops(rgb, pipeline, detector)
+        else:
+            faces = detector(rgb) if detector is not None else [Face((0, 0, width, height))]
+            scale = pipeline.box_scale if detector is not None else 1.0
+            cropped = [
+                FaceCrop(f, *c) for f, c in zip(faces, crop_faces(rgb, faces, scale), strict=True)
+            ]
+        found.append(cropped)
+        crops += [c.crop for c in cropped]
+        if kept is not None:
+            kept.append([c.crop for c in cropped])
     probs = iter(classifier(crops))
     out = []
     for (source, index, _), faces in zip(frames, found, strict=True):
@@ -443,7 +393,7 @@ def predict_frames(
             out.append([{**record, "probabilities": None, "note": NO_FACE}])
             continue
         records = []
-        for face, (_, box, angle) in faces:
+        for face, box, angle in ((c.face, c.box, c.angle) for c in faces):
             p = next(probs)
             record = {
                 "source": source,
@@ -669,21 +619,40 @@ def get_args_parser() -> utils.ArgumentParser:
         "--box-scale",
         default=None,
         type=float,
-        help="crop side over the detector's box (default: 1.15 for yunet, 1.2 for haar, the "
-        "same framing)",
+        help="crop side over the detector's box (default: the checkpoint's face pipeline, else "
+        "1.15 for yunet, 1.2 for haar, the same framing)",
     )
     faces.add_argument(
-        "--align", action="store_true", help="rotate each face so that its eyes are level (yunet)"
+        "--align",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="map each face's 5 landmarks onto a template by a similarity (yunet); --no-align: "
+        "do not (default: the checkpoint's face pipeline, else no alignment)",
     )
-    faces.add_argument("--min-face", default=30, type=int, help="smallest face side in pixels")
     faces.add_argument(
-        "--min-score", default=0.7, type=float, help="smallest YuNet score kept as a face"
+        "--min-face",
+        default=None,
+        type=int,
+        help="smallest face side in pixels (default: the checkpoint's face pipeline, else 30)",
+    )
+    faces.add_argument(
+        "--min-score",
+        default=None,
+        type=float,
+        help="smallest YuNet score kept as a face (default: the checkpoint's, else 0.7)",
     )
     faces.add_argument(
         "--detect-size",
-        default=640,
+        default=None,
         type=int,
-        help="detect on frames downscaled to this longest side (0: full size)",
+        help="detect on frames downscaled to this longest side, 0: full size (default: the "
+        "checkpoint's face pipeline, else 640)",
+    )
+    faces.add_argument(
+        "--save-crops",
+        default=None,
+        metavar="DIR",
+        help="write the face crops the model classifies to DIR as PNG (<input>_face<k>.png)",
     )
     parser.add_argument(
         "--smooth",
@@ -715,11 +684,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_checked(argv, ARG_RULES)
     if args.align and (args.no_detect or args.detector != "yunet"):
         parser.error("--align needs the eye landmarks of --detector yunet (and no --no-detect)")
-    if args.output:  # before the model loads and any image is classified
-        try:
-            utils.check_output_dir(args.output, "--output")
-        except utils.CLIError as err:
-            parser.error(str(err))
+    for folder, flag in ((args.output, "--output"), (args.save_crops, "--save-crops")):
+        if folder:  # before the model loads and any image is classified
+            try:
+                utils.check_output_dir(folder, flag)
+            except utils.CLIError as err:
+                parser.error(str(err))
     return args
 
 
@@ -769,25 +739,42 @@ def write_image(path: str, bgr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def run_images(paths, classifier, detector, args, names: list[str] | None = None) -> list[dict]:
-    """Images in batches; printed, and with --output annotated as `names` (output_names)."""
+def save_crops(folder: str, stem: str, crops: list[np.ndarray]) -> None:
+    """--save-crops: each crop a model classified as `<stem>_face<k>.png`, written as the
+    importers write a face (Pillow's PNG): the same face gives the same bytes in both."""
+    for k, crop in enumerate(crops):
+        path = output_path(folder, f"{stem}_face{k}.png")
+        tmp = f"{path}.tmp.png"
+        Image.fromarray(crop).save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+def run_images(
+    paths, classifier, detector, pipeline, args, names: list[str] | None = None
+) -> list[dict]:
+    """Images in batches; printed, and with --output annotated as `names` (output_names), with
+    --save-crops their crops as `<name>_face<k>.png`."""
     names = names or output_names([(path, "image") for path in paths])
     out, index = [], 0  # the index of the image in `paths` (chunks keep the order)
     frames = ((path, 0, read_image(path)) for path in paths)
     for chunk in chunks(frames, args.batch_size):
-        records_per_frame = predict_frames(chunk, classifier, detector, args.box_scale, args.align)
-        for (_, _, rgb), records in zip(chunk, records_per_frame, strict=True):
+        kept = []
+        records_per_frame = predict_frames(chunk, classifier, detector, pipeline, kept)
+        for (_, _, rgb), records, crops in zip(chunk, records_per_frame, kept, strict=True):
             emit(records, args.json)
             out += records
             if args.output:
                 write_image(output_path(args.output, names[index]), annotate(rgb, records))
+            if args.save_crops:
+                save_crops(args.save_crops, names[index].removesuffix("_pred.png"), crops)
             index += 1
     return out
 
 
-def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
+def run_video(capture, source, name, classifier, detector, pipeline, args) -> list[dict]:
     """Frames of a video file or camera, in chunks; smoothed, printed, optionally written to
-    --output as `name` (output_names)."""
+    --output as `name` (output_names), with --save-crops each frame's crops as
+    `<name>_frame<index>_face<k>.png`."""
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     smoother, writer, out = Smoother(args.smooth), None, []
     # A camera is answered frame by frame; a file is read in batches of frames.
@@ -795,8 +782,12 @@ def run_video(capture, source, name, classifier, detector, args) -> list[dict]:
     start, count = time.perf_counter(), 0
     try:
         for chunk in chunks(video_frames(capture, source, args.max_frames), size):
-            found = predict_frames(chunk, classifier, detector, args.box_scale, args.align)
-            for (_, _, rgb), records in zip(chunk, found, strict=True):
+            kept = []
+            found = predict_frames(chunk, classifier, detector, pipeline, kept)
+            for (_, index, rgb), records, crops in zip(chunk, found, kept, strict=True):
+                if args.save_crops:
+                    stem = f"{name.removesuffix('_pred.mp4')}_frame{index:06d}"
+                    save_crops(args.save_crops, stem, crops)
                 records = smoother(records)
                 emit(records, args.json)
                 out += records
@@ -856,13 +847,12 @@ def main(args: argparse.Namespace) -> list[dict]:
         utils.check_output_dir(args.output, "--output")
     items = expand_inputs(args.inputs)
     names = output_names(items)
-    detector = make_detector(args)
-    if args.box_scale is None:
-        args.box_scale = BOX_SCALE[args.detector]
     backend = choose_backend(args.backend, args.checkpoint, items, args.webcam, device)
     classifier = load_classifier(
         args.checkpoint, args.weights, model_name, str(device), backend, args.allow_torchscript
     )
+    pipeline = resolve_pipeline(args, classifier.faces)
+    detector = make_detector(args, pipeline)
     out = []
 
     # Consecutive images share batches; videos run one by one; input order is kept.
@@ -870,20 +860,20 @@ def main(args: argparse.Namespace) -> list[dict]:
     for kind, group in itertools.groupby(named, key=lambda item: item[0][1]):
         paths, group_names = zip(*((path, name) for (path, _), name in group), strict=True)
         if kind == "image":
-            out += run_images(list(paths), classifier, detector, args, list(group_names))
+            out += run_images(list(paths), classifier, detector, pipeline, args, list(group_names))
             continue
         for path, name in zip(paths, group_names, strict=True):
             capture = cv2.VideoCapture(path)
             if not capture.isOpened():
                 raise utils.CLIError(f"OpenCV cannot open the video {path}")
-            out += run_video(capture, path, name, classifier, detector, args)
+            out += run_video(capture, path, name, classifier, detector, pipeline, args)
     if args.webcam is not None:
         capture = cv2.VideoCapture(args.webcam)
         if not capture.isOpened():
             raise utils.CLIError(f"cannot open camera {args.webcam}")
         source = f"webcam:{args.webcam}"
         name = f"webcam{args.webcam}_pred.mp4"
-        out += run_video(capture, source, name, classifier, detector, args)
+        out += run_video(capture, source, name, classifier, detector, pipeline, args)
     return out
 
 

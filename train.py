@@ -960,6 +960,16 @@ def label_mode(args: argparse.Namespace) -> str:
         fail(str(err))
 
 
+def face_pipeline(args: argparse.Namespace) -> dict | None:
+    """The face pipeline that framed the dataset's faces (its manifest's `faces`, written by
+    download_dataset.py --faces), checked, for every checkpoint to record; None without one."""
+    manifest = datasets.read_manifest(args.dataset_path) or {}
+    if manifest.get("faces") is None:
+        return None
+    where = os.path.join(args.dataset_path, "manifest.json")
+    return models.schema.check_face_pipeline(manifest["faces"], where)
+
+
 def build_loaders(
     args: argparse.Namespace, data_config: dict, device: torch.device, rank: int, world_size: int
 ) -> dict[str, datasets.Loader]:
@@ -1762,6 +1772,8 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
             "git_commit": utils.git_commit(),
         }
+        if (faces := face_pipeline(args)) is not None:  # a dataset of download_dataset --faces
+            run_info["faces"] = faces
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it
         if resume_ckpt is not None:

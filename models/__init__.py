@@ -22,7 +22,12 @@ from models import baselines, calibration, deploy, emonext, hub  # noqa: F401  (
 from models.baselines import TimmModel, create_timm_model
 from models.emonext import MIN_IMG_SIZE, SIZES, EmoNeXt
 from models.registry import list_models, model_constructor, model_meta, register_model
-from models.schema import check_classes, check_data_config, check_model_fields
+from models.schema import (
+    check_classes,
+    check_data_config,
+    check_face_pipeline,
+    check_model_fields,
+)
 from models.weights import (
     OFFICIAL_CLASSES,
     LoadReport,
@@ -177,4 +182,6 @@ def load_trained_model(
     data_config.update(ckpt.get("data_config") or {})
     model.data_config = data_config
     ckpt["temperature"], ckpt["temperature_note"] = calibration.read_temperature(checkpoint, ckpt)
+    if ckpt.get("faces") is not None:  # the face pipeline of its training data (models/faces/)
+        ckpt["faces"] = check_face_pipeline(ckpt["faces"], str(checkpoint))
     return model, classes, data_config, ckpt

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.hub import input_rule
-from models.schema import check_classes, check_data_config, refuse
+from models.schema import check_classes, check_data_config, check_face_pipeline, refuse
 from models.weights import WeightsError, is_torchscript  # noqa: F401  (predict.py uses it)
 
 OPSET = 20
@@ -40,10 +40,12 @@ def onnx_metadata(
     source: str,
     weights: str,
     temperature: float | None = None,
+    faces: dict | None = None,
 ) -> dict[str, str]:
     """What travels inside an export (ONNX metadata_props / TorchScript's metadata.json): class
     names, data config, the input rule and the calibration `temperature` where there is one
-    (models/calibration.py); string keys and values, as ONNX needs."""
+    (models/calibration.py) and the face pipeline of the training data (`faces`, models/faces/)
+    where there are; string keys and values, as ONNX needs."""
     dc = dict(data_config)
     resize = dc.get("resize_size") or round(dc["image_size"] * 236 / 224)
     normalise = dc.get("mean") is not None and dc.get("std") is not None
@@ -69,6 +71,8 @@ def onnx_metadata(
     }
     if temperature is not None:
         meta["temperature"] = repr(float(temperature))
+    if faces is not None:
+        meta["faces"] = json.dumps(faces, sort_keys=True)
     return meta
 
 
@@ -101,6 +105,18 @@ def read_metadata(
             what = f"in_chans and image_size of the model's input, {input_shape[1:]}"
             raise refuse(source, "metadata data_config", values["data_config"], what)
     return classes, data_config
+
+
+def read_faces(meta: dict, source: str) -> dict | None:
+    """The face pipeline in an export's metadata (`onnx_metadata`'s `faces`), checked; None
+    where the export records none."""
+    if "faces" not in meta:
+        return None
+    try:
+        value = json.loads(meta["faces"])
+    except (TypeError, ValueError):
+        raise refuse(source, "metadata faces", meta["faces"], "a JSON object") from None
+    return check_face_pipeline(value, source, "metadata faces")
 
 
 def to_onnx(

@@ -111,10 +111,12 @@ def hub_config(
     weights: str,
     source: dict,
     temperature: float | None = None,
+    faces: dict | None = None,
 ) -> dict:
     """config.json of a trained model. `weights`: which of the checkpoint's ("ema", "model");
     `source`: where it came from (checkpoint file name, epoch, commit, versions); `temperature`:
-    its calibration (models/calibration.py), None for none."""
+    its calibration (models/calibration.py), None for none; `faces`: the face pipeline of its
+    training data (models/faces/), None for none."""
     dc = {k: data_config.get(k) for k in DATA_CONFIG_KEYS}  # datasets.DataConfig's fields
     dc.update({k: list(dc[k]) for k in ("mean", "std") if dc[k] is not None})
     timm_keys = _timm_keys(model, len(classes), dc)
@@ -132,6 +134,7 @@ def hub_config(
         "grey_to_rgb": GREY_TO_RGB,
         "weights": weights,
         "temperature": temperature,
+        "faces": faces,
         "source": source,
         "emonext_hub_format": FORMAT,
     }
@@ -232,6 +235,7 @@ def read_folder(folder: str | os.PathLike, source: str | None = None) -> dict:
         "classes": list(config["label_names"]),
         "data_config": dict(config["data_config"]),
         "git_commit": (config.get("source") or {}).get("git_commit"),
+        "faces": config.get("faces"),
         "hub": {"weights": config.get("weights", "model"), "config": config, "source": name},
     }
 
@@ -476,7 +480,12 @@ def _card_usage(config: dict, name: str) -> list[str]:
         "## Use",
         "",
         f"Input: {config['input']} ({config['grey_to_rgb']}). Faces are found and cropped by "
-        "`predict.py` (YuNet, `--box-scale`).",
+        "`predict.py` (YuNet, `--box-scale`)"
+        + (
+            ", framed as config.json's `faces` says: the face pipeline of the training data."
+            if config.get("faces")
+            else "."
+        ),
         "",
         "With this project's code (EmoNeXt, reproduced) on the Python path:",
         "",

@@ -245,6 +245,8 @@ HUB_TYPES = {
     "emonext_hub_format": (int, "an integer from 1 to {format}"),
     # evaluate.py --fit-temperature's; models/calibration.py checks its value when it is read
     "temperature": ((int, float), "a finite number > 0"),
+    # the face pipeline of the training data (models/faces/), checked by check_face_pipeline
+    "faces": (dict, "an object of the face pipeline (models/faces/)"),
 }
 
 
@@ -275,7 +277,52 @@ def check_hub_config(config, path: str, format_version: int) -> dict:
     check_model_fields(config, path, hub=True)
     if "num_classes" in config and config["num_classes"] != len(config["label_names"]):
         raise refuse(path, "num_classes", config["num_classes"], "the number of label_names")
+    if config.get("faces") is not None:
+        check_face_pipeline(config["faces"], path, "faces")
     source = config.get("source") or {}
     if not isinstance(source.get("git_commit", ""), str):
         raise refuse(path, "source.git_commit", source["git_commit"], "a commit id")
     return config
+
+
+# --------------------------------------------------------------------------- face pipeline
+
+# What each field of a face pipeline (models/faces/ FacePipeline) may be: its check and the
+# accepted values said in words.
+FACE_FIELDS = {
+    "detector": (lambda v: v == "yunet", '"yunet"'),
+    "detector_sha256": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+        "64 lowercase hexadecimal digits (the detector file's SHA-256)",
+    ),
+    "min_score": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "min_face": (lambda v: _is_int(v) and 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "detect_size": (
+        lambda v: _is_int(v) and (v == 0 or 32 <= v <= 8192),
+        "0 (full size) or an integer from 32 to 8192",
+    ),
+    "box_scale": (lambda v: _is_number(v) and 0.5 <= v <= 4, "a number from 0.5 to 4"),
+    "align": (lambda v: isinstance(v, bool), "true or false"),
+    "size": (
+        lambda v: v is None or (_is_int(v) and 8 <= v <= IMAGE_SIZE[1]),
+        f"null or an integer from 8 to {IMAGE_SIZE[1]}",
+    ),
+}
+
+
+def check_face_pipeline(value, where: str, key: str = "faces") -> dict:
+    """A face pipeline as a file records it (a manifest, a checkpoint, export metadata,
+    config.json): every field present, known and of its type and range."""
+    if not isinstance(value, dict):
+        raise refuse(where, key, value, "an object of the face pipeline's fields")
+    for name in value:
+        if name not in FACE_FIELDS:
+            raise WeightsError(
+                f"{where}: unknown key {key}.{name}; accepted: {', '.join(FACE_FIELDS)}"
+            )
+    for name, (ok, accepted) in FACE_FIELDS.items():
+        if name not in value:
+            raise WeightsError(f"{where}: {key}.{name} is missing; accepted: {accepted}")
+        if not ok(value[name]):
+            raise refuse(where, f"{key}.{name}", value[name], accepted)
+    return dict(value)

@@ -10,11 +10,13 @@ ONNX and TorchScript map a float32 batch (N, C, S, S), a grayscale face in [0, 1
 channels, to logits (N, classes); the batch size is free. Their preprocessing travels with them:
 ONNX `metadata_props` / a TorchScript extra file `metadata.json` hold the class names, the data
 config, a sentence saying how to build the input and, when evaluate.py --fit-temperature stored
-one for the checkpoint, the calibration temperature (models/deploy.py, models/calibration.py).
+one for the checkpoint, the calibration temperature (models/deploy.py, models/calibration.py),
+and `faces`, the face pipeline of the training data where the checkpoint records one
+(models/faces/: download_dataset.py --faces), which predict.py follows.
 
 A hub folder (models/hub.py) is `config.json` (model name and arguments, classes, data config,
-grey-to-RGB rule, which weights, the temperature if any; timm's keys too), `model.safetensors`
-and a `README.md` model card, with the test scores of the run's results.json when it sits beside
+grey-to-RGB rule, which weights, the temperature and face pipeline if any; timm's keys too),
+`model.safetensors` and a `README.md` model card, with the test scores of the run's results.json when it sits beside
 the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
 `models.load_model(DIR or hf-hub:REPO_ID)` and every command's `--checkpoint` read it back.
 `--output` is a new or empty folder, or one holding an earlier hub export, replaced with
@@ -166,7 +168,13 @@ def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float
     }
     source = {k: v for k, v in source.items() if v is not None}
     config = hub.hub_config(
-        model, classes, data_config, ckpt["weights_used"], source, ckpt.get("temperature")
+        model,
+        classes,
+        data_config,
+        ckpt["weights_used"],
+        source,
+        ckpt.get("temperature"),
+        ckpt.get("faces"),
     )
     name = args.push or Path(os.path.abspath(args.output)).name
     card = hub.model_card(config, ckpt, run_results(args.checkpoint), name, args.license)
@@ -511,6 +519,7 @@ def main(args: argparse.Namespace) -> float:
             args.checkpoint,
             ckpt["weights_used"],
             ckpt.get("temperature"),
+            ckpt.get("faces"),
         )
         diff = export_file(model, example, checks, meta, args, device)
         what = f"{args.format}, input N x {chans} x {size} x {size}"
