@@ -16,8 +16,8 @@ and `faces`, the face pipeline of the training data where the checkpoint records
 
 A hub folder (models/hub.py) is `config.json` (model name and arguments, classes, data config,
 grey-to-RGB rule, which weights, the temperature and face pipeline if any; timm's keys too),
-`model.safetensors` and a `README.md` model card, with the test scores of the run's results.json when it sits beside
-the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
+`model.safetensors` and a `README.md` model card, with the test scores of the run's results.json
+when it sits beside the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
 `models.load_model(DIR or hf-hub:REPO_ID)` and every command's `--checkpoint` read it back.
 `--output` is a new or empty folder, or one holding an earlier hub export, replaced with
 `--force`; a folder of other files is never written into.
