@@ -119,6 +119,8 @@ DEFAULT_OUT = {"FER2013": "FER2013", "FERPlus": "FERPlus", "RAF-DB": "RAF-DB",
 # Output side of the written squares: RAF-DB's aligned faces are 100 x 100; 112 keeps AffectNet's
 # 287,651 training faces at 3.6 GB once decoded (datasets.load_split holds a split in memory).
 DEFAULT_IMAGE_SIZE = {"RAF-DB": 100, "AffectNet": 112, "ExpW": 112, "CK+": 112}
+# --folder --faces: side of the written squares, as the benchmarks' photos get.
+FOLDER_FACE_SIZE = 112
 # Flags that only some sources take: dest -> (the datasets it applies to, its default).
 SOURCE_FLAGS = {
     "image_size": (("RAF-DB", "AffectNet", "ExpW", "CK+"), None),
@@ -222,8 +224,8 @@ def get_args_parser() -> ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="RAF-DB, AffectNet, ExpW, CK+: side of the written squares (default: 100 for "
-        "RAF-DB, its aligned size; 112 for the others)",
+        help="RAF-DB, AffectNet, ExpW, CK+ and --folder --faces: side of the written squares "
+        "(default: 100 for RAF-DB, its aligned size; 112 for the others)",
     )
     parser.add_argument(
         "--affectnet-classes",
@@ -256,6 +258,26 @@ def get_args_parser() -> ArgumentParser:
         action="store_true",
         default=None,
         help="CK+: also the first frame of each labelled sequence, as Neutral",
+    )
+    parser.add_argument(
+        "--faces",
+        choices=["yunet"],
+        default=None,
+        help="--folder of photos, RAF-DB (its Image/original/), AffectNet, ExpW, CK+: find each "
+        "face with YuNet and frame it by the face pipeline predict.py uses (models/faces/), "
+        "instead of the dataset's box; the manifest and every checkpoint trained on it record "
+        "the pipeline (default: the dataset's own boxes or faces)",
+    )
+    parser.add_argument(
+        "--align",
+        action="store_true",
+        help="with --faces: map each face's 5 landmarks onto a template by a similarity",
+    )
+    parser.add_argument(
+        "--box-scale",
+        type=float,
+        default=None,
+        help="with --faces: crop side over YuNet's box (default 1.15, predict.py's framing)",
     )
     parser.add_argument(
         "--workers",
@@ -703,6 +725,40 @@ def build_from_folder(
     return expected
 
 
+def faces_from_folder(
+    found: dict[str, dict[str, list[Path]]],
+    dest: Path,
+    fmt: str,
+    faces: dict,
+    no_face: list[str],
+) -> dict[str, dict[str, int]]:
+    """--folder --faces: of each photo, the highest-scoring face YuNet finds, framed by the face
+    pipeline `faces` (importers.write_face); the photos without one go to `no_face`."""
+    expected: dict[str, dict[str, int]] = {}
+    for split, classes in found.items():
+        for name, files in classes.items():
+            folder = dest / split / name
+            folder.mkdir(parents=True)
+            written = 0
+            for src in files:
+                target = folder / f"{src.stem}.{fmt}"
+                if target.exists():
+                    raise DatasetError(f"{src}: another image in {src.parent} has the same name")
+                fault_point("dataset_image")
+                result = importers.write_face(src, None, target, fmt, faces)
+                if result == importers.NO_FACE:
+                    no_face.append(str(src))
+                elif result:  # drop_unreadable read it before: changed since
+                    raise UnreadableImageError(result)
+                written += not result
+            if not written:
+                raise DatasetError(
+                    f"class folder {files[0].parent}: YuNet found no face in any image"
+                )
+            expected.setdefault(split, {})[name] = written
+    return expected
+
+
 # --------------------------------------------------------------------------------------------
 # Checks, manifest, atomic publication
 # --------------------------------------------------------------------------------------------
@@ -798,6 +854,17 @@ def source_description(args: argparse.Namespace) -> dict:
     return source
 
 
+def face_pipeline(args: argparse.Namespace):
+    """--faces: the face pipeline (models.faces.FacePipeline) that finds and frames the faces,
+    writing --image-size squares; None without --faces."""
+    if not args.faces:
+        return None
+    from models.faces import YUNET_BOX_SCALE, pipeline_for
+
+    box_scale = YUNET_BOX_SCALE if args.box_scale is None else args.box_scale
+    return pipeline_for(box_scale=box_scale, align=args.align, size=args.image_size)
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The options that shape the dataset (a second run with other ones rebuilds it)."""
     out = {
@@ -812,6 +879,8 @@ def settings(args: argparse.Namespace) -> dict:
             out[dest] = getattr(args, dest)
     if args.ferplus_mode != "majority":  # majority: the settings of before the modes existed
         out["ferplus_mode"] = args.ferplus_mode
+    if args.faces:  # without --faces: the settings of before it existed
+        out["faces"] = face_pipeline(args).to_dict()
     return out
 
 
@@ -840,10 +909,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ferplus_mode != "majority" and not args.ferplus:
         parser.error(f"--ferplus-mode {args.ferplus_mode} applies to FER+ only: add --ferplus")
     for dest, (applies, default) in SOURCE_FLAGS.items():
+        if dest == "image_size" and args.faces and args.folder:
+            continue  # a folder of photos gets --image-size squares too
         if getattr(args, dest) is not None and dataset not in applies:
             parser.error(f"{parser.flag(dest)} applies to {' and '.join(applies)} only")
         if getattr(args, dest) is None and dataset in applies:
             setattr(args, dest, default)
+    check_face_flags(parser, args, dataset)
     if dataset in DEFAULT_IMAGE_SIZE:
         args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[dataset]
         args.workers = args.workers or importers.default_workers()
@@ -851,6 +923,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fold {args.fold}: must be below --folds {args.folds}")
     args.out = args.out or DEFAULT_OUT[dataset]
     return args
+
+
+def check_face_flags(parser: ArgumentParser, args: argparse.Namespace, dataset: str) -> None:
+    """--faces applies to photos (--folder and the benchmarks), not to fer2013.csv's 48 x 48
+    faces; --align and --box-scale need it. A --folder of photos gets --image-size squares
+    (default FOLDER_FACE_SIZE)."""
+    if not args.faces:
+        for flag in ("align", "box_scale"):
+            if getattr(args, flag) not in (None, False):
+                parser.error(f"{parser.flag(flag)} frames the faces of --faces: add --faces yunet")
+        return
+    if dataset not in DEFAULT_IMAGE_SIZE and not args.folder:
+        parser.error("--faces finds faces in photos: give it with --folder or a benchmark flag")
+    if args.box_scale is not None and not 0.5 <= args.box_scale <= 4:
+        parser.error(f"--box-scale must be from 0.5 to 4, got {args.box_scale}")
+    if args.folder:
+        args.image_size = args.image_size or FOLDER_FACE_SIZE
 
 
 def already_there(out: Path, source: dict, args: argparse.Namespace) -> bool:
@@ -923,8 +1012,14 @@ def build_fer2013(
             f"no validation folder: carved {sum(val_split['per_class'].values())} "
             f"images ({args.val_fraction:.0%} of each class, seed {args.seed}) from train"
         )
-    expected = build_from_folder(found, dest, args.format)
-    return expected, {"val_split": val_split, "skipped_bad_images": skipped}
+    pipeline = face_pipeline(args)
+    if pipeline is None:
+        expected = build_from_folder(found, dest, args.format)
+        return expected, {"val_split": val_split, "skipped_bad_images": skipped}
+    no_face: list[str] = []
+    expected = faces_from_folder(found, dest, args.format, pipeline.to_dict(), no_face)
+    facts = face_facts(pipeline.to_dict(), no_face, dest)
+    return expected, {"val_split": val_split, "skipped_bad_images": skipped, **facts}
 
 
 def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[dict, dict]:
@@ -941,7 +1036,7 @@ def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[d
     print(f"reading {BENCHMARKS[flag]} from {root}")
     skip = args.skip_bad_images
     if flag == "rafdb":
-        plan = importers.read_rafdb(root, skip)
+        plan = importers.read_rafdb(root, skip, originals=bool(args.faces))
     elif flag == "affectnet":
         plan = importers.read_affectnet(root, args.affectnet_classes, skip)
     elif flag == "expw":
@@ -957,8 +1052,10 @@ def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[d
         raise DatasetError(f"{root}: no labelled face to import ({dict(plan.dropped)} dropped)")
     splits, rule = importers.split_plan(plan, args.val_fraction, args.seed, args.folds, args.fold)
     size, workers = args.image_size, args.workers
+    pipeline, no_face = face_pipeline(args), []
+    faces = pipeline.to_dict() if pipeline is not None else None
     expected, unreadable = importers.write_plan(
-        splits, dest, args.format, size, workers, skip, plan.crop_scale
+        splits, dest, args.format, size, workers, skip, plan.crop_scale, faces, no_face
     )
     skipped = missing + unreadable
     if skipped:
@@ -966,7 +1063,25 @@ def build_benchmark(args: argparse.Namespace, work: Path, dest: Path) -> tuple[d
               f"{skipped[0]}{', ...' if len(skipped) > 1 else ''}")  # fmt: skip
     labels = {**plan.info, "dropped": dict(sorted(plan.dropped.items()))}
     facts = {"split": rule, "labels": labels, "image_size": args.image_size}
+    if faces is not None:
+        facts.update(face_facts(faces, no_face, dest))
     return expected, {**facts, "skipped_bad_images": len(skipped), "skipped_images": skipped}
+
+
+NO_FACE_LIST = "no_face.txt"
+
+
+def face_facts(faces: dict, no_face: list[str], dest: Path) -> dict:
+    """What the manifest records of --faces: the pipeline (which train.py copies into every
+    checkpoint), and the photos where YuNet found no face (or none the dataset's box picks),
+    listed in no_face.txt and summed up in one line."""
+    (dest / NO_FACE_LIST).write_text("".join(f"{p}\n" for p in no_face))
+    print(f"no face found in {len(no_face)} photo(s), left out (listed in {NO_FACE_LIST})")
+    return {
+        "faces": faces,
+        "no_face": {"count": len(no_face), "list": NO_FACE_LIST},
+        "files": {NO_FACE_LIST: sha256_file(dest / NO_FACE_LIST)},
+    }
 
 
 class Interrupted(KeyboardInterrupt):

@@ -361,18 +361,21 @@ RAFDB_CLASSES = {
 RAFDB_LABELS = "EmoLabel/list_patition_label.txt"  # sic: the owners' spelling
 
 
-def read_rafdb(root: Path, skip_bad_lines: bool = False) -> Plan:
+def read_rafdb(root: Path, skip_bad_lines: bool = False, originals: bool = False) -> Plan:
     """RAF-DB's basic emotions: the 100 x 100 aligned faces, the official train/test partition
     (the image name's prefix), labels 1-7 (RAFDB_CLASSES). A name may carry the `_aligned` of
-    the image file (some copies list those) or not."""
+    the image file (some copies list those) or not. `originals` (download_dataset.py --faces):
+    the full photos of Image/original/ instead, each with the face box of
+    Annotation/boundingbox/ where there is one (it picks the face YuNet found)."""
     hint = "pass RAF-DB's basic/ folder (EmoLabel/ and Image/aligned/ inside)"
     label_file = _find(root, RAFDB_LABELS, "RAF-DB basic", hint)
     base = label_file.parent.parent
-    aligned = base / "Image" / "aligned"
+    folder = "original" if originals else "aligned"
+    aligned = base / "Image" / folder
     if not aligned.is_dir():
         raise DatasetError(
-            f"{base} has {RAFDB_LABELS} but no Image/aligned/ folder; extract Image/aligned.zip "
-            f"there"
+            f"{base} has {RAFDB_LABELS} but no Image/{folder}/ folder; extract "
+            f"Image/{folder}.zip there"
         )
     plan = Plan("RAF-DB", {"train": [], "test": []}, skip_bad_lines=skip_bad_lines)
     for number, fields in _lines(label_file):
@@ -386,14 +389,31 @@ def read_rafdb(root: Path, skip_bad_lines: bool = False) -> Plan:
         if split not in plan.splits:
             plan.bad_line(where, f"image name {fields[0]!r} starts neither train_ nor test_")
             continue
-        source = aligned / f"{stem}_aligned.jpg"
-        plan.splits[split].append(Sample(source, RAFDB_CLASSES[code], stem))
+        if originals:
+            box = _rafdb_box(base / "Annotation" / "boundingbox" / f"{stem}_boundingbox.txt")
+            sample = Sample(aligned / f"{stem}.jpg", RAFDB_CLASSES[code], stem, box)
+        else:
+            sample = Sample(aligned / f"{stem}_aligned.jpg", RAFDB_CLASSES[code], stem)
+        plan.splits[split].append(sample)
     plan.info = {
         "labels": str(label_file.relative_to(root)),
-        "images": "Image/aligned (100 x 100)",
+        "images": f"Image/{folder}" + (" (faces found by YuNet)" if originals else " (100 x 100)"),
         "split": "official train/test; val carved from train",
     }
     return plan
+
+
+def _rafdb_box(path: Path) -> tuple[float, float, float, float] | None:
+    """A face box of RAF-DB's Annotation/boundingbox/ ('left top right bottom'), or None where
+    the file is missing or is not four finite numbers making a box."""
+    try:
+        values = [float(v) for v in path.read_text().split()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if len(values) != 4 or not np.all(np.isfinite(values)):
+        return None
+    left, top, right, bottom = values
+    return (left, top, right, bottom) if right > left and bottom > top else None
 
 
 # ---- AffectNet
@@ -856,9 +876,38 @@ def save_image(array: np.ndarray, path: Path, fmt: str) -> None:
         image.save(path, format="JPEG", quality=75)
 
 
+NO_FACE = "no face found"  # _write_one's answer for a photo without one (--faces)
+_DETECTORS: dict = {}  # a writer process's YuNet, made once per face pipeline
+
+
+def write_face(source: Path, box, target: Path, fmt: str, faces: dict) -> str:
+    """download_dataset.py --faces: the face of the photo `source` that `box` (left, top,
+    right, bottom, or None: the highest-scoring) picks, framed by the face pipeline `faces`
+    (models.faces.face_crops, as predict.py frames it), written to `target`; "" when written,
+    NO_FACE where there is none, else why the photo could not be read."""
+    from models.faces import FacePipeline, YuNetDetector, face_crops, pick_face
+
+    pipeline = FacePipeline(**faces)
+    if pipeline not in _DETECTORS:
+        _DETECTORS[pipeline] = YuNetDetector.of(pipeline)
+    try:
+        rgb = decode_image(source, "RGB")
+    except UnreadableImageError as e:
+        return str(e)
+    if box is not None:
+        box = (box[0], box[1], box[2] - box[0], box[3] - box[1])
+    found = pick_face(face_crops(rgb, pipeline, _DETECTORS[pipeline]), box)
+    if found is None:
+        return NO_FACE
+    save_image(found.crop, target, fmt)
+    return ""
+
+
 def _write_one(task: tuple) -> str:
     """Decode, crop, resize and write one face; "" when written, else why it could not be."""
-    source, box, scale, target, size, fmt = task
+    source, box, scale, target, size, fmt, faces = task
+    if faces is not None:
+        return write_face(source, box, target, fmt, faces)
     try:
         face = square_crop(decode_image(source), box, scale)
     except (UnreadableImageError, ValueError) as e:
@@ -878,9 +927,14 @@ def write_plan(
     workers: int = 1,
     skip_bad_images: bool = False,
     scale: float = 1.0,
+    faces: dict | None = None,
+    no_face: list[str] | None = None,
 ) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Every sample as a `size` x `size` 8-bit grayscale image in dest/<split>/<class>/, with
-    `workers` processes; ({split: {class: images written}}, the unreadable ones skipped)."""
+    `workers` processes; ({split: {class: images written}}, the unreadable ones skipped).
+    `faces` (download_dataset.py --faces): a face pipeline's dict that finds and frames each
+    face (`write_face`) instead of the dataset's box; the photos without one are appended to
+    `no_face`."""
     tasks, where = [], []
     for split, classes in splits.items():
         for name, samples in classes.items():
@@ -891,7 +945,8 @@ def write_plan(
                 if s.name in seen:
                     raise DatasetError(f"two {split} images of {name} would be named {s.name}")
                 seen.add(s.name)
-                tasks.append((s.source, s.box, scale, folder / f"{s.name}.{fmt}", size, fmt))
+                target = folder / f"{s.name}.{fmt}"
+                tasks.append((s.source, s.box, scale, target, size, fmt, faces))
                 where.append((split, name))
     expected: dict[str, dict[str, int]] = {s: Counter() for s in splits}
     skipped: list[str] = []
@@ -900,9 +955,11 @@ def write_plan(
         results = pool.map(_write_one, tasks, chunksize=64)
         progress = tqdm(results, total=len(tasks), disable=None, unit="img", desc="writing")
         try:
-            for (split, name), error in zip(where, progress, strict=True):
+            for (split, name), task, error in zip(where, tasks, progress, strict=True):
                 if not error:
                     expected[split][name] += 1
+                elif error == NO_FACE and no_face is not None:
+                    no_face.append(str(task[0]))
                 elif skip_bad_images:
                     skipped.append(error)
                 else:
@@ -913,7 +970,8 @@ def write_plan(
     for split, classes in splits.items():
         for name in classes:
             if not expected[split][name]:
-                raise DatasetError(f"no readable {split} image of {name} (all were skipped)")
+                why = "YuNet found no face in any" if faces else "all were skipped"
+                raise DatasetError(f"no readable {split} image of {name} ({why})")
     return {s: dict(c) for s, c in expected.items()}, skipped
 
 
