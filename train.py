@@ -1746,6 +1746,7 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
         cleanup.enter_context(memory_errors_explained(args, run_dir, world_size))
         writer = cleanup.enter_context(utils.CheckpointWriter())
         classes = prepare_dataset(args, master, log)
+        faces = face_pipeline(args)  # download_dataset.py --faces: the dataset's face pipeline
         cap_workers(args, log)
         set_determinism(args, device)
         model, pretrained, channels_last = build_model(
@@ -1772,7 +1773,7 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
             "git_commit": utils.git_commit(),
         }
-        if (faces := face_pipeline(args)) is not None:  # a dataset of download_dataset --faces
+        if faces is not None:  # every checkpoint says how its faces were framed
             run_info["faces"] = faces
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it

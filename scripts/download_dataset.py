@@ -1135,6 +1135,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     out = Path(args.out)
+    face_pipeline(args)  # --faces: the detector's file is there, before any work
     source = source_description(args)
     # One conversion writes an --out at a time (train.py locks a run folder the same way).
     target = out.resolve()
