@@ -18,7 +18,11 @@ distributions to soft_labels.csv, which train.py trains on. --rafdb, --affectnet
 by their boxes and write --image-size grayscale squares; val is carved from train (stratified,
 seeded) or, for ExpW and CK+, which ship no split, --fold of --folds folds that never divide a
 photo or a subject is the test set and the next fold val. Images are PNG (lossless) unless
---format jpg.
+--format jpg. --faces yunet [--align] finds the faces in the full photos instead (--folder of
+photos, RAF-DB's Image/original/, AffectNet, ExpW, CK+) and frames them with the face pipeline
+predict.py uses (models/faces/: one face a photo, the dataset's box picking it by overlap; the
+photos without one listed in no_face.txt); the manifest records the pipeline, and so does every
+checkpoint trained on the dataset.
 The dataset is built in a temporary folder next to --out and renamed into place at the end, so an
 interrupted (SIGTERM, Ctrl-C: one line) or failed run leaves nothing behind; --out is locked
 while a conversion runs (`.OUT.lock` beside it), so a second one into it is refused; a
