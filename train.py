@@ -874,6 +874,7 @@ def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
             f"{args.dataset_path} has {len(classes)} class folder ({', '.join(classes)}) per "
             "split; a classifier needs at least 2"
         )
+    face_pipeline(args)  # a manifest's wrong face pipeline stops the run before anything is built
     return classes
 
 
@@ -968,6 +969,16 @@ def face_pipeline(args: argparse.Namespace) -> dict | None:
         return None
     where = os.path.join(args.dataset_path, "manifest.json")
     return models.schema.check_face_pipeline(manifest["faces"], where)
+
+
+def dataset_fields(args: argparse.Namespace) -> dict:
+    """What every checkpoint records of its dataset besides the classes: the FER+ `label_mode`
+    and, for a dataset of download_dataset.py --faces, the face pipeline (`faces`)."""
+    fields = {"label_mode": label_mode(args)}
+    faces = face_pipeline(args)
+    if faces is not None:
+        fields["faces"] = faces
+    return fields
 
 
 def build_loaders(
@@ -1746,7 +1757,6 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
         cleanup.enter_context(memory_errors_explained(args, run_dir, world_size))
         writer = cleanup.enter_context(utils.CheckpointWriter())
         classes = prepare_dataset(args, master, log)
-        faces = face_pipeline(args)  # download_dataset.py --faces: the dataset's face pipeline
         cap_workers(args, log)
         set_determinism(args, device)
         model, pretrained, channels_last = build_model(
@@ -1767,14 +1777,12 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
             "model_name": model.model_name,
             "model_kwargs": model.model_kwargs,
             "classes": classes,
-            "label_mode": label_mode(args),
+            **dataset_fields(args),  # label_mode and, from download_dataset.py --faces, faces
             "data_config": model.data_config,
             "pretrained": pretrained,
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
             "git_commit": utils.git_commit(),
         }
-        if faces is not None:  # every checkpoint says how its faces were framed
-            run_info["faces"] = faces
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it
         if resume_ckpt is not None:
