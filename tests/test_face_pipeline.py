@@ -173,6 +173,41 @@ def test_the_datasets_box_picks_the_face(tmp_path):
     assert (out / "no_face.txt").read_text() == f"{root / 'image' / 'origin' / 'p0.png'}\n"
 
 
+def test_affectnet_box_picks_the_face(tmp_path):
+    """AffectNet's CSV release with --faces: each row's face box picks one of a photo's two
+    faces, which is written as the pipeline frames it."""
+    root = tmp_path / "an"
+    header = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+              "facial_landmarks", "expression", "valence", "arousal"]  # fmt: skip
+    faces, expected = iter(FOUND), {}
+    (root / "Manually_Annotated_file_lists").mkdir(parents=True)
+    for name, per_code in (("training", 2), ("validation", 1)):
+        rows = [header]
+        for code in (1, 2):  # Happy, Sad
+            for i in range(per_code):
+                rel = f"{code}/{name}_{code}_{i}.png"
+                save(root / "Manually_Annotated_Images" / rel,
+                     np.hstack([tile(next(faces)), tile(next(faces))]))  # fmt: skip
+                x = 32 if i % 2 == 0 else 192
+                rows.append([rel, x, 32, 96, 96, "", code, 0.1, -0.2])
+                expected[f"{code}_{name}_{code}_{i}"] = (
+                    root / "Manually_Annotated_Images" / rel,
+                    x,
+                )
+        lines = "".join(",".join(map(str, row)) + "\n" for row in rows)
+        (root / "Manually_Annotated_file_lists" / f"{name}.csv").write_text(lines)
+    out = download_dataset.main(["--affectnet", str(root), "--faces", "yunet", "--workers", "1",
+                                 "--image-size", "64", "--out", str(tmp_path / "A")])  # fmt: skip
+    pipeline = FacePipeline(**datasets.read_manifest(out)["faces"])
+    detector = YuNetDetector.of(pipeline)
+    for stem, (photo, x) in expected.items():
+        crops = face_crops(predict.read_image(str(photo)), pipeline, detector)
+        (written,) = out.rglob(f"{stem}.png")
+        assert np.array_equal(
+            np.asarray(Image.open(written)), pick_face(crops, (x, 32, 96, 96)).crop
+        )
+
+
 def test_rafdb_original_photos(tmp_path):
     """--rafdb --faces reads Image/original/ (not the aligned faces), each photo's face picked
     by Annotation/boundingbox/ where the file is there."""
