@@ -58,6 +58,7 @@ from engine import (
 from utils import (
     ArgumentParser,
     CLIError,
+    add_allow_torchscript_argument,
     add_device_argument,
     add_model_arguments,
     check_output_dir,
@@ -74,8 +75,12 @@ from utils import (
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__)
     group = add_model_arguments(
-        parser, models.SIZES, checkpoint_help="this project's or the official trainer's .pt"
+        parser,
+        models.SIZES,
+        checkpoint_help="this project's or the official trainer's .pt, a hub folder, or a "
+        "TorchScript file of scripts/export.py with --allow-torchscript",
     )
+    add_allow_torchscript_argument(group)
     group.add_argument(
         "--compare",
         default=None,
@@ -348,13 +353,48 @@ def describe_cross_dataset(report: dict, split: str) -> str:
     return "\n".join(lines)
 
 
+class Exported(nn.Module):
+    """A TorchScript export in the place of a model: its module, and the model's name."""
+
+    def __init__(self, module: nn.Module, model_name: str):
+        super().__init__()
+        self.module, self.model_name = module, model_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def load_torchscript(
+    path: str, args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, list[str], dict, dict]:
+    """(model, classes, data config, checkpoint record) of a TorchScript export of
+    scripts/export.py, as models.load_trained_model gives them; only with --allow-torchscript,
+    since loading it runs its code."""
+    if not args.allow_torchscript:
+        raise CLIError(models.weights.torchscript_refusal(path, "--allow-torchscript"))
+    if args.fit_temperature:
+        raise CLIError(
+            f"--fit-temperature stores the temperature with a checkpoint, and {path} is an "
+            "export; fit it on the .pt checkpoint or hub folder it was exported from"
+        )
+    module, meta = models.deploy.read_torchscript(path, str(device))  # its output count checked
+    classes, data_config = models.deploy.read_metadata(meta, path)
+    name = meta.get("model_name") if isinstance(meta.get("model_name"), str) else "torchscript"
+    weights = meta.get("weights") if isinstance(meta.get("weights"), str) else "exported"
+    record = {"weights_used": f"{weights} (TorchScript)", "args": {}, "temperature": None}
+    return Exported(module, name), classes, data_config, record | {"temperature_note": None}
+
+
 def score(
     checkpoint: str, args: argparse.Namespace, device: torch.device, model_name: str | None = None
 ) -> Scores:
     """`checkpoint` run over `args.split` of `args.dataset_path` as the flags say."""
-    model, classes, data_config, ckpt = models.load_trained_model(
-        checkpoint, args.weights, model_name
-    )
+    if os.path.isfile(checkpoint) and models.deploy.is_torchscript(checkpoint):
+        model, classes, data_config, ckpt = load_torchscript(checkpoint, args, device)
+    else:
+        model, classes, data_config, ckpt = models.load_trained_model(
+            checkpoint, args.weights, model_name
+        )
     model.to(device)
     split_dir = os.path.join(args.dataset_path, args.split)
     if not os.path.isdir(split_dir):

@@ -262,11 +262,7 @@ def load_onnx(path: str, device: str = "cpu") -> Classifier:
 def load_torchscript(path: str, device: str = "cpu") -> Classifier:
     """A TorchScript export of scripts/export.py (always run by PyTorch, as traced); classes and
     data config from its extra file metadata.json."""
-    try:
-        module, meta = models.deploy.load_torchscript(path, device)
-    except (RuntimeError, ValueError, OSError) as err:  # torch.jit's own reasons
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise utils.CLIError(f"{path} is not a readable TorchScript file ({reason})") from None
+    module, meta = models.deploy.read_torchscript(path, device)  # its output count checked
     classes, data_config = models.deploy.read_metadata(meta, path)
 
     @torch.no_grad()
@@ -583,12 +579,7 @@ def get_args_parser() -> utils.ArgumentParser:
         checkpoint_help=".pt checkpoint, hub folder, hf-hub:USER/NAME, an .onnx file of "
         "scripts/export.py, or its TorchScript file with --allow-torchscript",
     )
-    parser.add_argument(
-        "--allow-torchscript",
-        action="store_true",
-        help="run a TorchScript --checkpoint: it is a program and runs its own code as it loads, "
-        "so give it only for a file you trust (default: refused)",
-    )
+    utils.add_allow_torchscript_argument(parser)
     parser.add_argument(
         "--webcam",
         nargs="?",

@@ -298,6 +298,16 @@ def add_model_arguments(
     return group
 
 
+def add_allow_torchscript_argument(parser: argparse.ArgumentParser) -> None:
+    """--allow-torchscript, for the commands that can run a TorchScript export as --checkpoint."""
+    parser.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="run a TorchScript --checkpoint: it is a program and runs its own code as it loads, "
+        "so give it only for a file you trust (default: refused)",
+    )
+
+
 def run_command(prog: str, main: Callable, args) -> object:
     """main(args), its output free to go nowhere (`output_may_lose_its_reader`); a CLIError (a
     DeviceError among them), out of memory (`is_out_of_memory`), or a full disk or another failed

@@ -175,6 +175,34 @@ def load_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptMo
     return module.eval(), meta if isinstance(meta, dict) else {}
 
 
+def read_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """(module, metadata) of a TorchScript export, its metadata checked and its
+    output count checked against the classes by one forward pass of a zero batch. It runs the
+    file's code: only for a file the user opted in to (--allow-torchscript)."""
+    try:
+        module, meta = load_torchscript(path, device)
+    except (RuntimeError, ValueError, OSError) as err:  # torch.jit's own reasons
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{path} is not a readable TorchScript file ({reason})") from None
+    classes, data_config = read_metadata(meta, path)
+    shape = (1, data_config["in_chans"], data_config["image_size"], data_config["image_size"])
+    try:
+        with torch.no_grad():
+            logits = module(torch.zeros(shape, device=device))
+    except Exception as err:  # whatever the file's code raises
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"{path}: the TorchScript model fails on a zero batch ({reason})"
+        ) from None
+    outputs = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if outputs != (1, len(classes)):
+        raise WeightsError(
+            f"{path}: the TorchScript model's output for one image is {outputs}, but its metadata "
+            f"names {len(classes)} classes; export it again with scripts/export.py"
+        )
+    return module, meta
+
+
 # --------------------------------------------------------------------------- quantized exports
 
 # Ops the float16 export keeps in float32: ONNX Runtime's defaults, plus the STN's AffineGrid and

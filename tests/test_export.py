@@ -191,7 +191,7 @@ def test_a_torchscript_file_runs_only_with_allow_torchscript(tmp_path, capsys, r
         status, message = command_error(capsys, repo_root / script, argv)
         assert status == 1 and message.count("\n") == 1, message
         assert "is a TorchScript file, not a checkpoint: it holds code, which would run" in message
-        assert ("--allow-torchscript runs it" in message) == (script == "predict.py"), message
+        assert ("--allow-torchscript runs it" in message) == (script != "scripts/export.py")
     with pytest.raises(CLIError, match="is a TorchScript file"):
         load_trained_model(path)
     assert not list(tmp_path.glob("code-ran*"))  # nothing of it ran
@@ -199,6 +199,65 @@ def test_a_torchscript_file_runs_only_with_allow_torchscript(tmp_path, capsys, r
     (record,) = predict.main(predict.parse_args(argv))
     assert sorted(p.name for p in tmp_path.glob("code-ran*")) == ["code-ran", "code-ran.load"]
     assert list(record["probabilities"]) == CLASSES
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_evaluate_runs_a_torchscript_export_with_allow_torchscript(
+    synthetic_root, tmp_path, capsys, repo_root
+):
+    """evaluate.py had no --allow-torchscript: a TorchScript export could not be scored at all.
+    It takes predict.py's flag now (utils.add_allow_torchscript_argument), refuses the file in one
+    line naming it without the flag, and with it scores what the .pt scores."""
+    import evaluate
+
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    path = tmp_path / "model.ts"
+    export(["--checkpoint", checkpoint, "--format", "torchscript", "--output", path])
+    common = ["--dataset-path", synthetic_root, "--tta", "none", "--bootstrap", "0"]
+    argv = ["--checkpoint", path, "--output", tmp_path / "ts"] + common
+    status, message = command_error(capsys, repo_root / "evaluate.py", argv)
+    assert status == 1 and message.count("\n") == 1, message
+    assert "is a TorchScript file" in message and "--allow-torchscript runs it" in message
+    assert not (tmp_path / "ts").exists()
+    runs = [
+        evaluate.main(evaluate.parse_args([str(a) for a in argv + extra]))
+        for argv, extra in [
+            (argv, ["--allow-torchscript"]),
+            (["--checkpoint", checkpoint, "--output", tmp_path / "pt"] + common, []),
+        ]
+    ]
+    assert runs[0]["model_name"] == runs[1]["model_name"] == "emonext_micro"
+    assert runs[0]["accuracy"] == runs[1]["accuracy"]
+    assert runs[0]["nll"] == pytest.approx(runs[1]["nll"], abs=1e-4)
+
+
+class FiveOutputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_a_torchscript_with_another_number_of_outputs_is_one_line(
+    synthetic_root, tmp_path, capsys, repo_root
+):
+    """A TorchScript file whose logits have 5 columns but whose metadata names 7 classes: predict
+    and evaluate scored it against the wrong classes (or failed deep inside); one line now."""
+    path = tmp_path / "five.ts"
+    data_config = {"image_size": 32, "resize_size": None, "in_chans": 3, "mean": None, "std": None}
+    meta = {"classes": json.dumps(CLASSES), "data_config": json.dumps(data_config)}
+    torch.jit.save(torch.jit.script(FiveOutputs()), path, {"metadata.json": json.dumps(meta)})
+    for script, argv in [
+        ("predict.py", [ASTRONAUT, "--no-detect", "--json"]),
+        ("evaluate.py", ["--dataset-path", synthetic_root, "--output", tmp_path / "out"]),
+    ]:
+        argv = argv + ["--checkpoint", path, "--allow-torchscript"]
+        status, message = command_error(capsys, repo_root / script, argv)
+        assert status == 1 and message.count("\n") == 1, message
+        assert (
+            f"{path}: the TorchScript model's output for one image is (1, 5), but its " in message
+        )
+        assert "metadata names 7 classes" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five.ts"]
 
 
 def test_tampered_onnx_metadata_is_one_line(tmp_path):
