@@ -403,6 +403,7 @@ def score(
             "`python scripts/download_dataset.py` (or pass --dataset-path)"
         )
     try:
+        datasets.check_dataset(args.dataset_path, (args.split,))  # one class: a meaningless 100 %
         loader = datasets.build_loader(
             args.dataset_path,
             args.split,

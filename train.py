@@ -867,13 +867,8 @@ def prepare_dataset(args: argparse.Namespace, master: bool, log) -> list[str]:
         )
     try:
         classes = datasets.check_dataset(args.dataset_path)
-    except datasets.DatasetError as err:
+    except datasets.DatasetError as err:  # a single class among them (datasets.check_dataset)
         fail(str(err))
-    if len(classes) < 2:  # one class: every prediction right, a meaningless 100 %
-        fail(
-            f"{args.dataset_path} has {len(classes)} class folder ({', '.join(classes)}) per "
-            "split; a classifier needs at least 2"
-        )
     face_pipeline(args)  # a manifest's wrong face pipeline stops the run before anything is built
     return classes
 

@@ -191,15 +191,25 @@ def _image_files(class_dir: Path) -> list[Path]:
     return [class_dir / name for name in sorted(_image_names(class_dir))]
 
 
-def check_dataset(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> list[str]:
+def check_dataset(
+    root: str | os.PathLike, splits: tuple[str, ...] = SPLITS, min_classes: int = 2
+) -> list[str]:
     """Validate the layout of `splits` under `root`; return the class list (alphabetical).
 
-    Missing split or class folders, a class present in some splits only, or an empty class
-    folder raise DatasetError naming the path.
+    Missing split or class folders, a class present in some splits only, an empty class
+    folder, or fewer than `min_classes` classes raise DatasetError naming the path. The commands
+    that train, score or benchmark a classifier on a dataset call it with the default 2 before
+    they read it (train.py, evaluate.py, scripts/benchmark.py data); `load_split`, which only
+    decodes, takes a single class too.
     """
     root = Path(root)
     scans = {split: _scan_split(root, split) for split in splits}
     classes = sorted(set().union(*scans.values()))
+    if len(classes) < min_classes:  # one class: every prediction right, a meaningless 100 %
+        raise DatasetError(
+            f"{root} has {len(classes)} class folder ({', '.join(classes)}) per split; a "
+            "classifier needs at least 2"
+        )
     for split, found in scans.items():
         for name in classes:
             if name not in found:
@@ -220,7 +230,7 @@ def _split_listing(root: Path, split: str) -> tuple[list[str], list[tuple[str, i
     present = tuple(s for s in SPLITS if (root / s).is_dir())
     if split not in present:
         present = present + (split,)
-    classes = check_dataset(root, present)
+    classes = check_dataset(root, present, min_classes=1)
     found = _scan_split(root, split)
     items = []
     for target, name in enumerate(classes):

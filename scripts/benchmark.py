@@ -158,6 +158,7 @@ def run_data(args: argparse.Namespace) -> dict:
         augment = datasets.CONVNEXT_AUGMENT if args.recipe == "convnext" else None
         common = dict(mode=mode, batch_size=args.batch_size, data_config=cfg, seed=args.seed)
         common["augment"] = augment if mode == "train" else None
+        datasets.check_dataset(root, (args.split,))  # a classifier's data: 2 classes or more
         datasets.load_split(root, args.split)  # decode + cache once, outside the timings
         pil = datasets.build_loader(
             root, args.split, pipeline="pil", device=device, num_workers=args.num_workers, **common

@@ -91,3 +91,20 @@ def test_data_subprocess_human_output(synthetic_root):
     )
     assert r.returncode == 0, r.stderr
     assert "pil" in r.stdout and "fast" in r.stdout and "ratio fast/pil" in r.stdout
+
+
+def test_data_refuses_a_one_class_dataset(synthetic_root, tmp_path):
+    """A folder of one class was benchmarked as if it were a dataset; it is refused in
+    datasets.check_dataset's line, as train.py and evaluate.py refuse it."""
+    import shutil
+
+    from utils import CLIError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "val" / "Happy", data / "val" / "Happy")
+    with pytest.raises(CLIError) as error:
+        main(["data", "--dataset-path", str(data), "--split", "val", "--batches", "1"])
+    assert str(error.value) == (
+        f"{data} has 1 class folder (Happy) per split; a classifier needs at least 2"
+    )
+    assert not (data / ".cache").exists()  # refused before anything was decoded

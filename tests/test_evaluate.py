@@ -308,3 +308,20 @@ def test_a_model_of_other_classes_is_scored_on_the_shared_ones(dataset, tmp_path
     assert "classes: the model's 8 and the dataset's 7, matched by name: 7 shared" in printed
     assert "masked: contempt (the model's, not the dataset's) out of the argmax" in printed
     assert f"unmasked: accuracy {cross['unmasked']['accuracy']:.2f} %" in printed
+
+
+def test_a_one_class_dataset_is_refused(synthetic_root, tmp_path, capsys, repo_root):
+    """train.py refused a dataset of one class folder (every prediction right: a meaningless
+    100 %); evaluate.py scored it. The check is datasets.check_dataset's now, so every command
+    that reads a dataset gives the same line."""
+    data = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        shutil.copytree(synthetic_root / split / "Happy", data / split / "Happy")
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    argv = ["--checkpoint", checkpoint, "--dataset-path", data, "--output", tmp_path / "out"]
+    status, message = command_error(capsys, repo_root / "evaluate.py", argv + ["--tta", "none"])
+    assert status == 1 and message == (
+        f"evaluate.py: error: {data} has 1 class folder (Happy) per split; a classifier needs at "
+        "least 2\n"
+    )
+    assert not (tmp_path / "out").exists()
