@@ -20,7 +20,11 @@ grey-to-RGB rule, which weights, the temperature and face pipeline if any; timm'
 when it sits beside the checkpoint; `--push REPO_ID` uploads it with huggingface_hub.
 `models.load_model(DIR or hf-hub:REPO_ID)` and every command's `--checkpoint` read it back.
 `--output` is a new or empty folder, or one holding an earlier hub export, replaced with
-`--force`; a folder of other files is never written into.
+`--force`; a folder of other files is never written into. Likewise an ONNX or TorchScript
+`--output` that exists is replaced only with `--force`, and only when it is an earlier export of
+this script (its metadata says so); any other file is never replaced. Files and folders are
+written beside `--output` under a temporary name and renamed once checked: a failure at any
+point leaves what was there before.
 
 Every export is compared with the PyTorch model on random inputs and on a real face (the
 astronaut photograph of tests/data, through predict.py's detector and transform); a mismatch
@@ -48,6 +52,7 @@ import os
 import shutil
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -328,6 +333,12 @@ def get_args_parser() -> utils.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="file (.onnx, .ts) or hub folder to write")
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the earlier export (file or hub folder) that --output holds; a file or "
+        "folder holding anything else is never replaced or written into",
+    )
+    parser.add_argument(
         "--opset",
         default=deploy.OPSET,
         type=int,
@@ -380,12 +391,6 @@ def get_args_parser() -> utils.ArgumentParser:
         "--private", action="store_true", help="with --push: create the repository private"
     )
     hub_group.add_argument(
-        "--force",
-        action="store_true",
-        help="replace the earlier hub export that --output holds (a folder holding any other "
-        "file is never written into)",
-    )
-    hub_group.add_argument(
         "--license",
         default="mit",
         help="licence id in the model card (huggingface.co/docs/hub/repositories-licenses)",
@@ -398,8 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (sys.argv when None), checked: one line and exit status 2 if wrong."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if (args.push or args.private or args.force) and args.format != "hub":
-        parser.error("--push, --private and --force need --format hub")
+    if (args.push or args.private) and args.format != "hub":
+        parser.error("--push and --private need --format hub")
     if args.push and not is_repo_id(args.push):
         parser.error(
             f"--push {args.push}: not a Hugging Face repository id; give USER/NAME (letters, "
@@ -473,10 +478,50 @@ def check_hub_output(folder: Path, force: bool) -> None:
         )
 
 
+def is_file_export(path: Path) -> bool:
+    """Whether `path` is an ONNX or TorchScript file of this script: its metadata (ONNX
+    metadata_props, TorchScript's metadata.json, read from the zip without loading the program)
+    holds the keys deploy.onnx_metadata writes."""
+    ours = {"classes", "data_config", "input", "source_checkpoint"}
+    if deploy.is_torchscript(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/extra/metadata.json"))
+                meta = json.loads(archive.read(name))
+        except (OSError, StopIteration, zipfile.BadZipFile, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(meta, dict) and ours <= set(meta)
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and onnx's own: not an ONNX file
+        return False
+    return ours <= {p.key for p in model.metadata_props}
+
+
+def check_file_output(path: Path, force: bool) -> None:
+    """An ONNX or TorchScript export goes to a new path, or replaces an earlier export of this
+    script with --force; any other file is never replaced."""
+    if not os.path.lexists(path):
+        return
+    if not path.is_file() or not is_file_export(path):
+        raise utils.CLIError(
+            f"--output {path} exists and is not a file scripts/export.py wrote; an export never "
+            "replaces it, not even with --force: give another path"
+        )
+    if not force:
+        raise utils.CLIError(
+            f"--output {path} holds an earlier export; pass --force to replace it, or give "
+            "another path"
+        )
+
+
 def check_output(args: argparse.Namespace) -> None:
     """Before the model loads: --output's folder can be written (utils.check_output_dir), a
-    file export does not go where a folder is, nor a hub folder where a file is or into a folder
-    of other files (check_hub_output)."""
+    file export does not go where a folder is nor over a file it did not write
+    (check_file_output), nor a hub folder where a file is or into a folder of other files
+    (check_hub_output)."""
     output = Path(args.output)
     if args.format != "hub" and output.is_dir():
         raise utils.CLIError(
@@ -486,6 +531,8 @@ def check_output(args: argparse.Namespace) -> None:
         raise utils.CLIError(f"--output {args.output} is a file; give a folder for the hub export")
     if args.format == "hub":
         check_hub_output(output, args.force)
+    else:
+        check_file_output(output, args.force)
     # Both are written beside --output first (a temporary name), then renamed: its folder counts.
     utils.check_output_dir(Path(os.path.abspath(output)).parent, "--output")
 

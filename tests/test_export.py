@@ -99,6 +99,53 @@ def test_failed_check_leaves_no_file(tmp_path, repo_root, capsys):
     assert list(tmp_path.iterdir()) == [checkpoint]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_an_existing_file_is_replaced_only_when_it_is_an_earlier_export(
+    tmp_path, capsys, repo_root, monkeypatch
+):
+    """`--format onnx|torchscript --output FILE` overwrote whatever FILE was. A file this script
+    did not write is refused in one line, with or without --force; an earlier export is replaced
+    with --force only, through a temporary file, so a failure midway leaves it as it was."""
+    import onnx.helper as oh
+
+    from scripts import export as export_script
+
+    script = repo_root / "scripts" / "export.py"
+    checkpoint = make_project_checkpoint(tmp_path / "checkpoint.pt")
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("a user's notes")
+    graph = oh.make_graph([oh.make_node("Identity", ["x"], ["y"])], "g", [], [])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(oh.make_model(graph), str(foreign))  # an ONNX model without our metadata
+    for path in (notes, foreign, tmp_path / "checkpoint.pt"):
+        for force in ([], ["--force"]):
+            argv = ["--checkpoint", checkpoint, "--format", "onnx", "--output", path] + force
+            status, message = command_error(capsys, script, argv)
+            assert status == 2 and message.count("\n") == 1, message
+            assert f"--output {path} exists and is not a file scripts/export.py wrote" in message
+    assert notes.read_text() == "a user's notes"
+
+    path = tmp_path / "model.ts"
+    argv = ["--checkpoint", checkpoint, "--format", "torchscript", "--output", path]
+    export(argv)
+    assert export_script.is_file_export(path) and not export_script.is_file_export(foreign)
+    status, message = command_error(capsys, script, argv)
+    assert status == 2 and message.count("\n") == 1, message
+    assert f"--output {path} holds an earlier export; pass --force to replace it" in message
+    before, listing = path.read_bytes(), sorted(tmp_path.iterdir())
+
+    def fails_midway(*args, **kwargs):
+        raise RuntimeError("the check failed midway")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_script, "max_difference", fails_midway)
+        with pytest.raises(RuntimeError, match="midway"):
+            export(argv + ["--force"])
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == listing
+    export(argv + ["--force"])
+    assert export_script.is_file_export(path) and sorted(tmp_path.iterdir()) == listing
+
+
 def test_real_input_is_yunets_face_on_any_opencv(monkeypatch):
     """The check's real input is the face predict.py would crop, with or without Haar cascades
     (OpenCV 5 has none); an OpenCV that cannot run YuNet checks on the whole photo instead."""
