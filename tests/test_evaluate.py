@@ -157,10 +157,15 @@ def test_clear_errors(dataset, tmp_path, repo_root, capsys):
         run(["--checkpoint", text, "--dataset-path", dataset])
     with pytest.raises(CLIError, match="scripts/download_dataset.py"):
         run(["--checkpoint", checkpoint, "--dataset-path", tmp_path / "missing"])
-    contempt_only = tmp_path / "contempt"
-    shutil.copytree(dataset / "test" / "Angry", contempt_only / "test" / "Contempt")
-    with pytest.raises(CLIError, match="predicts Angry, .*Contempt: no class in common"):
-        run(["--checkpoint", checkpoint, "--dataset-path", contempt_only, "--output", tmp_path])
+    # Two classes, since one is refused (datasets.check_dataset), that a two-class model lacks.
+    two_class = make_project_checkpoint(tmp_path / "two.pt", classes=["Happy", "Sad"])
+    other = tmp_path / "contempt"
+    shutil.copytree(dataset / "test" / "Angry", other / "test" / "Angry")
+    shutil.copytree(dataset / "test" / "Angry", other / "test" / "Contempt")
+    with pytest.raises(
+        CLIError, match="predicts Happy, Sad; .*Angry, Contempt: no class in common"
+    ):
+        run(["--checkpoint", two_class, "--dataset-path", other, "--output", tmp_path])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # flags that contradict: a usage error
         run(["--checkpoint", checkpoint, "--model", "emonext_tiny", "--model-size", "micro"])
