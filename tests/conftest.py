@@ -20,6 +20,19 @@ for p in (REPO_ROOT, REPO_ROOT / "scripts"):  # the scripts are imported by thei
         sys.path.insert(0, str(p))
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`-n 2`, as .ci/run and the README run the suite) each worker keeps to
+    one core: one intra-op thread, inherited by every command a test starts. Two workers with two
+    threads each would share two cores, and PyTorch's threads spin while they wait for a core:
+    tiny models then train several times slower than on one thread."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
