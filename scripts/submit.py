@@ -311,7 +311,9 @@ def error_line(job_dir: str, job_id: str) -> str | None:
             continue
         for line in reversed(lines):
             line = re.sub(r"^\[rank\d+\]: ?", "", line)  # torch.distributed's prefix
-            if line.strip() and not line.startswith((" ", "\t", "submitit ", "Traceback ")):
+            if line.strip() and not line.startswith(
+                (" ", "\t", "submitit ", "srun: ", "Traceback ")
+            ):
                 return line.strip()
     return None
 
