@@ -198,7 +198,8 @@ def train_one_epoch(
 
     Per optimiser step (`optimizer_step`): unscale, clip, step, then the scheduler and the EMA.
     A non-finite loss skips the step (counted by `NonFiniteSteps`); `max_nonfinite` in a row end
-    the epoch with `stopped="nonfinite"`. `stop` (truthy when set) ends it early. Running sums
+    the epoch with `stopped="nonfinite"`. `stop` (utils.StopVote) ends it early, after the same
+    step on every rank. Running sums
     stay on the device; the host reads them every 25 steps for the progress bar and once at the
     end. Only batches of the loader's batch size are autotuned by cuDNN (`cudnn_autotune`): the
     partial last batch runs on cuDNN's heuristics.
@@ -265,9 +266,11 @@ def train_one_epoch(
         if nonfinite.streak >= max_nonfinite:
             stopped = "nonfinite"
             break
-        if stop:
+        if stop is not None and stop.after_step():
             stopped = "interrupted"
             break
+    if stop is not None:
+        stop.settle()
     if bar is not None:
         bar.close()
     nonfinite.read()

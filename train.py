@@ -1443,11 +1443,20 @@ def write_epoch(
 
 
 def exit_interrupted(
-    interrupted: utils.Interrupted, state: TrainState, run_dir: Path, world_size: int, log
+    signum: int, requeued: bool, state: TrainState, run_dir: Path, world_size: int, log
 ) -> None:
-    """Say where the run stands and how to continue it, then exit with 128 + the signal."""
+    """Say where the run stands and how to continue it (`requeued`: the job requeues itself),
+    then exit with 128 + the signal."""
     saved_epoch = epoch_on_disk(run_dir / "last.pt")  # a second signal may stop a write midway
-    if saved_epoch is None:
+    if requeued:
+        log(
+            f"interrupted: the job requeues itself and resumes from {run_dir / 'last.pt'} (epoch "
+            f"{saved_epoch}, the last finished one)"
+            if saved_epoch is not None
+            else f"interrupted in epoch {state.epoch + 1}, before any epoch finished: the job "
+            "requeues itself and starts over"
+        )
+    elif saved_epoch is None:
         log(
             f"interrupted in epoch {state.epoch + 1}, before any epoch finished: no checkpoint "
             "was saved. Run the same command again to start over."
@@ -1457,7 +1466,7 @@ def exit_interrupted(
             f"interrupted: {run_dir / 'last.pt'} holds epoch {saved_epoch}, the last "
             f"finished one; continue with `{resume_command(run_dir / 'last.pt', world_size)}`"
         )
-    raise SystemExit(128 + interrupted.signum)
+    raise SystemExit(128 + signum)
 
 
 def testing_exit_message(state: TrainState, run_dir: Path, world_size: int, master: bool) -> str:
@@ -1727,12 +1736,17 @@ def train_epoch(
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> dict | None:
+def main(
+    args: argparse.Namespace,
+    stop_signals: tuple[int, ...] = STOP_SIGNALS,
+    requeue_signal: int | None = None,
+) -> dict | None:
     """Train and test as `args` (from parse_args) say; the results dict on rank 0. It returns or
     raises only once the last checkpoint is written (in-process callers read it at once), with
     the signal handlers it found restored and the process group destroyed. A signal of
-    `stop_signals` stops the loop after its step and exits with 128 + the signal (a SLURM job
-    launched by scripts/submit.py stops on submitit's preemption signal instead of SIGTERM)."""
+    `stop_signals` stops the loop after its step, on every rank after the same one, and exits
+    with 128 + the signal (a SLURM job launched by scripts/submit.py stops on submitit's
+    preemption signal instead of SIGTERM, and says that `requeue_signal` requeues the job)."""
     clock = RunClock()
     utils.reset_fault_points()
     rank, world_size, device = setup_devices(args)
@@ -1799,6 +1813,7 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
 
         # ---- loop: train, validate, save; until the epochs, patience, bad losses or a signal
         with utils.Interrupted(stop_signals) as interrupted:
+            stop = utils.StopVote(interrupted, device)  # every rank stops after the same step
             stop_reason = "epochs"
             epochs = range(state.epoch + 1, args.epochs)
             if state.bad_epochs >= args.patience:  # a resumed run that stopped early stays so
@@ -1814,7 +1829,7 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
                     # bars only for a person watching: a log file would fill with them
                     progress = master and not args.no_progress and utils.is_terminal()
                     stats = train_epoch(training, loaders["train"], args, device, epoch, progress,
-                                        interrupted)  # fmt: skip
+                                        stop)  # fmt: skip
                     state.step += stats["steps"]
                     if stats["stopped"]:
                         stop_reason = stats["stopped"]
@@ -1847,7 +1862,7 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
                         patience = args.patience
                         log(f"early stopping: no better validation accuracy for {patience} epochs")
                         break
-                    if interrupted:
+                    if stop.now():  # a signal during validation or the save, on any rank
                         stop_reason = "interrupted"
                         break
             except KeyboardInterrupt:  # a second signal: stop now, in the middle of a step
@@ -1856,7 +1871,9 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
             clock.end_loop()
             writer.wait()  # last.pt and best.pt hold state.saved_epoch from here on
             if stop_reason == "interrupted":
-                exit_interrupted(interrupted, state, run_dir, world_size, log)
+                signum = stop.signum or interrupted.signum
+                requeued = signum == requeue_signal
+                exit_interrupted(signum, requeued, state, run_dir, world_size, log)
 
             # ---- test and report: a signal from here on exits at once, with its message
             interrupted.exit_message = testing_exit_message(state, run_dir, world_size, master)

@@ -559,14 +559,21 @@ def fault_point(name: str) -> None:
 
     EMONEXT_FAULT="NAME:N:SIGNAL" (e.g. "step:10:SIGKILL") sends SIGNAL to this process the N-th
     time it reaches NAME, so that a test kills it at an exact point instead of after a guessed
-    delay. Unset, this is one dictionary look-up.
+    delay; "NAME:N:SIGNAL@RANK" only in the process of that RANK (torchrun's), and several
+    faults are separated by commas. Unset, this is one dictionary look-up.
     """
-    spec = os.environ.get("EMONEXT_FAULT")
-    if not spec:
+    specs = os.environ.get("EMONEXT_FAULT")
+    if not specs:
         return
-    point, count, sig = spec.rsplit(":", 2)
-    if point == name:
-        _FAULT_COUNTS[name] += 1
+    counted = False
+    for spec in specs.split(","):
+        spec, _, rank = spec.partition("@")
+        point, count, sig = spec.rsplit(":", 2)
+        if point != name or (rank and rank != os.environ.get("RANK", "0")):
+            continue
+        if not counted:  # each time NAME is reached counts once, whatever the faults there
+            _FAULT_COUNTS[name] += 1
+            counted = True
         if _FAULT_COUNTS[name] == int(count):
             os.kill(os.getpid(), getattr(signal, sig))
 
@@ -618,6 +625,65 @@ class Interrupted:
         self.signum = signum
 
     def __bool__(self) -> bool:
+        return bool(self.signum)
+
+
+class StopVote:
+    """The signals of `interrupted` (each process gets its own, e.g. SLURM's on each node, seconds
+    apart) as one decision that every rank takes after the same step: a rank that stopped alone
+    would leave the others waiting in the next collective (gloo: "Connection closed by peer").
+
+    `after_step` starts an all_reduce (MAX) of this rank's signal number without waiting for it
+    and returns the one started a step earlier: every rank stops one step after the first signal,
+    and the host never waits for the step it has just queued (on a GPU, only for the one before).
+    `now` agrees at once (a blocking all_reduce: at an epoch's end). Once agreed, `signum` is the
+    signal on every rank (the highest number if several came). One process: the signal itself.
+    """
+
+    def __init__(self, interrupted: Interrupted, device: torch.device | str):
+        self.interrupted, self.device = interrupted, torch.device(device)
+        self.signum = 0
+        self._pending = None  # (work, flag on the host or the device, CUDA event or None)
+
+    def after_step(self) -> bool:
+        if not is_distributed():
+            self.signum = self.interrupted.signum
+            return bool(self.signum)
+        if self._read():
+            return True
+        flag = torch.full((1,), self.interrupted.signum, device=self.device, dtype=torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if flag.is_cuda:  # NCCL's wait holds the stream, not the host; pinned copy, then an event
+            work.wait()
+            flag, event = flag.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        self._pending = (work, flag, event)
+        return False
+
+    def now(self) -> bool:
+        if not is_distributed():
+            return self.after_step()
+        self._read()  # the vote still under way, whatever it says: this one includes it
+        flag = torch.full((1,), self.interrupted.signum, device=self.device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return bool(self.signum)
+
+    def settle(self) -> None:
+        """Wait for the vote under way (the loop ended by itself: it is not needed)."""
+        self._read()
+
+    def _read(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag, event = self._pending
+        self._pending = None
+        if event is None:
+            work.wait()
+        else:
+            event.synchronize()
+        self.signum = int(flag.item())
         return bool(self.signum)
 
 

@@ -19,8 +19,12 @@ from the run's last.pt (docs/CLUSTERS.md). The way ConvNeXt's run_with_submitit.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,7 +184,8 @@ class Trainer:
         # after its step, as it does on SIGTERM outside a job. SIGTERM stays with submitit, which
         # ignores it (SLURM sends it with preemptions, before its own signal).
         try:
-            return train.main(train.parse_args(argv), stop_signals=(signal.SIGINT, preempted))
+            args = train.parse_args(argv)
+            return train.main(args, (signal.SIGINT, preempted), requeue_signal=preempted)
         except SystemExit as stop:
             handler = signal.getsignal(preempted)  # submitit's, restored by train.main
             if stop.code == 128 + preempted and callable(handler):
@@ -195,15 +200,9 @@ class Trainer:
 
 
 def make_executor(args: argparse.Namespace):
-    """submitit's executor for --cluster, with the job's resources; a one-line error without
-    SLURM."""
+    """submitit's executor for --cluster, with the job's resources."""
     import submitit
 
-    if args.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise utils.CLIError(
-            "sbatch is not on PATH: submit from a SLURM login node, or pass --cluster local to "
-            "run the job on this machine"
-        )
     executor = submitit.AutoExecutor(
         folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=args.max_timeouts
     )
@@ -219,19 +218,122 @@ def make_executor(args: argparse.Namespace):
     if args.cluster == "slurm":
         executor.update_parameters(
             cpus_per_task=args.cpus_per_task,
-            mem_gb=args.mem_gb or 40 * max(args.gpus_per_node, 1),
+            mem_gb=args.mem_gb,
             slurm_partition=args.partition,
         )
     return executor
 
 
+def sinfo_nodes(partition: str | None) -> list[dict] | None:
+    """The nodes of `partition` (the cluster's default when None) as sinfo lists them: name,
+    CPUs, memory in MB and GPUs; None where sinfo is missing or does not answer."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    nodes = []
+    for line in out.splitlines():
+        name, part, cpus, mem, gres = line.strip().split("|")
+        if part.rstrip("*") == partition or (partition is None and part.endswith("*")):
+            gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+            cpus, mem = int(cpus.rstrip("+")), int(mem.rstrip("+"))
+            nodes.append({"name": name, "cpus": cpus, "mem_mb": mem, "gpus": gpus})
+    return nodes
+
+
+def check_request(args: argparse.Namespace) -> None:
+    """Where sinfo answers: enough nodes of the partition can hold a task's CPUs, the memory and
+    the GPUs asked, else one line before submitting (SLURM would keep the job pending forever)."""
+    nodes = sinfo_nodes(args.partition)
+    if nodes is None:
+        return
+    where = f"partition {args.partition}" if args.partition else "the default partition"
+    if not nodes:
+        raise utils.CLIError(
+            f"--partition {args.partition}: no such partition (sinfo); give one that `sinfo` lists"
+            if args.partition
+            else "sinfo lists no default partition; give --partition"
+        )
+    cpus = args.cpus_per_task * args.tasks_per_node
+    asked = [
+        ("--gpus-per-node", args.gpus_per_node, "gpus", args.gpus_per_node, "GPUs"),
+        ("--cpus-per-task", args.cpus_per_task, "cpus", cpus, "CPUs"),
+        ("--mem-gb", args.mem_gb, "mem_mb", args.mem_gb * 1024, "MB of memory"),
+    ]
+    for flag, value, key, need, unit in asked:
+        most = max(node[key] for node in nodes)
+        if need > most:
+            per = f" x {args.tasks_per_node} tasks per node" if key == "cpus" else ""
+            raise utils.CLIError(
+                f"{flag} {value}{per}: the nodes of {where} have at most {most} {unit}; ask for "
+                "less (or another --partition)"
+            )
+    fit = [n for n in nodes if n["cpus"] >= cpus and n["mem_mb"] >= args.mem_gb * 1024
+           and n["gpus"] >= args.gpus_per_node]  # fmt: skip
+    if len(fit) < args.nodes:
+        raise utils.CLIError(
+            f"--nodes {args.nodes}: {len(fit)} node(s) of {where} can hold what each node is "
+            "asked for; ask for fewer nodes or less per node"
+        )
+
+
+def submit_job(executor, trainer: Trainer, job_dir: str):
+    """executor.submit, with sbatch's refusal as one line (its own reason) and nothing left behind
+    of what this submission wrote: its files in `job_dir`, and the folders it made."""
+    from submitit.core.utils import FailedJobError
+
+    folder = Path(job_dir)
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    with utils.made_folders_removed_if_empty(folder):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr too
+                return executor.submit(trainer)
+        except FailedJobError as err:
+            for path in set(folder.glob("*.pkl")) | set(folder.glob(".submission_file_*.sh")):
+                if path not in before:
+                    path.unlink()
+            reasons = [
+                line.strip().removeprefix("sbatch: error: ") for line in str(err).splitlines()
+            ]
+            reason = "; ".join(r for r in reasons if r) or "no reason given"
+            raise utils.CLIError(f"sbatch refused the job: {reason}") from None
+
+
+def error_line(job_dir: str, job_id: str) -> str | None:
+    """The job's own error: the last line that a task wrote to its stderr log and that is neither
+    submitit's nor a traceback's frame (task 0 first)."""
+    logs = sorted(Path(job_dir).glob(f"{job_id}_*_log.err"), key=lambda p: p.name.split("_")[1])
+    for log in logs:
+        try:
+            lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            line = re.sub(r"^\[rank\d+\]: ?", "", line)  # torch.distributed's prefix
+            if line.strip() and not line.startswith(
+                (" ", "\t", "submitit ", "srun: ", "Traceback ")
+            ):
+                return line.strip()
+    return None
+
+
 def main(argv: list[str] | None = None):
     """Submit; with --wait, wait and return the results of task 0 (train.main's dict)."""
     args, train_argv = parse_args(argv)
+    utils.check_output_dir(args.job_dir, "--job-dir")
+    if args.cluster == "slurm":
+        if shutil.which("sbatch") is None:
+            raise utils.CLIError(
+                "sbatch is not on PATH: submit from a SLURM login node, or pass --cluster local "
+                "to run the job on this machine"
+            )
+        args.mem_gb = args.mem_gb or 40 * max(args.gpus_per_node, 1)
+        check_request(args)
     executor = make_executor(args)
     # The job unpickles Trainer by value: it need not import this script, only train.py.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    job = executor.submit(Trainer(train_argv, args.run_dir))
+    job = submit_job(executor, Trainer(train_argv, args.run_dir), args.job_dir)
     tasks = args.nodes * args.tasks_per_node
     print(f"submitted job {job.job_id} ({tasks} task(s)): run folder {args.run_dir}, logs in "
           f"{args.job_dir}")  # fmt: skip
@@ -239,8 +341,10 @@ def main(argv: list[str] | None = None):
         return None
     try:
         results = job.results()[0]
-    except Exception as err:  # submitit re-raises the job's failure with its log's tail
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    except Exception as err:  # submitit's message ends with its log's tail or the logs' paths
+        reason = error_line(args.job_dir, job.job_id)
+        if reason is None:
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise utils.CLIError(
             f"job {job.job_id} failed ({reason}); its logs are in {args.job_dir}"
         ) from None

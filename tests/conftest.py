@@ -84,6 +84,24 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster on this machine (tests/slurm_cluster.py), stopped at the end;
+    skipped with the reason where it cannot run, and a failure instead with EMONEXT_CI=1."""
+    from slurm_cluster import Cluster, Unavailable
+
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as err:
+        cluster.stop()
+        if os.environ.get("EMONEXT_CI"):
+            pytest.fail(f"the SLURM cluster cannot run here: {err}")
+        pytest.skip(f"the SLURM cluster cannot run here: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def bomb_png(tmp_path_factory) -> Path:
     """A valid 20000 x 20000 (400-megapixel) 1-bit black PNG of 48 kB: 400 MB once decoded.
 

@@ -3,6 +3,8 @@ CPU processes (gloo) on this machine. A real SLURM cluster is not available here
 (docs/CLUSTERS.md says what that leaves untested)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +30,9 @@ def submit_local(repo_root, argv: list, env: dict | None = None) -> subprocess.C
         capture_output=True,
         text=True,
         timeout=300,  # a hang guard only
-        env={**subprocess.os.environ, **(env or {})},
+        # One thread per process, as torchrun sets it: the jobs' weights equal torchrun's, and
+        # 2 processes x 2 threads would overcommit a 2-core machine.
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
@@ -85,6 +89,69 @@ def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
     ]
     assert epochs == [0, 1]
     for a, b in zip(weights(out / "straight" / "last.pt"), weights(run / "last.pt"), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_to_one_task_stops_both_and_the_job_requeues(straight, repo_root, synthetic_root):
+    """USR2 to task 1 only (SLURM's signal reaching one node first, or only one): both tasks stop
+    after the same step, task 0 requeues the job although it got no signal itself, and the job
+    ends with the weights of an uninterrupted one."""
+    out, _ = straight
+    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    done = submit_local(
+        repo_root, argv + ["--run-name", "one"], {"EMONEXT_FAULT": "step:9:SIGUSR2@1"}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = out / "one"
+    log = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert "requeued: the job resumes from" in log and "resumed from" in log
+    assert "interrupted: the job requeues itself and resumes from" in log
+    assert "torchrun" not in log  # no command to run: the job goes on by itself
+    epochs = [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [0, 1]
+    for a, b in zip(weights(out / "straight" / "last.pt"), weights(run / "last.pt"), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def torchrun(repo_root, argv: list, env: dict | None = None) -> tuple[int, str]:
+    """train.py in 2 processes under torchrun (gloo): (its exit status, stdout + stderr)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "train.py", *map(str, argv)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A session of its own, so that a hang is killed with every worker, not just torchrun.
+    proc = subprocess.Popen(command, cwd=repo_root, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=300)  # a hang guard only
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out
+
+
+def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
+    straight, repo_root, synthetic_root
+):
+    """SIGTERM to rank 1 in epoch 1's 2nd step and to rank 0 a step later (on main, rank 1 left
+    while rank 0 was in the next step's collective): both stop after the same step, rank 0 says
+    how to go on, and that command continues to the weights of an uninterrupted 2-process run
+    (the submitit job's: the same processes, the same flags)."""
+    out, _ = straight
+    argv = TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out, "--no-progress"]
+    code, log = torchrun(
+        repo_root,
+        argv + ["--run-name", "apart"],
+        {"EMONEXT_FAULT": "step:9:SIGTERM@1,step:10:SIGTERM@0"},
+    )
+    last = out / "apart" / "last.pt"
+    assert f"interrupted: {last} holds epoch 0" in log, log[-3000:]
+    assert "Connection closed" not in log and "Traceback" not in log.split("interrupted:")[0]
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    code, log = torchrun(repo_root, ["--resume", last])
+    assert code == 0, log[-3000:]
+    for a, b in zip(weights(out / "straight" / "last.pt"), weights(last), strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -170,3 +237,99 @@ def test_one_task_per_gpu_of_the_machine_or_the_node(gpus, synthetic_root, tmp_p
     assert "--run-name" in train_argv and "--cluster" not in train_argv  # a requeue finds the run
     args, _ = submit.parse_args(["--cluster", "slurm", *common])
     assert (args.gpus_per_node, args.tasks_per_node) == (8, 8)
+
+
+def fake_commands(folder, **scripts: str) -> str:
+    """A PATH of one folder holding shell scripts named after the keys (sbatch, sinfo): a
+    cluster's answers without a cluster."""
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = folder / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return str(folder)
+
+
+def submit_error(argv: list, capsys) -> str:
+    """submit.py's one line on stderr, exit status 1 or 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_command("submit.py", submit.main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (1, 2) and len(err.strip().splitlines()) == 1, out + err
+    assert "Traceback" not in err and err.startswith("submit.py: error: ")
+    return err.strip().removeprefix("submit.py: error: ")
+
+
+SBATCH_REFUSALS = {  # what SLURM 22.05's sbatch says on stderr, exit status 1
+    "partition": "sbatch: error: invalid partition specified: nosuch\\nsbatch: error: Batch job "
+    "submission failed: Invalid partition name specified",
+    "gpus": "sbatch: error: Batch job submission failed: Invalid generic resource (gres) "
+    "specification",
+    "memory": "sbatch: error: Memory specification can not be satisfied\\nsbatch: error: Batch "
+    "job submission failed: Requested node configuration is not available",
+}
+
+
+@pytest.mark.parametrize("case", SBATCH_REFUSALS)
+def test_sbatchs_refusal_is_one_line_with_its_reason(case, tmp_path, monkeypatch, capsys):
+    """Without sinfo (no check before submitting), sbatch's own reason, in one line; the job
+    folder's files that this submission wrote are gone."""
+    bin_dir = fake_commands(
+        tmp_path / "bin", sbatch=f"printf '{SBATCH_REFUSALS[case]}\\n' >&2; exit 1", srun="exit 0"
+    )
+    monkeypatch.setenv("PATH", bin_dir)
+    job_dir = tmp_path / "jobs"
+    argv = ["--dataset-path", ".", "--output-dir", tmp_path / "out", "--job-dir", job_dir]
+    err = submit_error(argv, capsys)
+    reason = SBATCH_REFUSALS[case].replace("\\n", "; ").replace("sbatch: error: ", "")
+    assert err == f"sbatch refused the job: {reason}"
+    assert not job_dir.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus-per-node", "0"], "--cpus-per-task 10 x 1 tasks per node: the nodes of the "
+         "default partition have at most 2 CPUs"),
+        (["--gpus-per-node", "0", "--cpus-per-task", "1"], "--mem-gb 40: the nodes of the "
+         "default partition have at most 1967 MB of memory"),
+        (["--cpus-per-task", "1", "--mem-gb", "1"], "--gpus-per-node 8: the nodes of the "
+         "default partition have at most 0 GPUs"),
+        (["--partition", "nosuch"], "--partition nosuch: no such partition"),
+        (["--partition", "gpu", "--cpus-per-task", "4", "--mem-gb", "30", "--nodes", "2"],
+         "--nodes 2: 1 node(s) of partition gpu can hold"),
+    ],
+)  # fmt: skip
+def test_a_request_no_node_can_hold_is_refused_before_sbatch(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    """A job that SLURM accepts and leaves pending forever (the defaults on a small node): one
+    line from sinfo's figures, and sbatch is not called."""
+    sinfo = "\\n".join(["n1|debug*|2|1967|(null)", "g1|gpu|64|257000|gpu:a100:8(S:0-1)",
+                        "g2|gpu|64|16000|gpu:8"])  # fmt: skip
+    bin_dir = fake_commands(
+        tmp_path / "bin", sinfo=f"printf '{sinfo}\\n'", sbatch=f"touch {tmp_path}/called; exit 1"
+    )
+    monkeypatch.setenv("PATH", bin_dir)
+    err = submit_error(argv + ["--dataset-path", ".", "--output-dir", tmp_path / "out"], capsys)
+    assert err.startswith(message), err
+    assert not (tmp_path / "called").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_job_dir_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["--cluster", "local", "--dataset-path", ".", "--output-dir", tmp_path / "out",
+            "--job-dir", tmp_path / "file" / "jobs"]  # fmt: skip
+    err = submit_error(argv, capsys)
+    assert err.startswith(f"--job-dir {tmp_path / 'file' / 'jobs'}: {tmp_path / 'file'} is a file")
+
+
+def test_a_failed_job_says_its_own_error(repo_root, synthetic_root, tmp_path):
+    """--wait: the task's error line (from its log), not the path that ends submitit's message."""
+    argv = ["--cluster", "local", "--gpus-per-node", "0", "--wait", *TRAIN,
+            "--dataset-path", synthetic_root, "--output-dir", tmp_path]  # fmt: skip
+    done = submit_local(repo_root, argv, {"EMONEXT_FAULT": "setup:1:NOSUCH"})  # raises in the job
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "(AttributeError: module 'signal' has no attribute 'NOSUCH'); its logs are in" in (
+        done.stderr
+    )
