@@ -310,6 +310,38 @@ def test_teacher_of_other_classes_is_one_line(tmp_path, synthetic_root):
         train.build_distillation(args, teacher, datasets.CLASSES, torch.device("cpu"))
 
 
+def save_teacher(path, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    teacher = models.create_model("emonext_micro", num_classes=7, img_size=32)
+    torch.save({"model": teacher.state_dict(), "model_name": "emonext_micro",
+                "model_kwargs": teacher.model_kwargs, "classes": list(datasets.CLASSES),
+                "data_config": teacher.data_config}, path)  # fmt: skip
+    return teacher
+
+
+def test_resume_refuses_a_changed_teacher(synthetic_root, tmp_path, capsys):
+    import utils
+
+    path = tmp_path / "teacher.pt"
+    teacher = save_teacher(path, seed=0)
+    run(FAST + ["--dataset-path", str(synthetic_root), "--output-dir", str(tmp_path), "--epochs",
+                "1", "--kd-model-name", str(path), "--run-name", "student"])  # fmt: skip
+    last = tmp_path / "student" / "last.pt"
+    recorded = torch.load(last, weights_only=True)["kd_teacher_sha256"]
+    assert recorded == losses.weights_sha256(teacher)
+    saved = last.read_bytes()
+
+    save_teacher(path, seed=1)  # the same file name, other weights
+    resume = train.parse_args(["--resume", str(last), "--epochs", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        utils.run_command("train.py", train.main, resume)
+    assert exited.value.code == 1  # as train.py's other refusals while setting up
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"--kd-model-name {path}: the teacher's weights " in err
+    assert last.read_bytes() == saved  # nothing trained, nothing written
+
+
 def test_bad_recipe_values_are_one_line(capsys):
     for argv, said in [
         (["--layer-decay", "0"], "--layer-decay 0.0: must be in (0, 1]"),
