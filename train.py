@@ -1270,6 +1270,8 @@ def make_checkpoint(
     arguments, the model's name, classes and preprocessing, versions). Collective under DDP:
     every rank calls it."""
     scaler = training.scaler
+    if training.distillation is not None:  # the teacher's fingerprint (`check_teacher`)
+        run_info = {**run_info, "kd_teacher_sha256": training.distillation.teacher_sha256}
     return {
         "model": training.model.state_dict(),
         "ema": training.ema.state_dict(),
@@ -1780,8 +1782,6 @@ def main(args: argparse.Namespace, stop_signals: tuple[int, ...] = STOP_SIGNALS)
             "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
             "git_commit": utils.git_commit(),
         }
-        if training.distillation is not None:  # checked on resume (`check_teacher`)
-            run_info["kd_teacher_sha256"] = training.distillation.teacher_sha256
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it
         if resume_ckpt is not None:
