@@ -5,6 +5,8 @@ modes, Barsoum et al. 2016)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,13 +191,25 @@ class EmoNeXtLoss(nn.Module):
         return ce + self.sa_weight * sa
 
 
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes, in order): the same for
+    the same weights whatever file or folder they were read from."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Distillation(nn.Module):
     """Logit distillation from a trained `teacher` (timm train.py's `--kd-model-name`): the
     total is task_weight * task loss + distill_weight * `distillation_loss` at `temperature`.
 
     The teacher stays in eval mode (its dropout, stochastic depth and BatchNorm as at test) and
     sees the same augmented (and mixed) images as the student, without gradients, under the
-    caller's autocast. The last call's distillation term is kept, detached, in `self.kd`.
+    caller's autocast. The last call's distillation term is kept, detached, in `self.kd`;
+    `self.teacher_sha256` fingerprints the teacher's weights (a resumed run checks it).
     """
 
     def __init__(
@@ -207,6 +221,7 @@ class Distillation(nn.Module):
     ):
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_sha256 = weights_sha256(teacher)
         self.temperature, self.task_weight, self.distill_weight = (
             temperature,
             task_weight,

@@ -1238,6 +1238,23 @@ class TrainState:
         return improved
 
 
+def check_teacher(distillation: losses.Distillation | None, ckpt: dict, path: str) -> None:
+    """A resumed run is taught by the teacher it started with: the SHA-256 of its weights as
+    last.pt records it (runs from before it was recorded are not checked)."""
+    recorded = ckpt.get("kd_teacher_sha256")
+    if distillation is None or recorded is None:
+        return
+    if not isinstance(recorded, str):
+        raise utils.CLIError(f"{path}: kd_teacher_sha256 {recorded!r} is not a SHA-256")
+    if recorded != distillation.teacher_sha256:
+        teacher = ckpt["args"]["kd_model_name"]
+        raise utils.CLIError(
+            f"--kd-model-name {teacher}: the teacher's weights changed since the run {path} "
+            f"started (SHA-256 {recorded[:12]}..., now {distillation.teacher_sha256[:12]}...); "
+            "put back the teacher the run was taught by, or start a new run"
+        )
+
+
 def restore(
     training: Training, state: TrainState, ckpt: dict, path: str, device: torch.device
 ) -> None:
@@ -1255,6 +1272,7 @@ def restore(
     training.scheduler.load_state_dict(ckpt["scheduler"])
     if training.scaler is not None and ckpt.get("scaler"):
         training.scaler.load_state_dict(ckpt["scaler"])
+    check_teacher(training.distillation, ckpt, path)
     state.load_state_dict(ckpt)
     rank = dist.get_rank() if utils.is_distributed() else 0
     utils.set_rng_state(ckpt["rng"][rank], device)
@@ -1268,6 +1286,8 @@ def make_checkpoint(
     arguments, the model's name, classes and preprocessing, versions). Collective under DDP:
     every rank calls it."""
     scaler = training.scaler
+    if training.distillation is not None:  # the teacher's fingerprint (`check_teacher`)
+        run_info = {**run_info, "kd_teacher_sha256": training.distillation.teacher_sha256}
     return {
         "model": training.model.state_dict(),
         "ema": training.ema.state_dict(),

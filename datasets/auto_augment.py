@@ -281,35 +281,55 @@ def _affine(x: torch.Tensor, coeffs: torch.Tensor, fill: float) -> torch.Tensor:
     row = theta[:, None, :, 1] * ys[None, :, None] + theta[:, None, :, 2]  # (B, H, 2)
     grid = row[:, :, None, :] + col[:, None, :, :]  # (B, H, W, 2)
     gx, gy = grid[..., 0], grid[..., 1]
-    inside = ((gx >= -1) & (gx < 1) & (gy >= -1) & (gy < 1)).unsqueeze(1)
+    outside = gx < -1  # in place from here: this mask costs as much as the sampling
+    outside |= gx >= 1
+    outside |= gy < -1
+    outside |= gy >= 1
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.add_(1e-3).trunc_().clamp_(0, 255)  # float32 noise must not drop a whole level
-    return torch.where(inside, out, fill)
+    # float32 noise must not drop a whole level; x holds [0, 255], so no clamp is needed
+    out = out.add_(1e-3).trunc_()
+    return out.masked_fill_(outside.unsqueeze(1), fill)
 
 
-def rotate(x: torch.Tensor, degrees: torch.Tensor, fill: float) -> torch.Tensor:
-    """Image.rotate(degrees) about (W/2, H/2), counter-clockwise, as its affine matrix."""
-    h, w = x.shape[-2:]
+def rotate_coeffs(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Image.rotate(degrees) about (W/2, H/2), counter-clockwise, as its affine matrix (B, 6)."""
     rad = -torch.deg2rad(degrees.double().cpu())
     cos, sin = torch.cos(rad), torch.sin(rad)
     cx, cy = w / 2.0, h / 2.0
     c = cos * -cx + sin * -cy + cx
     f = -sin * -cx + cos * -cy + cy
-    return _affine(x, torch.stack([cos, sin, c, -sin, cos, f], 1), fill)
+    return torch.stack([cos, sin, c, -sin, cos, f], 1)
+
+
+def _affine_coeffs(kind: str):
+    def coeffs(v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        v = v.double().cpu()
+        one, zero = torch.ones_like(v), torch.zeros_like(v)
+        return torch.stack(
+            {
+                "ShearX": (one, v, zero, zero, one, zero),
+                "ShearY": (one, zero, zero, v, one, zero),
+                "TranslateXRel": (one, zero, v * w, zero, one, zero),
+                "TranslateYRel": (one, zero, zero, zero, one, v * h),
+            }[kind],
+            1,
+        )
+
+    return coeffs
+
+
+# Each geometric op as PIL's affine coefficients, one row per image: all of them are `_affine`,
+# so one slot's geometric ops run as one call on every image that drew one.
+AFFINE_COEFFS = {"Rotate": rotate_coeffs, **{k: _affine_coeffs(k) for k in SIGNED if k != "Rotate"}}
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor, fill: float) -> torch.Tensor:
+    return _affine(x, rotate_coeffs(degrees, *x.shape[-2:]), fill)
 
 
 def _affine_op(kind: str):
     def op(x: torch.Tensor, v: torch.Tensor, fill: float) -> torch.Tensor:
-        v = v.double().cpu()
-        one, zero = torch.ones_like(v), torch.zeros_like(v)
-        h, w = x.shape[-2:]
-        coeffs = {
-            "ShearX": (one, v, zero, zero, one, zero),
-            "ShearY": (one, zero, zero, v, one, zero),
-            "TranslateXRel": (one, zero, v * w, zero, one, zero),
-            "TranslateYRel": (one, zero, zero, zero, one, v * h),
-        }[kind]
-        return _affine(x, torch.stack(coeffs, 1), fill)
+        return _affine(x, AFFINE_COEFFS[kind](v, *x.shape[-2:]), fill)
 
     return op
 
@@ -341,14 +361,25 @@ def apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: float) -> torc
 def rand_augment(x: torch.Tensor, spec: RandAugmentSpec, params: dict, fill: float) -> torch.Tensor:
     """The fast pipeline's RandAugment: (B, 1, H, W) in [0, 1] -> the same, rounded to uint8
     steps as PIL's image is. Each slot applies each op to the images that drew it (one call per
-    op present, so the cost does not grow with the number of ops times the batch)."""
+    op present, so the cost does not grow with the number of ops times the batch); the slot's
+    geometric ops, all affine maps, in one call with each image's own coefficients."""
     x = (x * 255.0).round_()
     op, apply, arg = params["op"], params["apply"], params["arg"]
+    h, w = x.shape[-2:]
     for k in range(spec.num_layers):
+        geometric, coeffs = [], []
         for j in torch.unique(op[:, k]).tolist():
             sel = torch.nonzero((op[:, k] == j) & apply[:, k])[:, 0]
-            if len(sel):
-                idx = sel.to(x.device)  # index_select/index_copy_: x[idx] is slower on CPU
-                out = apply_op(spec.ops[j], x.index_select(0, idx), arg[sel, k], fill)
-                x.index_copy_(0, idx, out)
+            if not len(sel):
+                continue
+            name = spec.ops[j]
+            if name in AFFINE_COEFFS:
+                geometric.append(sel)
+                coeffs.append(AFFINE_COEFFS[name](arg[sel, k], h, w))
+                continue
+            idx = sel.to(x.device)  # index_select/index_copy_: x[idx] is slower on CPU
+            x.index_copy_(0, idx, OPS[name](x.index_select(0, idx), arg[sel, k].to(x.device)))
+        if geometric:
+            idx = torch.cat(geometric).to(x.device)
+            x.index_copy_(0, idx, _affine(x.index_select(0, idx), torch.cat(coeffs), fill))
     return x.div_(255.0)

@@ -319,8 +319,11 @@ def applicable_scores(results: dict, ckpt: dict, weights: str) -> dict | None:
 
     results.json scores the final EMA weights (last.pt; with intervals and macro-F1) and best.pt's
     online and EMA weights (accuracy, with its interval since 8a38f7e). Other weights (e.g. an
-    earlier epoch's) have none.
+    earlier epoch's) have none, and neither has an average of epochs (scripts/average_checkpoints.py
+    keeps the best epoch's `epoch` and `step` beside weights that results.json never scored).
     """
+    if ckpt.get("averaged_epochs") is not None:
+        return None
     final = ckpt.get("step") is not None and ckpt.get("step") == results.get("steps")
     if final and weights == "ema":
         return {
@@ -448,6 +451,9 @@ def _card_training(config: dict, ckpt: dict, args: dict) -> list[str]:
     )  # fmt: skip
     recipe = ", ".join(f"`{k}={args[k]}`" for k in keys if k in args)
     epoch = f", epoch {ckpt['epoch'] + 1}" if isinstance(ckpt.get("epoch"), int) else ""
+    if source.get("averaged_epochs"):  # epochs counted from 1, as above
+        epochs = ", ".join(str(e + 1) for e in source["averaged_epochs"])
+        epoch = f" averaged over epochs {epochs} (scripts/average_checkpoints.py)"
     versions = ", ".join(f"{k} {v}" for k, v in (source.get("versions") or {}).items())
     lines = [
         "",

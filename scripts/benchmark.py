@@ -9,8 +9,10 @@
 `data`: images per second of the `pil` pipeline (torchvision transforms in a DataLoader with
 --num-workers workers) and of the `fast` pipeline (one grid_sample per batch on --device), on the
 same split, mode and batch size, in one run, and their ratio; `--recipe convnext` adds ConvNeXt's
-RandAugment and random erasing (datasets.CONVNEXT_AUGMENT) to both training pipelines. Without
---dataset-path a synthetic dataset is drawn into a temporary folder.
+RandAugment and random erasing (datasets.CONVNEXT_AUGMENT) to both training pipelines, and its
+Mixup 0.8 / CutMix 1.0 (CONVNEXT_MIXUP: timm's Mixup on each batch, as train.py's loop applies
+it to either pipeline's batches). Without --dataset-path a synthetic dataset is drawn into a
+temporary folder.
 
 `train`: each setup (official, ours, timm) runs `python train.py ...` in a process of its own for
 --epochs real epochs on the same data (synthetic faces at FER2013's split sizes by default) and
@@ -90,13 +92,18 @@ def images_per_second(
     return images / seconds
 
 
-def epoch_iter(loader: datasets.Loader) -> Callable[[], Iterable]:
+def epoch_iter(
+    loader: datasets.Loader, mixup: datasets.BatchMixup | None = None
+) -> Callable[[], Iterable]:
+    """A new epoch of `loader` per call, each batch mixed by `mixup` when given."""
     state = {"epoch": 0}
 
     def make():
         loader.set_epoch(state["epoch"])
+        if mixup is not None:
+            mixup.set_epoch(state["epoch"])
         state["epoch"] += 1
-        return iter(loader)
+        return iter(loader) if mixup is None else (mixup(x, y) for x, y in loader)
 
     return make
 
@@ -104,6 +111,10 @@ def epoch_iter(loader: datasets.Loader) -> Callable[[], Iterable]:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+
+
+# ConvNeXt's Mixup and CutMix (its main.py's --mixup, --cutmix, --smoothing), for --recipe convnext
+CONVNEXT_MIXUP = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +143,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         choices=["paper", "convnext"],
         default="paper",
         help="training augmentation: the paper's, or with ConvNeXt's RandAugment "
-        "(rand-m9-mstd0.5-inc1) and random erasing (0.25) on both pipelines",
+        "(rand-m9-mstd0.5-inc1), random erasing (0.25), Mixup (0.8) and CutMix (1.0) on both "
+        "pipelines",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -164,8 +176,11 @@ def run_data(args: argparse.Namespace) -> dict:
             root, args.split, pipeline="pil", device=device, num_workers=args.num_workers, **common
         )
         fast = datasets.build_loader(root, args.split, pipeline="fast", device=device, **common)
-        pil_ips = images_per_second(epoch_iter(pil), device, args.batches)
-        fast_ips = images_per_second(epoch_iter(fast), device, args.batches)
+        mixups = [None, None]
+        if args.recipe == "convnext" and mode == "train":  # the same draws for both
+            mixups = [datasets.BatchMixup(len(pil.classes), **CONVNEXT_MIXUP) for _ in "ab"]
+        pil_ips = images_per_second(epoch_iter(pil, mixups[0]), device, args.batches)
+        fast_ips = images_per_second(epoch_iter(fast, mixups[1]), device, args.batches)
     finally:
         if tmp is not None:
             tmp.cleanup()

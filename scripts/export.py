@@ -161,6 +161,24 @@ def run_results(checkpoint: str) -> dict | None:
     return results if isinstance(results, dict) else None
 
 
+def averaged_epochs(ckpt: dict, checkpoint: str) -> list[int] | None:
+    """The epochs whose weights scripts/average_checkpoints.py averaged into `ckpt` (None: the
+    weights of one epoch), checked: the exports record them."""
+    epochs = ckpt.get("averaged_epochs")
+    if epochs is None:
+        return None
+    if (
+        not isinstance(epochs, list)
+        or not epochs
+        or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs)
+    ):
+        raise utils.CLIError(
+            f"{checkpoint}: averaged_epochs {epochs!r} is not a list of epochs; average the run "
+            "again with scripts/average_checkpoints.py"
+        )
+    return epochs
+
+
 def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float:
     """A hub folder at --output (written beside it, reloaded and checked, then moved into
     place), pushed with --push; returns the check's result."""
@@ -170,6 +188,7 @@ def export_hub(model, classes, data_config, ckpt, checks, args, device) -> float
         "git_commit": ckpt.get("git_commit"),
         "versions": ckpt.get("versions"),
         "exported_at_commit": utils.git_commit(),
+        "averaged_epochs": averaged_epochs(ckpt, args.checkpoint),
     }
     source = {k: v for k, v in source.items() if v is not None}
     config = hub.hub_config(
@@ -568,6 +587,8 @@ def main(args: argparse.Namespace) -> float:
             ckpt.get("temperature"),
             ckpt.get("faces"),
         )
+        if averaged_epochs(ckpt, args.checkpoint) is not None:  # the weights of no one epoch
+            meta["averaged_epochs"] = json.dumps(ckpt["averaged_epochs"])
         diff = export_file(model, example, checks, meta, args, device)
         what = f"{args.format}, input N x {chans} x {size} x {size}"
     checked = "export" if args.quantize == "none" else "float32 export"

@@ -56,17 +56,23 @@ def test_data_json_in_process(synthetic_root, capsys):
 
 
 def test_data_convnext_recipe_on_both_pipelines(synthetic_root, capsys, monkeypatch):
-    """--recipe convnext: both training loaders get ConvNeXt's RandAugment and erasing."""
+    """--recipe convnext: both training loaders get ConvNeXt's RandAugment and erasing, and
+    both pipelines' batches ConvNeXt's Mixup 0.8 and CutMix 1.0."""
     import datasets
 
-    built = []
+    built, mixed = [], []
     build = datasets.build_loader
     monkeypatch.setattr(datasets, "build_loader", lambda *a, **k: built.append(k) or build(*a, **k))
+    call = datasets.BatchMixup.__call__
+    spy = lambda self, x, y: mixed.append(self.mixup) or call(self, x, y)  # noqa: E731
+    monkeypatch.setattr(datasets.BatchMixup, "__call__", spy)
     argv = ["data", "--dataset-path", str(synthetic_root), "--batch-size", "8", "--batches", "2",
             "--image-size", "32", "--recipe", "convnext", "--json"]  # fmt: skip
     assert main(argv)["recipe"] == "convnext"
     assert [k["pipeline"] for k in built] == ["pil", "fast"]
     assert all(k["augment"] == datasets.CONVNEXT_AUGMENT for k in built)
+    assert len({id(m) for m in mixed}) == 2 and len(mixed) == 2 * (2 + 2)  # warm-up + timed
+    assert all((m.mixup_alpha, m.cutmix_alpha) == (0.8, 1.0) for m in mixed)
 
 
 def test_data_subprocess_human_output(synthetic_root):

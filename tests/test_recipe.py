@@ -197,9 +197,17 @@ def test_distillation_equals_timms_logit_distillation(weights):
 # --------------------------------------------------------------------------- whole runs
 
 
-def test_recipe_run_resumes_exactly_and_averages(synthetic_root, tmp_path, repo_root):
+@pytest.fixture(scope="module")
+def recipe_run(synthetic_root, tmp_path_factory):
+    """The recipe trained 2 epochs straight and 1 + --resume + 1 (checked equal), in one folder."""
+    tmp_path = tmp_path_factory.mktemp("recipe")
     common = FAST + RECIPE + ["--dataset-path", str(synthetic_root), "--output-dir", str(tmp_path)]
     assert_resume_is_exact(run, common, tmp_path)
+    return tmp_path
+
+
+def test_recipe_run_resumes_exactly_and_averages(recipe_run, synthetic_root, repo_root):
+    tmp_path = recipe_run
     straight = tmp_path / "straight"
     results = json.loads((straight / "results.json").read_text())
     assert results["recipe"]["mixup"] == 0.8 and results["recipe"]["layer_decay"] == 0.8
@@ -232,6 +240,54 @@ def test_recipe_run_resumes_exactly_and_averages(synthetic_root, tmp_path, repo_
     assert results["recipe"]["kd_model_name"] == str(straight / "best.pt")
 
 
+def test_averaged_checkpoint_runs_in_predict_and_exports(
+    recipe_run, synthetic_root, tmp_path, repo_root
+):
+    """averaged.pt through predict.py, the ONNX export and the hub folder: each gives the
+    averaged EMA weights' answers, and no export claims results.json's scores for them."""
+    import predict
+    from scripts import export as export_script
+
+    run_dir = recipe_run / "straight"
+    averaged = tmp_path / "averaged.pt"
+    average_checkpoints = [sys.executable, "scripts/average_checkpoints.py", str(run_dir), "-n",
+                           "2", "--output", str(averaged)]  # fmt: skip
+    subprocess.run(average_checkpoints, cwd=repo_root, check=True, capture_output=True)
+    parts = [torch.load(run_dir / f"checkpoint-{e}.pt", weights_only=True) for e in (0, 1)]
+    ema = [{k.removeprefix("ema_model."): v for k, v in p["ema"].items() if "ema_model." in k}
+           for p in parts]  # fmt: skip
+    model = models.create_model(parts[0]["model_name"], **parts[0]["model_kwargs"]).eval()
+    model.load_state_dict({k: ((v.double() + ema[1][k].double()) / 2).to(v.dtype)
+                           if v.is_floating_point() else v for k, v in ema[0].items()})  # fmt: skip
+
+    face = sorted((synthetic_root / "test" / "Happy").iterdir())[0]  # a synthetic 48 x 48 face
+    x = predict.face_tensor([predict.read_image(str(face))], parts[0]["data_config"])
+    with torch.no_grad():
+        want = torch.softmax(model(x), 1)[0]
+
+    def predicted(checkpoint) -> torch.Tensor:
+        argv = [str(face), "--checkpoint", str(checkpoint), "--no-detect"]
+        (record,) = predict.main(predict.parse_args(argv))
+        return torch.tensor([record["probabilities"][c] for c in datasets.CLASSES])
+
+    assert torch.allclose(predicted(averaged), want, atol=1e-6)
+
+    onnx_path, hub_dir = tmp_path / "averaged.onnx", tmp_path / "hub"
+    for fmt, out in (("onnx", onnx_path), ("hub", hub_dir)):
+        argv = ["--checkpoint", str(averaged), "--format", fmt, "--output", str(out)]
+        assert export_script.main(export_script.parse_args(argv)) <= 1e-4
+        assert torch.allclose(predicted(out), want, atol=1e-5), fmt
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(meta["averaged_epochs"]) in ([0, 1], [1, 0])
+    config = json.loads((hub_dir / "config.json").read_text())
+    assert config["source"]["averaged_epochs"] in ([0, 1], [1, 0])
+    card = (hub_dir / "README.md").read_text()
+    assert "averaged over epochs" in card and "No test score is recorded" in card
+
+
 def test_keep_checkpoints_keeps_the_best_epochs(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     accs = [10.0, 30.0, 20.0, 30.0, 5.0]
@@ -252,6 +308,38 @@ def test_teacher_of_other_classes_is_one_line(tmp_path, synthetic_root):
                                     str(path)])  # fmt: skip
     with pytest.raises(SystemExit, match="teacher's classes"):
         train.build_distillation(args, teacher, datasets.CLASSES, torch.device("cpu"))
+
+
+def save_teacher(path, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    teacher = models.create_model("emonext_micro", num_classes=7, img_size=32)
+    torch.save({"model": teacher.state_dict(), "model_name": "emonext_micro",
+                "model_kwargs": teacher.model_kwargs, "classes": list(datasets.CLASSES),
+                "data_config": teacher.data_config}, path)  # fmt: skip
+    return teacher
+
+
+def test_resume_refuses_a_changed_teacher(synthetic_root, tmp_path, capsys):
+    import utils
+
+    path = tmp_path / "teacher.pt"
+    teacher = save_teacher(path, seed=0)
+    run(FAST + ["--dataset-path", str(synthetic_root), "--output-dir", str(tmp_path), "--epochs",
+                "1", "--kd-model-name", str(path), "--run-name", "student"])  # fmt: skip
+    last = tmp_path / "student" / "last.pt"
+    recorded = torch.load(last, weights_only=True)["kd_teacher_sha256"]
+    assert recorded == losses.weights_sha256(teacher)
+    saved = last.read_bytes()
+
+    save_teacher(path, seed=1)  # the same file name, other weights
+    resume = train.parse_args(["--resume", str(last), "--epochs", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        utils.run_command("train.py", train.main, resume)
+    assert exited.value.code == 1  # as train.py's other refusals while setting up
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"--kd-model-name {path}: the teacher's weights " in err
+    assert last.read_bytes() == saved  # nothing trained, nothing written
 
 
 def test_bad_recipe_values_are_one_line(capsys):

@@ -21,6 +21,10 @@ TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none
          "--batch-size", "8", "--val-batch-size", "64", "--device", "cpu", "--wandb", "disabled",
          "--warmup-steps", "4", "--cycle-steps", "64", "--epochs", "2"]  # fmt: skip
 LOCAL = ["--cluster", "local", "--tasks-per-node", "2", "--gpus-per-node", "0", "--wait"]
+# ConvNeXt's recipe (issue 30) on both tasks, so that its random streams and its teacher are
+# part of the exact-resume check below; the teacher is the `teacher` fixture's file.
+RECIPE = ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+          "--kd-temperature", "2"]  # fmt: skip
 
 
 def submit_local(repo_root, argv: list, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,10 +46,25 @@ def weights(path):
 
 
 @pytest.fixture(scope="module")
-def straight(repo_root, synthetic_root, tmp_path_factory):
-    """An uninterrupted 2-task job of 2 epochs."""
+def teacher(tmp_path_factory):
+    """A distillation teacher of the synthetic faces' classes (random weights suffice)."""
+    import datasets
+    import models
+
+    torch.manual_seed(0)
+    model = models.create_model("emonext_micro", num_classes=7, img_size=32)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save({"model": model.state_dict(), "model_name": model.model_name,
+                "model_kwargs": model.model_kwargs, "classes": list(datasets.CLASSES),
+                "data_config": model.data_config}, path)  # fmt: skip
+    return RECIPE + ["--kd-model-name", path]
+
+
+@pytest.fixture(scope="module")
+def straight(repo_root, synthetic_root, tmp_path_factory, teacher):
+    """An uninterrupted 2-task job of 2 epochs, with ConvNeXt's recipe and a teacher."""
     out = tmp_path_factory.mktemp("submit")
-    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    argv = LOCAL + TRAIN + teacher + ["--dataset-path", synthetic_root, "--output-dir", out]
     done = submit_local(repo_root, argv + ["--run-name", "straight"])
     assert done.returncode == 0, done.stdout + done.stderr
     return out, done
@@ -70,12 +89,13 @@ def test_a_two_task_job_writes_one_run(straight):
 
 
 def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
-    straight, repo_root, synthetic_root
+    straight, repo_root, synthetic_root, teacher
 ):
     """Both tasks get submitit's preemption signal (USR2) in the 2nd step of epoch 1, as SLURM
-    signals every task of a job; the job requeues itself and resumes from last.pt."""
+    signals every task of a job; the job requeues itself and resumes from last.pt. With the
+    recipe's RandAugment, erasing, Mixup/CutMix and teacher: the same weights, bit for bit."""
     out, _ = straight
-    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    argv = LOCAL + TRAIN + teacher + ["--dataset-path", synthetic_root, "--output-dir", out]
     done = submit_local(
         repo_root, argv + ["--run-name", "preempted"], {"EMONEXT_FAULT": "step:9:SIGUSR2"}
     )
@@ -92,12 +112,14 @@ def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_signal_to_one_task_stops_both_and_the_job_requeues(straight, repo_root, synthetic_root):
+def test_a_signal_to_one_task_stops_both_and_the_job_requeues(
+    straight, repo_root, synthetic_root, teacher
+):
     """USR2 to task 1 only (SLURM's signal reaching one node first, or only one): both tasks stop
     after the same step, task 0 requeues the job although it got no signal itself, and the job
     ends with the weights of an uninterrupted one."""
     out, _ = straight
-    argv = LOCAL + TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out]
+    argv = LOCAL + TRAIN + teacher + ["--dataset-path", synthetic_root, "--output-dir", out]
     done = submit_local(
         repo_root, argv + ["--run-name", "one"], {"EMONEXT_FAULT": "step:9:SIGUSR2@1"}
     )
@@ -132,14 +154,16 @@ def torchrun(repo_root, argv: list, env: dict | None = None) -> tuple[int, str]:
 
 
 def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
-    straight, repo_root, synthetic_root
+    straight, repo_root, synthetic_root, teacher
 ):
     """SIGTERM to rank 1 in epoch 1's 2nd step and to rank 0 a step later (on main, rank 1 left
     while rank 0 was in the next step's collective): both stop after the same step, rank 0 says
     how to go on, and that command continues to the weights of an uninterrupted 2-process run
     (the submitit job's: the same processes, the same flags)."""
     out, _ = straight
-    argv = TRAIN + ["--dataset-path", synthetic_root, "--output-dir", out, "--no-progress"]
+    argv = (
+        TRAIN + teacher + ["--dataset-path", synthetic_root, "--output-dir", out, "--no-progress"]
+    )
     code, log = torchrun(
         repo_root,
         argv + ["--run-name", "apart"],
@@ -153,6 +177,31 @@ def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
     assert code == 0, log[-3000:]
     for a, b in zip(weights(out / "straight" / "last.pt"), weights(last), strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_two_tasks_draw_different_augmentations(straight):
+    """Each rank of the job has streams of its own: the two tasks' loaders and Mixup, as
+    train.py builds them from the run's arguments, augment the same faces differently."""
+    import argparse
+
+    out, _ = straight
+    ckpt = torch.load(out / "straight" / "last.pt", weights_only=True)
+    args = argparse.Namespace(**ckpt["args"])
+    assert args.aa != "none" and args.reprob > 0 and args.kd_model_name  # the recipe ran
+    assert ckpt["kd_teacher_sha256"]
+    device, batches = torch.device("cpu"), []
+    for rank in (0, 1):
+        loader = train.build_loaders(args, ckpt["data_config"], device, rank, 2)["train"]
+        loader.images[:] = loader.images[0]  # every face the same: only the draws differ
+        loader.set_epoch(1)
+        x, y = next(iter(loader))
+        mixup = train.build_mixup(args, 7, rank)
+        mixup.set_epoch(1)
+        batches.append(mixup(x.contiguous(), torch.arange(len(y)) % 7))
+    (x0, y0), (x1, y1) = batches
+    assert not torch.equal(x0, x1) and not torch.equal(y0, y1)
+    for x in (x0, x1):  # and within a rank, each image its own
+        assert len({tuple(img.flatten()[:64].tolist()) for img in x}) == len(x)
 
 
 def test_own_flags_are_taken_out_of_trains_command_line():
