@@ -1756,6 +1756,24 @@ def train_epoch(
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def make_run_info(
+    args: argparse.Namespace, model, classes: list[str], data_sizes: dict, pretrained
+) -> dict:
+    """What every checkpoint of the run says besides the training state."""
+    return {
+        "args": dict(vars(args)),
+        "data_sizes": data_sizes,
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "classes": classes,
+        **dataset_fields(args),  # label_mode and, from download_dataset.py --faces, faces
+        "data_config": model.data_config,
+        "pretrained": pretrained,
+        "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
+        "git_commit": utils.git_commit(),
+    }
+
+
 def main(
     args: argparse.Namespace,
     stop_signals: tuple[int, ...] = STOP_SIGNALS,
@@ -1800,18 +1818,7 @@ def main(
         data_sizes, skipped, overlap = check_data(args, loaders, resume_ckpt, master, log)
         class_counts = torch.bincount(loaders["train"].split.targets, minlength=len(classes))
         training = build_training(args, model, device, channels_last, class_counts, classes, rank)
-        run_info = {  # what every checkpoint says besides the training state
-            "args": dict(vars(args)),
-            "data_sizes": data_sizes,
-            "model_name": model.model_name,
-            "model_kwargs": model.model_kwargs,
-            "classes": classes,
-            **dataset_fields(args),  # label_mode and, from download_dataset.py --faces, faces
-            "data_config": model.data_config,
-            "pretrained": pretrained,
-            "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
-            "git_commit": utils.git_commit(),
-        }
+        run_info = make_run_info(args, model, classes, data_sizes, pretrained)
 
         # ---- restore: a resumed run goes on exactly where its last.pt left it
         if resume_ckpt is not None:
@@ -1860,9 +1867,8 @@ def main(
                                 "bf16 instead of fp16)."
                             )
                         break
-                    utils.sync_buffers(
-                        model
-                    )  # rank 0's BatchNorm statistics, as last.pt saves them
+                    # rank 0's BatchNorm statistics, as last.pt saves them
+                    utils.sync_buffers(model)
                     utils.sync_buffers(training.ema.ema_model)
                     val = engine.evaluate(
                         training.train_model, loaders["val"], device, classes, training.amp_dtype

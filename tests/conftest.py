@@ -33,6 +33,12 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests marked slow first (in their order), so that under -n 2 they run while the short
+    ones fill the other worker, instead of one of them finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -15,6 +15,7 @@ from models import create_model
 from utils import CLIError
 
 
+@pytest.mark.slow
 def test_train_harness_runs_train_py_and_reports_its_epochs(
     capsys, synthetic_root, tmp_path, monkeypatch
 ):

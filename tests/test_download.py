@@ -355,6 +355,7 @@ def test_kaggle_without_credentials(tmp_path, monkeypatch):
     assert_nothing_left(tmp_path, set())
 
 
+@pytest.mark.slow
 def test_subprocess_cli(tmp_path):
     write_csv(tmp_path / "fer2013.csv")
     script = str(ROOT / "scripts" / "download_dataset.py")

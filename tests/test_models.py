@@ -321,6 +321,7 @@ def assert_same_step(variant: dict, plain: dict, mode: str) -> None:
         torch.testing.assert_close(variant["buffers"][name], b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on the CPU needs a C++ compiler")
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_compiled_model_same_outputs_and_gradients(mode):

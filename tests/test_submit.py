@@ -1,6 +1,5 @@
 """scripts/submit.py with submitit's local executor: the same job a SLURM cluster runs, as two
-CPU processes (gloo) on this machine. A real SLURM cluster is not available here
-(docs/CLUSTERS.md says what that leaves untested)."""
+CPU processes (gloo) on this machine; tests/test_slurm.py submits to a real one-node cluster."""
 
 import json
 import os
@@ -70,6 +69,7 @@ def straight(repo_root, synthetic_root, tmp_path_factory, teacher):
     return out, done
 
 
+@pytest.mark.slow
 def test_a_two_task_job_writes_one_run(straight):
     out, done = straight
     assert [p.name for p in out.iterdir()] == ["straight"]  # one run folder, not one per task
@@ -88,6 +88,7 @@ def test_a_two_task_job_writes_one_run(straight):
     assert not any("\r" in log or "%|" in log for log in logs)  # no progress bar: plain lines
 
 
+@pytest.mark.slow
 def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
     straight, repo_root, synthetic_root, teacher
 ):
@@ -112,6 +113,7 @@ def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
 def test_a_signal_to_one_task_stops_both_and_the_job_requeues(
     straight, repo_root, synthetic_root, teacher
 ):
@@ -153,6 +155,7 @@ def torchrun(repo_root, argv: list, env: dict | None = None) -> tuple[int, str]:
     return proc.returncode, out
 
 
+@pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
 def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
     straight, repo_root, synthetic_root, teacher
 ):
@@ -179,6 +182,7 @@ def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_the_two_tasks_draw_different_augmentations(straight):
     """Each rank of the job has streams of its own: the two tasks' loaders and Mixup, as
     train.py builds them from the run's arguments, augment the same faces differently."""

@@ -327,6 +327,7 @@ def test_an_error_inside_training_restores_the_signal_handlers(
 # --------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 def test_killed_anywhere_resumes_to_the_same_weights(
     synthetic_root, tmp_path, repo_root, monkeypatch, capsys
 ):
