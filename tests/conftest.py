@@ -34,9 +34,19 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The tests marked slow first (in their order), so that under -n 2 they run while the short
-    ones fill the other worker, instead of one of them finishing the run alone."""
+    """For -n 2: the tests marked slow first (in their order), so that they run while the short
+    ones fill the other worker, instead of one of them finishing the run alone. The cluster
+    stage's tests (SLURM daemons, network namespaces, multi-process jobs) run one at a time, in
+    a run of their own, never in a worker beside other tests."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        alone = pytest.mark.skip(
+            reason="the cluster stage runs alone: python -m pytest -q -m "
+            "'slurm or twohost or cluster' tests"
+        )
+        for item in items:
+            if any(item.get_closest_marker(m) for m in ("slurm", "twohost", "cluster")):
+                item.add_marker(alone)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,7 @@ import time
 import pytest
 import torch
 
-# One xdist worker runs every cluster test: they share one cluster and this machine's network.
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.slurm
 
 # emonext_micro at 32 pixels on the 7 x 16 synthetic faces: 7 steps an epoch in 2 tasks.
 TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",

@@ -69,7 +69,7 @@ def straight(repo_root, synthetic_root, tmp_path_factory, teacher):
     return out, done
 
 
-@pytest.mark.slow
+@pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
 def test_a_two_task_job_writes_one_run(straight):
     out, done = straight
     assert [p.name for p in out.iterdir()] == ["straight"]  # one run folder, not one per task
@@ -88,7 +88,7 @@ def test_a_two_task_job_writes_one_run(straight):
     assert not any("\r" in log or "%|" in log for log in logs)  # no progress bar: plain lines
 
 
-@pytest.mark.slow
+@pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
 def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
     straight, repo_root, synthetic_root, teacher
 ):
@@ -182,7 +182,7 @@ def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
 def test_the_two_tasks_draw_different_augmentations(straight):
     """Each rank of the job has streams of its own: the two tasks' loaders and Mixup, as
     train.py builds them from the run's arguments, augment the same faces differently."""

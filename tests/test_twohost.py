@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 
-# One xdist worker runs every cluster test: they share one cluster and this machine's network.
-pytestmark = [pytest.mark.twohost, pytest.mark.xdist_group("cluster")]
+pytestmark = pytest.mark.twohost
 
 # emonext_micro at 32 pixels on the 7 x 16 synthetic faces: 7 steps an epoch in 2 processes.
 TRAIN = ["--model", "emonext_micro", "--input-size", "32", "--pretrained", "none",
