@@ -377,6 +377,7 @@ def test_a_job_dir_under_a_file_is_one_line(tmp_path, capsys):
     assert err.startswith(f"--job-dir {tmp_path / 'file' / 'jobs'}: {tmp_path / 'file'} is a file")
 
 
+@pytest.mark.cluster  # a submitit job (20 s): the cluster CI stage
 def test_a_failed_job_says_its_own_error(repo_root, synthetic_root, tmp_path):
     """--wait: the task's error line (from its log), not the path that ends submitit's message."""
     argv = ["--cluster", "local", "--gpus-per-node", "0", "--wait", *TRAIN,
