@@ -13,6 +13,7 @@ import argparse
 import copy
 import difflib
 import errno
+import hashlib
 import math
 import os
 import random
@@ -688,6 +689,12 @@ class StopVote:
 
 
 # --------------------------------------------------------------------------- files
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (large files never held whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_output_dir(folder: str | os.PathLike, flag: str, room: int = 0) -> None:

@@ -16,14 +16,13 @@ of the model finds it:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
 from models.weights import WeightsError
-from utils import write_text_atomic
+from utils import file_sha256, write_text_atomic
 
 SUFFIX = ".temperature.json"
 
@@ -48,11 +47,6 @@ def check_temperature(value, where: str) -> float:
 def sidecar_path(checkpoint: str | os.PathLike) -> Path:
     """Where the temperature of a `.pt` checkpoint is stored."""
     return Path(f"{checkpoint}{SUFFIX}")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_temperature(source: str | os.PathLike, ckpt: dict) -> tuple[float | None, str]:

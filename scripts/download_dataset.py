@@ -85,6 +85,7 @@ from utils import (  # noqa: E402
     CLIError,
     RunLock,
     fault_point,
+    file_sha256,
     made_folders_removed_if_empty,
     run_command,
 )
@@ -308,14 +309,6 @@ def get_args_parser() -> ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # Sources -> a fer2013.csv text stream or an image-folder root
 # --------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_kind(path: Path) -> str:
@@ -631,7 +624,7 @@ def build_ferplus(
         csv.writer(f, lineterminator="\n").writerows(rows)
     info = {
         "file": votes_path.name,
-        "sha256": sha256_file(votes_path),
+        "sha256": file_sha256(votes_path),
         "mode": mode,
         "rule": FERPLUS_RULES[mode],
         "dropped": {s: dict(sorted(c.items())) for s, c in dropped.items()},
@@ -834,7 +827,7 @@ def source_description(args: argparse.Namespace) -> dict:
             )
         if not path.is_file():
             raise DatasetError(f"--csv {path}: no such file")
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         source = {"type": "csv", "key": f"sha256:{digest}", "path": str(path.resolve())}
     else:
         flag = next(f for f in ("folder", *BENCHMARKS) if getattr(args, f))
@@ -852,7 +845,7 @@ def source_description(args: argparse.Namespace) -> dict:
         if "://" not in spec:
             spec = str(importers.ferplus_file(spec))  # a local file: its content identifies it
             source["ferplus_path"] = str(Path(spec).resolve())
-            spec = f"sha256:{sha256_file(Path(spec))}"
+            spec = f"sha256:{file_sha256(Path(spec))}"
         source["ferplus"] = spec
         source["key"] += f"+ferplus:{spec}"
     return source
@@ -985,7 +978,7 @@ def build_fer2013(
     if kind == "csv":
         print(f"reading {path}")
         if raw.is_file() and raw != path:
-            source["csv_sha256"] = sha256_file(path)
+            source["csv_sha256"] = file_sha256(path)
         if not args.ferplus:
             return build_from_csv(path, dest, args.format), {"val_split": None,
                                                              "skipped_bad_images": 0}  # fmt: skip
@@ -994,7 +987,7 @@ def build_fer2013(
         print(f"labelling with the FER+ votes of {args.ferplus} ({mode} mode)")
         expected, labels = build_ferplus(path, votes, dest, args.format, mode)
         written = ["votes.csv"] + ([SOFT_LABELS] if "soft_labels" in labels else [])
-        facts = {"labels": labels, "files": {f: sha256_file(dest / f) for f in written}}
+        facts = {"labels": labels, "files": {f: file_sha256(dest / f) for f in written}}
         return expected, {**facts, "val_split": None, "skipped_bad_images": 0}
     if args.ferplus:
         raise DatasetError(f"--ferplus labels fer2013.csv's rows, but {raw} holds image folders")
@@ -1084,7 +1077,7 @@ def face_facts(faces: dict, no_face: list[str], dest: Path) -> dict:
     return {
         "faces": faces,
         "no_face": {"count": len(no_face), "list": NO_FACE_LIST},
-        "files": {NO_FACE_LIST: sha256_file(dest / NO_FACE_LIST)},
+        "files": {NO_FACE_LIST: file_sha256(dest / NO_FACE_LIST)},
     }
 
 

@@ -11,7 +11,6 @@ config.json, so that a model is fed faces framed as it was trained on (docs/INFE
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -54,13 +53,8 @@ class Face:
     landmarks: np.ndarray | None = None
 
 
-@functools.cache
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# a detector's file is hashed once per process: every photo's pipeline names it
+file_sha256 = functools.cache(utils.file_sha256)
 
 
 def detector_sha256(detector: str = "yunet") -> str:
