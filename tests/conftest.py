@@ -138,19 +138,25 @@ def bomb_png(tmp_path_factory) -> Path:
     return path
 
 
+def assert_same_weights(a_path: Path, b_path: Path) -> None:
+    """Two checkpoints' model and EMA weights are equal, bit for bit, tensor by tensor."""
+    import torch
+
+    a = torch.load(a_path, weights_only=True)
+    b = torch.load(b_path, weights_only=True)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys(), part
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+
+
 def assert_resume_is_exact(run, common: list[str], out_dir: Path) -> None:
     """train.py (through `run(argv)`): 2 epochs in one go end with the same model and EMA weights,
     bit for bit, as 1 epoch + --resume + 1 (run folders out_dir/straight and out_dir/split)."""
-    import torch
-
     run(common + ["--epochs", "2", "--run-name", "straight"])
     run(common + ["--epochs", "1", "--run-name", "split"])
     run(common + ["--epochs", "2", "--resume", str(out_dir / "split" / "last.pt")])
-    a = torch.load(out_dir / "straight" / "last.pt", weights_only=True)
-    b = torch.load(out_dir / "split" / "last.pt", weights_only=True)
-    for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
+    assert_same_weights(out_dir / "straight" / "last.pt", out_dir / "split" / "last.pt")
 
 
 def pytest_report_header(config) -> list[str]:

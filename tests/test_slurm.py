@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import assert_same_weights
 
 pytestmark = pytest.mark.slurm
 
@@ -61,11 +61,6 @@ def epochs(run) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines]
 
 
-def weights(path):
-    ckpt = torch.load(path, weights_only=True)
-    return ckpt["model"], ckpt["ema"]
-
-
 def test_a_one_task_job_finishes(slurm_cluster, synthetic_root, tmp_path):
     argv = [*JOB, "--wait", *TRAIN, "--epochs", "1", "--dataset-path", synthetic_root,
             "--output-dir", tmp_path, "--run-name", "one"]  # fmt: skip
@@ -110,9 +105,7 @@ def test_usr2_requeues_and_ends_with_the_uninterrupted_jobs_weights(
     log = "".join(p.read_text() for p in sorted((run / "submitit").glob(f"{job}_0_log.*")))
     assert "interrupted: the job requeues itself" in log and "resumed from" in log
     assert epochs(run) == [0, 1, 2]
-    for a, b in zip(weights(straight / "straight" / "last.pt"), weights(run / "last.pt"),
-                    strict=True):  # fmt: skip
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(straight / "straight" / "last.pt", run / "last.pt")
 
 
 def test_plain_scancel_does_not_requeue(slurm_cluster, synthetic_root, tmp_path):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import submit
 import torch
+from conftest import assert_same_weights
 
 import train
 import utils
@@ -39,9 +40,14 @@ def submit_local(repo_root, argv: list, env: dict | None = None) -> subprocess.C
     )
 
 
-def weights(path):
-    ckpt = torch.load(path, weights_only=True)
-    return ckpt["model"], ckpt["ema"]
+def task0_log(run) -> str:
+    """The first task's stdout and stderr, every attempt of the job."""
+    return "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+
+
+def logged_epochs(run) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +83,7 @@ def test_a_two_task_job_writes_one_run(straight):
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_run"] == 2
     assert len(results["weights_checksum_per_rank"]) == 2
-    epochs = [
-        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == [0, 1]  # written once, by the first task
+    assert logged_epochs(run) == [0, 1]  # written once, by the first task
     assert len(torch.load(run / "last.pt", weights_only=True)["rng"]) == 2  # both ranks' state
     assert "done: test accuracy" in done.stdout and (run / "submitit").is_dir()
     logs = [p.read_bytes().decode() for p in (run / "submitit").glob("*_log.*")]  # with \r
@@ -102,15 +105,11 @@ def test_a_preempted_job_requeues_and_ends_as_an_uninterrupted_one(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     run = out / "preempted"
-    log = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    log = task0_log(run)
     assert "requeued: the job resumes from" in log and "resumed from" in log
     assert "epoch 1:" in log.split("resumed from")[1]  # epoch 1 trained again, after the requeue
-    epochs = [
-        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == [0, 1]
-    for a, b in zip(weights(out / "straight" / "last.pt"), weights(run / "last.pt"), strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_epochs(run) == [0, 1]
+    assert_same_weights(out / "straight" / "last.pt", run / "last.pt")
 
 
 @pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
@@ -127,16 +126,12 @@ def test_a_signal_to_one_task_stops_both_and_the_job_requeues(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     run = out / "one"
-    log = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    log = task0_log(run)
     assert "requeued: the job resumes from" in log and "resumed from" in log
     assert "interrupted: the job requeues itself and resumes from" in log
     assert "torchrun" not in log  # no command to run: the job goes on by itself
-    epochs = [
-        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == [0, 1]
-    for a, b in zip(weights(out / "straight" / "last.pt"), weights(run / "last.pt"), strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_epochs(run) == [0, 1]
+    assert_same_weights(out / "straight" / "last.pt", run / "last.pt")
 
 
 def torchrun(repo_root, argv: list, env: dict | None = None) -> tuple[int, str]:
@@ -178,8 +173,7 @@ def test_ranks_signalled_a_step_apart_stop_together_under_torchrun(
     assert torch.load(last, weights_only=True)["epoch"] == 0
     code, log = torchrun(repo_root, ["--resume", last])
     assert code == 0, log[-3000:]
-    for a, b in zip(weights(out / "straight" / "last.pt"), weights(last), strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(out / "straight" / "last.pt", last)
 
 
 @pytest.mark.cluster  # the cluster CI stage (docs/CLUSTERS.md)
