@@ -366,6 +366,16 @@ def get_args_parser(add_help: bool = True) -> utils.ArgumentParser:
     )
     utils.add_device_argument(g)
     g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun or SLURM: how long a process waits in a collective for another "
+        "that does not answer (its host stopped or cut off) before the run ends in one line; "
+        "make it longer than the slowest epoch-end (validation and checkpoint) "
+        "(default: torch.distributed's, 30 minutes for gloo, 10 for NCCL)",
+    )
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model for full training batches (opt-in: on an H200, 46 s of "
@@ -467,6 +477,7 @@ ARG_RULES = {
     "reprob": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
     "recount": ("at least 1", lambda v: v >= 1),
     "input_size": ("at least 1", lambda v: v >= 1),
+    "dist_timeout": ("positive", lambda v: v > 0),
     "num_workers": ("at least 0", lambda v: v >= 0),
     "layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
     "mixup": ("at least 0", lambda v: v >= 0),
@@ -511,6 +522,7 @@ RESUMABLE = {
     "num_workers",
     "val_batch_size",
     "device",
+    "dist_timeout",
     "deterministic",
     "compile",
     "channels_last",
@@ -747,19 +759,51 @@ def check_run_paths(args: argparse.Namespace) -> None:
     utils.check_path_fits(run_lock(run_dir).path, lock_flag, "the run folder's lock file")
 
 
+# Set by scripts/submit.py in its jobs: submit.py's own command, which resumes a job's run.
+RESUME_WITH_ENV = "EMONEXT_RESUME_WITH"
+
+
 def resume_command(last: str | Path, world_size: int = 1) -> str:
-    """The command that continues the run of `last`, from any folder (absolute paths)."""
-    python = os.path.basename(sys.executable)
-    # The bare name only when it is this very interpreter on PATH (a venv's python started by its
-    # path is not the `python` that PATH finds): paths compared, not resolved, since a venv's
-    # python is a link to the system's.
-    on_path = shutil.which(python)
-    same = on_path is not None and os.path.abspath(on_path) == os.path.abspath(sys.executable)
-    launcher = [python if same else sys.executable]
+    """The command that continues the run of `last`, from any folder (absolute paths): in a job
+    of scripts/submit.py, submit.py's; in a torchrun of several hosts, this host's torchrun
+    command (each host runs its own); else python's, or torchrun's on one host."""
+    resume = ["--resume", os.path.abspath(last)]
+    if os.environ.get(RESUME_WITH_ENV):
+        return f"{os.environ[RESUME_WITH_ENV]} {shlex.join(resume)}"
+    script = str(Path(__file__).resolve())
+    if world_size > 1 and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        launcher = torchrun_launcher()
+        if launcher is not None:
+            return shlex.join([*launcher, script, *resume])
+    launcher = [python_command()]
     if world_size > 1:
         launcher = ["torchrun", f"--nproc_per_node={world_size}"]
-    script = str(Path(__file__).resolve())
-    return shlex.join([*launcher, script, "--resume", os.path.abspath(last)])
+    return shlex.join([*launcher, script, *resume])
+
+
+def python_command() -> str:
+    """This interpreter as a printed command should name it: `python` only when it is this very
+    interpreter on PATH (a venv's python started by its path is not the `python` that PATH
+    finds; paths compared, not resolved, since a venv's python is a link to the system's)."""
+    python = os.path.basename(sys.executable)
+    on_path = shutil.which(python)
+    same = on_path is not None and os.path.abspath(on_path) == os.path.abspath(sys.executable)
+    return python if same else sys.executable
+
+
+def torchrun_launcher() -> list[str] | None:
+    """The torchrun command (script and its flags left out) that started this process, read
+    from its parent's command line (Linux's /proc): a multi-host run's rendezvous flags are
+    known only there. None where it cannot be read or is not this process's launcher."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            agent = [a.decode() for a in f.read().split(b"\0")[:-1]]
+    except (OSError, UnicodeDecodeError):
+        return None
+    ours = len(sys.argv)  # torchrun starts `python -u SCRIPT ARGS`: SCRIPT ARGS end its own
+    if len(agent) <= ours or agent[-ours:] != sys.argv:
+        return None
+    return agent[:-ours]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -1653,16 +1697,35 @@ def write_errors_explained(run_dir: Path, world_size: int) -> Iterator[None]:
     except OSError as err:
         if err.errno not in utils.WRITE_ERRNOS:
             raise
-        last = run_dir / "last.pt"
-        epoch = epoch_on_disk(last)
-        if epoch is None:
-            then = "no epoch was saved; once there is room, run the same command again"
-        else:
-            then = (
-                f"{last} still holds epoch {epoch}; once there is room, continue with "
-                f"`{resume_command(last, world_size)}`"
-            )
-        fail(f"{utils.write_failure(err)}; {then}")
+        fail(f"{utils.write_failure(err)}; {how_to_go_on(run_dir, world_size, 'there is room')}")
+
+
+@contextlib.contextmanager
+def lost_processes_explained(run_dir: Path, world_size: int) -> Iterator[None]:
+    """A collective that fails because another process of the run is gone (killed, or its host
+    down or cut off for --dist-timeout) ends this one with one line: the backend's reason, where
+    last.pt stands and how to go on. Every surviving process says so in its own log."""
+    try:
+        yield
+    except RuntimeError as err:
+        reason = utils.lost_peer(err)
+        if reason is None:
+            raise
+        fail(
+            f"another process of this {world_size}-process run stopped or cannot be reached "
+            f"({reason}); its own log says why. {how_to_go_on(run_dir, world_size, 'all are back')}"
+        )
+
+
+def how_to_go_on(run_dir: Path, world_size: int, once: str) -> str:
+    """After a failure: where the run's last.pt stands, and what to run `once` the cause is
+    gone."""
+    last = run_dir / "last.pt"
+    epoch = epoch_on_disk(last)
+    if epoch is None:
+        return f"no epoch was saved; once {once}, run the same command again"
+    command = resume_command(last, world_size)
+    return f"{last} still holds epoch {epoch}; once {once}, continue with `{command}`"
 
 
 # --------------------------------------------------------------------------- main
@@ -1719,7 +1782,7 @@ def cap_workers(args: argparse.Namespace, log) -> None:
 def setup_devices(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """utils.setup_distributed, with a --device this machine cannot honour as one line."""
     try:
-        return utils.setup_distributed(args.device)
+        return utils.setup_distributed(args.device, args.dist_timeout)
     except utils.DeviceError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -1801,6 +1864,7 @@ def main(
             cleanup.callback(lock.release)  # after the last write
         utils.fault_point("setup")  # the reliability tests' Ctrl-C before the loop
         cleanup.enter_context(write_errors_explained(run_dir, world_size))
+        cleanup.enter_context(lost_processes_explained(run_dir, world_size))
         cleanup.enter_context(memory_errors_explained(args, run_dir, world_size))
         writer = cleanup.enter_context(utils.CheckpointWriter())
         classes = prepare_dataset(args, master, log)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import difflib
 import errno
 import hashlib
@@ -458,11 +459,14 @@ def resolve_device(name: str | None = None, local_rank: int | None = None) -> to
     return torch.device("cuda", index)
 
 
-def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+def setup_distributed(
+    device_name: str | None, timeout_s: float | None = None
+) -> tuple[int, int, torch.device]:
     """Rank, world size and device, from torchrun's environment (one process when absent).
 
     Each process uses cuda:LOCAL_RANK on a GPU machine (`resolve_device`); a --device the
-    machine cannot honour raises DeviceError before any process group is made.
+    machine cannot honour raises DeviceError before any process group is made. `timeout_s`: how
+    long a collective waits for a process that does not answer (None: torch.distributed's own).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -471,7 +475,8 @@ def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ:  # started by torchrun: DDP, even for one process
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world_size, device
 
 
@@ -487,6 +492,32 @@ def process_group_destroyed_on_exit() -> Iterator[None]:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+# gloo's errors when another process of the run is gone (killed: its sockets closed; stopped or
+# cut off: --dist-timeout passed). They come as plain RuntimeErrors; NCCL's as DistError.
+PEER_LOST_MESSAGES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Connection refused",
+    "Broken pipe",
+    "Timed out waiting",
+    "Socket Timeout",
+)
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """When `err` is a collective that failed because another process of the run stopped or
+    cannot be reached: the backend's reason, one line (gloo's source file and advice left out).
+    Otherwise None."""
+    if not is_distributed() or not isinstance(err, RuntimeError):
+        return None
+    text = str(err).strip()
+    if not isinstance(err, dist.DistError) and not any(m in text for m in PEER_LOST_MESSAGES):
+        return None
+    line = text.splitlines()[0] if text else type(err).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # "[.../gloo/transport/tcp/pair.cc:561] "
+    return line.split(". ")[0].rstrip(".")
 
 
 def all_gather(value) -> list:
@@ -652,15 +683,24 @@ class StopVote:
             return bool(self.signum)
         if self._read():
             return True
+        self._pending = self._start()
+        return False
+
+    def _start(self) -> tuple:
+        """This rank's signal, reduced (MAX) without waiting: (work, flag, CUDA event or None).
+        On a GPU the host must not wait for the step just queued: NCCL's `wait` makes the
+        stream (not the host) wait for the reduction, the copy to the host (pinned memory, as
+        a non-blocking copy to the CPU allocates it) queues behind it, and the event marks its
+        end; `_read` waits for that event, a step later."""
         flag = torch.full((1,), self.interrupted.signum, device=self.device, dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        event = None
-        if flag.is_cuda:  # NCCL's wait holds the stream, not the host; pinned copy, then an event
-            work.wait()
-            flag, event = flag.to("cpu", non_blocking=True), torch.cuda.Event()
-            event.record()
-        self._pending = (work, flag, event)
-        return False
+        if self.device.type != "cuda":
+            return work, flag, None
+        work.wait()
+        host = flag.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return work, host, event
 
     def now(self) -> bool:
         if not is_distributed():

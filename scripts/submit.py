@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -161,8 +163,9 @@ class Trainer:
     from the last finished epoch. submitit calls `checkpoint` on preemption or timeout and
     requeues what it returns: the same job."""
 
-    def __init__(self, train_argv: list[str], run_dir: str):
+    def __init__(self, train_argv: list[str], run_dir: str, resume_with: str):
         self.train_argv, self.run_dir = train_argv, run_dir
+        self.resume_with = resume_with  # train.py prints it after a stop that is not requeued
         self.repo_root = str(Path(__file__).resolve().parents[1])  # where the job finds train.py
 
     def __call__(self) -> dict | None:
@@ -175,6 +178,7 @@ class Trainer:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )
+        os.environ[train.RESUME_WITH_ENV] = self.resume_with
         argv = list(self.train_argv)
         last = Path(self.run_dir) / "last.pt"
         if last.is_file() and "--resume" not in argv:
@@ -196,7 +200,27 @@ class Trainer:
         import submitit
 
         print(f"requeued: the job resumes from {Path(self.run_dir) / 'last.pt'}", flush=True)
-        return submitit.helpers.DelayedSubmission(type(self)(self.train_argv, self.run_dir))
+        again = type(self)(self.train_argv, self.run_dir, self.resume_with)
+        return submitit.helpers.DelayedSubmission(again)
+
+
+def resume_with(args: argparse.Namespace) -> str:
+    """The submit.py command, without train.py's `--resume LAST`, that submits a job going on
+    with this one's run: the same cluster flags, every one written out (defaults resolved), so
+    that it works from any folder whatever the defaults become."""
+    flags = ["--cluster", args.cluster, "--nodes", args.nodes,
+             "--gpus-per-node", args.gpus_per_node, "--tasks-per-node", args.tasks_per_node,
+             "--cpus-per-task", args.cpus_per_task, "--timeout", args.timeout,
+             "--signal-delay", args.signal_delay, "--max-timeouts", args.max_timeouts,
+             "--job-dir", os.path.abspath(args.job_dir)]  # fmt: skip
+    if args.mem_gb is not None:
+        flags += ["--mem-gb", args.mem_gb]
+    if args.partition is not None:
+        flags += ["--partition", args.partition]
+    for item in args.slurm:
+        flags += ["--slurm", item]
+    script = str(Path(__file__).resolve())
+    return shlex.join([train.python_command(), script, *map(str, flags)])
 
 
 def make_executor(args: argparse.Namespace):
@@ -333,7 +357,8 @@ def main(argv: list[str] | None = None):
     executor = make_executor(args)
     # The job unpickles Trainer by value: it need not import this script, only train.py.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    job = submit_job(executor, Trainer(train_argv, args.run_dir), args.job_dir)
+    trainer = Trainer(train_argv, args.run_dir, resume_with(args))
+    job = submit_job(executor, trainer, args.job_dir)
     tasks = args.nodes * args.tasks_per_node
     print(f"submitted job {job.job_id} ({tasks} task(s)): run folder {args.run_dir}, logs in "
           f"{args.job_dir}")  # fmt: skip

@@ -138,6 +138,29 @@ def bomb_png(tmp_path_factory) -> Path:
     return path
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a started process and every process under it: a hang guard's way out. torchrun
+    starts each worker in a session of its own, so killing torchrun's process group would leave
+    the workers running."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # gone meanwhile
+            continue
+    tree, frontier = [proc.pid], [proc.pid]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def assert_same_weights(a_path: Path, b_path: Path) -> None:
     """Two checkpoints' model and EMA weights are equal, bit for bit, tensor by tensor."""
     import torch

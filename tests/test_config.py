@@ -19,7 +19,7 @@ SMALL = {"model": "emonext_micro", "input_size": 32, "pretrained": "none", "batc
 RUN_FLAGS = {"config", "output_dir", "run_name", "checkpoint", "resume", "device", "compile",
              "channels_last", "grad_checkpointing", "no_progress", "wandb", "demo", "num_workers",
              "skip_bad_images", "val_batch_size", "deterministic", "max_nonfinite_steps",
-             "model", "model_size", "keep_checkpoints"}  # fmt: skip
+             "model", "model_size", "keep_checkpoints", "dist_timeout"}  # fmt: skip
 
 
 def write_yaml(path: Path, values: dict | str) -> Path:

@@ -7,7 +7,6 @@ measured (epoch times, peak memory per model size). docs/PERFORMANCE.md records 
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import CUDA_FIGURES, assert_resume_is_exact
+from conftest import CUDA_FIGURES, assert_resume_is_exact, kill_tree
 from inference_utils import ASTRONAUT, make_project_checkpoint
 
 import datasets
@@ -126,6 +125,27 @@ def test_deferred_nonfinite_checks_on_the_gpu():
         assert a["step"] == b["step"] == 4
 
 
+def test_the_stop_vote_on_the_gpu():
+    """utils.StopVote's CUDA branch for real, in a one-process NCCL group: the signal, reduced on
+    the GPU and copied to pinned host memory behind an event, is read a step after it came
+    (tests/test_devices.py has its CPU twin, which checks that the host never waits at once)."""
+    torch.cuda.set_device(0)
+    dist = torch.distributed
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        interrupted = type("Interrupted", (), {"signum": 0})()
+        vote = utils.StopVote(interrupted, torch.device("cuda", 0))
+        assert not vote.after_step()
+        _, host, event = vote._pending
+        assert host.device.type == "cpu" and host.is_pinned() and event is not None
+        interrupted.signum = int(signal.SIGUSR2)
+        assert not vote.after_step()  # the vote of the step before the signal
+        assert vote.after_step() and vote.signum == signal.SIGUSR2
+        assert vote.now() and vote.signum == signal.SIGUSR2  # the blocking vote, on the GPU too
+    finally:
+        dist.destroy_process_group()
+
+
 def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monkeypatch):
     """utils.CheckpointWriter: save() queues the copies into pinned host memory behind a busy
     GPU (a 100M-cycle sleep kernel), the caller updates the tensors in place at once, and the
@@ -170,12 +190,12 @@ def test_checkpoint_writer_copies_cuda_tensors_before_they_change(tmp_path, monk
 def torchrun(nproc: int, argv: list[str], repo_root) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "train.py", *argv]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=repo_root, start_new_session=True, text=True,
+    proc = subprocess.Popen(command, cwd=repo_root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)  # torchrun and its workers
         raise
     assert proc.returncode == 0, out[-3000:]
     return out

@@ -7,9 +7,11 @@ and only an index the machine has. torchrun's environment (RANK, WORLD_SIZE, LOC
 by hand and `init_process_group` records its backend instead of connecting.
 """
 
+import datetime
 import errno
 import os
 import runpy
+import signal
 import sys
 
 import pytest
@@ -28,6 +30,11 @@ class FakeCuda:
         self.count, self.bf16 = count, bf16
         self.current: int | None = None
         self.backends: list[str] = []
+        self.timeouts: list = []
+
+    def init_process_group(self, backend: str, timeout=None) -> None:
+        self.backends.append(backend)
+        self.timeouts.append(timeout)
 
     def set_device(self, device) -> None:
         self.current = self.index(device)
@@ -56,7 +63,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Simulated GPU")
-        monkeypatch.setattr(train.dist, "init_process_group", fake.backends.append)
+        monkeypatch.setattr(train.dist, "init_process_group", fake.init_process_group)
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(key, raising=False)
         if world is not None:
@@ -198,10 +205,71 @@ def test_checkpoints_keep_this_processs_cuda_rng_state(machine, monkeypatch):
     assert restored == {} and "cuda" not in utils.rng_state(torch.device("cpu"))
 
 
+def test_dist_timeout_is_the_process_groups(machine):
+    """--dist-timeout: how long a collective waits for a process that stopped answering."""
+    fake = machine(0, rank=0, world=2)
+    setup(["--dist-timeout", "90"])
+    setup([])
+    assert fake.timeouts == [datetime.timedelta(seconds=90), None]  # None: torch's own
+
+
 def test_torchrun_with_one_process_takes_the_nccl_path(machine):
     fake = machine(1, rank=0, world=1)
     assert setup(["--amp"])[:3] == (0, 1, torch.device("cuda", 0))
     assert fake.backends == ["nccl"] and fake.current == 0
+
+
+class GpuVote:
+    """A GPU and NCCL as utils.StopVote meets them, simulated: a reduction queued on the stream
+    lands (the other rank's signal included) only once the host synchronises with an event
+    recorded after it, so a host that read the flag earlier would read this rank's own value."""
+
+    def __init__(self):
+        self.journal: list[str] = []
+        self.queued: list[tuple[torch.Tensor, int]] = []  # (flag, the other rank's signal)
+        self.other_rank_signal = 0
+
+    def all_reduce(self, flag, op=None, async_op=False):
+        assert op == torch.distributed.ReduceOp.MAX and async_op
+        self.journal.append("all_reduce")
+        self.queued.append((flag, self.other_rank_signal))
+        return self  # the work: its wait() makes the stream wait, not the host
+
+    def wait(self):
+        self.journal.append("stream waits")
+
+    def Event(self):  # noqa: N802 (torch.cuda.Event)
+        return self
+
+    def record(self):
+        self.journal.append("record")
+
+    def synchronize(self):
+        self.journal.append("host waits")
+        for flag, other in self.queued:  # the stream's work so far is done
+            flag.fill_(max(int(flag), other))
+        self.queued.clear()
+
+
+def test_the_stop_vote_on_a_gpu_never_waits_for_the_step_it_queued(monkeypatch):
+    """StopVote's CUDA branch: after a step the host queues the reduction and its copy behind an
+    event and goes on (no wait); a step later it waits for that event, then reads the agreed
+    signal. The other rank's USR2 stops this one one step after it came."""
+    gpu, full = GpuVote(), torch.full
+    monkeypatch.setattr(utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", gpu.all_reduce)
+    monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
+    # the flag lives on the CPU here (no GPU): its copy to the host is the tensor itself
+    monkeypatch.setattr(torch, "full", lambda *a, device=None, **k: full(*a, **k))
+    interrupted = type("Interrupted", (), {"signum": 0})()
+    vote = utils.StopVote(interrupted, torch.device("cuda", 0))
+    assert not vote.after_step()
+    assert gpu.journal == ["all_reduce", "stream waits", "record"]  # the host did not wait
+    gpu.other_rank_signal = int(signal.SIGUSR2)  # the other rank's signal, during step 2
+    assert not vote.after_step()  # step 1's vote: nobody was signalled
+    assert gpu.journal[3:] == ["host waits", "all_reduce", "stream waits", "record"]
+    assert vote.after_step() and vote.signum == signal.SIGUSR2  # step 2's vote, read after 3
+    assert gpu.journal[7] == "host waits"
 
 
 @pytest.mark.parametrize("rank", [0, 1])

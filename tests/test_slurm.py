@@ -4,13 +4,14 @@ stage (.ci/run; its time in docs/CLUSTERS.md). Skipped where SLURM cannot run, f
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import assert_same_weights
+from conftest import REPO_ROOT, assert_same_weights
 
 pytestmark = pytest.mark.slurm
 
@@ -104,6 +105,38 @@ def test_usr2_requeues_and_ends_with_the_uninterrupted_jobs_weights(
     assert int(slurm_cluster.job_state(job)["Restarts"]) >= 1
     log = "".join(p.read_text() for p in sorted((run / "submitit").glob(f"{job}_0_log.*")))
     assert "interrupted: the job requeues itself" in log and "resumed from" in log
+    assert epochs(run) == [0, 1, 2]
+    assert_same_weights(straight / "straight" / "last.pt", run / "last.pt")
+
+
+def test_an_int_stop_prints_the_submit_command_that_finishes_the_run(
+    slurm_cluster, straight, synthetic_root
+):
+    """`scancel --signal=INT` in the job's 2nd epoch, a stop that does not requeue: both tasks
+    stop after the same step and task 0's log names submit.py's command (not torchrun's) that
+    goes on. That command, run as printed, ends the run with the uninterrupted job's weights."""
+    argv = [*JOB, "--tasks-per-node", "2", *TRAIN, "--epochs", "3", "--dataset-path",
+            synthetic_root, "--output-dir", straight, "--run-name", "int"]  # fmt: skip
+    proc = submit(slurm_cluster, argv)
+    job = job_id(proc)
+    finished(proc)  # submitted, not waited for
+    run = straight / "int"
+    wait_until(lambda: 0 in epochs(run), "epoch 0 in metrics.jsonl")
+    slurm_cluster.run(["scancel", "--signal=INT", job])
+    wait_until(lambda: slurm_cluster.job_state(job).get("JobState") == "FAILED", "FAILED")
+    log = "".join(p.read_text() for p in sorted((run / "submitit").glob(f"{job}_0_log.*")))
+    (line,) = [line for line in log.splitlines() if line.startswith("interrupted: ")]
+    assert f"{run / 'last.pt'} holds epoch 0, the last finished one; continue with `" in line
+    command = shlex.split(line.split("`")[1])
+    assert command[1] == str(REPO_ROOT / "scripts" / "submit.py"), line
+    assert command[-2:] == ["--resume", str(run / "last.pt")], line
+    env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    again = subprocess.Popen(command, env=env, cwd="/", text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    resumed = job_id(again)
+    finished(again)
+    wait_until(lambda: slurm_cluster.job_state(resumed).get("JobState") == "COMPLETED",
+               "COMPLETED")  # fmt: skip
     assert epochs(run) == [0, 1, 2]
     assert_same_weights(straight / "straight" / "last.pt", run / "last.pt")
 

@@ -3,14 +3,14 @@ CPU processes (gloo) on this machine; tests/test_slurm.py submits to a real one-
 
 import json
 import os
-import signal
+import shlex
 import subprocess
 import sys
 
 import pytest
 import submit
 import torch
-from conftest import assert_same_weights
+from conftest import REPO_ROOT, assert_same_weights, kill_tree
 
 import train
 import utils
@@ -139,13 +139,12 @@ def torchrun(repo_root, argv: list, env: dict | None = None) -> tuple[int, str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "train.py", *map(str, argv)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # A session of its own, so that a hang is killed with every worker, not just torchrun.
-    proc = subprocess.Popen(command, cwd=repo_root, env=env, start_new_session=True, text=True,
+    proc = subprocess.Popen(command, cwd=repo_root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=300)  # a hang guard only
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)  # torchrun and its workers
         raise
     return proc.returncode, out
 
@@ -206,6 +205,22 @@ def test_own_flags_are_taken_out_of_trains_command_line():
     argv = ["--cluster", "local", "--nodes=1", "--wait", "--epochs", "3", "--slurm", "qos=high",
             "--amp", "--job-dir", "j"]  # fmt: skip
     assert submit.split_argv(argv) == ["--epochs", "3", "--amp"]
+
+
+def test_the_command_that_goes_on_repeats_every_cluster_flag(tmp_path):
+    """What a job's train.py prints after a stop that is not requeued (INT): submit.py with the
+    job's cluster flags, every one written out (tests/test_slurm.py runs it for real)."""
+    argv = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--slurm", "qos=high",
+            "--slurm", "account=vision", "--timeout", "60", "--demo", "--output-dir",
+            str(tmp_path), "--run-name", "r"]  # fmt: skip
+    args, _ = submit.parse_args(argv)
+    args.mem_gb = 160  # as main resolves it for SLURM
+    command = shlex.split(submit.resume_with(args))
+    assert command[1] == str(REPO_ROOT / "scripts" / "submit.py")
+    again = submit.cluster_parser().parse_args(command[2:])
+    assert vars(again) == {**vars(submit.cluster_parser().parse_args(argv[:12])),
+                           "gpus_per_node": 4, "tasks_per_node": 4, "mem_gb": 160,
+                           "job_dir": str(tmp_path / "r" / "submitit")}  # fmt: skip
 
 
 @pytest.mark.parametrize(

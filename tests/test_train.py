@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resume_is_exact
+from conftest import assert_resume_is_exact, kill_tree
 from PIL import Image
 from torch import nn
 
@@ -346,13 +346,12 @@ def test_distributed_two_processes_agree(tiny_faces, tmp_path, repo_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "train.py", *argv]  # fmt: skip
-    # A session of its own, so that a hang is killed with every worker, not just torchrun.
-    proc = subprocess.Popen(command, cwd=repo_root, env=env, start_new_session=True,
+    proc = subprocess.Popen(command, cwd=repo_root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)  # torchrun and its workers
         raise
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
