@@ -324,6 +324,58 @@ def submit_job(executor, trainer: Trainer, job_dir: str):
             raise utils.CLIError(f"sbatch refused the job: {reason}") from None
 
 
+# scontrol's JobState of a job that will not run again.
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}  # fmt: skip
+# How long a job that SLURM says ended may still take to show its result file (a shared
+# filesystem's caching), and how often SLURM is asked.
+RESULT_GRACE_S, POLL_S = 30, 2
+
+
+def wait_for(job, cluster: str) -> str | None:
+    """Wait for the job's results; None once they are there, else the state of a job that ended
+    without them. On SLURM, scontrol is asked, not submitit's sacct: a cluster without accounting
+    does not answer sacct (submitit then prints a warning a minute), and a job killed before it
+    wrote its result (scancel, out of memory, a lost node) was waited for forever. A job that
+    scontrol says ended, or no longer knows (MinJobAge), is reported RESULT_GRACE_S later."""
+    if cluster != "slurm":
+        job.wait()
+        return None
+    ended_at = None
+    while not results_written(job):
+        state = slurm_state(job.job_id)
+        if state in ENDED_STATES or state == "unknown to SLURM":
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > RESULT_GRACE_S:
+                return state
+        else:  # running, pending, requeued, or scontrol not answering now
+            ended_at = None
+        time.sleep(POLL_S)
+    return None
+
+
+def results_written(job) -> bool:
+    """Every task's result file is there (a result or the task's error)."""
+    folder = Path(job.paths.folder)
+    with contextlib.suppress(OSError):  # as submitit does: a shared filesystem's view refreshed
+        folder.chmod(folder.stat().st_mode)
+    return all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
+
+
+def slurm_state(job_id: str) -> str | None:
+    """scontrol's JobState of a job; "unknown to SLURM" once it forgot it; None when scontrol
+    does not answer (the controller restarting)."""
+    try:
+        done = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return "unknown to SLURM" if "Invalid job id" in done.stderr else None
+    match = re.search(r"\bJobState=(\S+)", done.stdout)
+    return match.group(1) if match else None
+
+
 def error_line(job_dir: str, job_id: str) -> str | None:
     """The job's own error: the last line that a task wrote to its stderr log and that is neither
     submitit's nor a traceback's frame (task 0 first)."""
@@ -364,6 +416,13 @@ def main(argv: list[str] | None = None):
           f"{args.job_dir}")  # fmt: skip
     if not args.wait:
         return None
+    ended = wait_for(job, args.cluster)
+    if ended is not None:
+        reason = error_line(args.job_dir, job.job_id) or "no error in its logs"
+        raise utils.CLIError(
+            f"job {job.job_id} ended {ended} without a result ({reason}); its logs are in "
+            f"{args.job_dir}"
+        )
     try:
         results = job.results()[0]
     except Exception as err:  # submitit's message ends with its log's tail or the logs' paths

@@ -155,6 +155,22 @@ def test_plain_scancel_does_not_requeue(slurm_cluster, synthetic_root, tmp_path)
     assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", state
 
 
+def test_wait_reports_a_job_that_ended_without_a_result(slurm_cluster, synthetic_root, tmp_path):
+    """--wait on a cluster without accounting (this one has none, as many small clusters): a job
+    cancelled mid-run writes no result and sacct cannot say it ended, so submitit alone waited
+    for ever. submit.py asks scontrol and ends in one line with the job's state."""
+    argv = [*JOB, "--wait", *TRAIN, "--epochs", "50", "--dataset-path", synthetic_root,
+            "--output-dir", tmp_path, "--run-name", "gone"]  # fmt: skip
+    proc = submit(slurm_cluster, argv)
+    job = job_id(proc)
+    wait_until(lambda: epochs(tmp_path / "gone"), "a first epoch")
+    slurm_cluster.run(["scancel", job])
+    _, err = proc.communicate(timeout=180)  # 30 s of grace for the result file: a hang fails here
+    assert proc.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"submit.py: error: job {job} ended CANCELLED without a result ("), err
+    assert f"its logs are in {tmp_path / 'gone' / 'submitit'}" in err
+
+
 def submit_error(argv: list, cluster, monkeypatch, capsys, path: str | None = None) -> str:
     """submit.py in this process (no second interpreter to start), against the cluster: the
     exit status 1 and the one line it printed."""
